@@ -1,0 +1,147 @@
+"""Algorithm: registries of advantage estimators, policy losses and loss aggregations.
+
+An algorithm is a preset over these axes (see experiments/*.yaml); nothing outside this module branches on an
+algorithm's name. Every entry of a registry has that registry's one signature:
+
+- advantage:   fn(batch, cfg) -> adv [B, T]
+- policy loss: fn(logp, old_logp, adv, mask, cfg) -> (per-token loss [B, T], {metric: per-token value [B, T]})
+- aggregation: fn(per_token_loss, mask, norm) -> scalar, where `norm` holds *global* counts over the whole
+  rollout batch (all micro-batches, all processes), so gradient accumulation never changes the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rlcore.config import AlgorithmConfig
+from rlcore.rollout import RolloutBatch
+
+ADVANTAGES: dict[str, Callable[[RolloutBatch, AlgorithmConfig], torch.Tensor]] = {}
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
+LOSS_AGG: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _register(registry: dict, name: str):
+    def deco(fn):
+        if name in registry:
+            raise ValueError(f"{name!r} registered twice")
+        registry[name] = fn
+        return fn
+
+    return deco
+
+
+def lookup(registry: dict, name: str, what: str):
+    if name not in registry:
+        raise KeyError(f"unknown {what} {name!r}, valid: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+# ------------------------------------------------------------------------------------------ advantages
+
+def group_stats(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row mean, unbiased std and size of the row's group. [B], [B] -> ([B], [B], [B])"""
+    _, inv = group.unique(return_inverse=True)  # [B] dense group index
+    n = torch.zeros(int(inv.max()) + 1).index_add_(0, inv, torch.ones_like(rewards))  # [G]
+    s = torch.zeros_like(n).index_add_(0, inv, rewards)  # [G]
+    mean = s / n  # [G]
+    sq = torch.zeros_like(n).index_add_(0, inv, (rewards - mean[inv]) ** 2)  # [G]
+    std = (sq / (n - 1).clamp(min=1)).sqrt()  # [G] unbiased, as torch.std
+    return mean[inv], std[inv], n[inv]
+
+
+@_register(ADVANTAGES, "grpo")
+def adv_grpo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the same for every token of completion i.
+
+    GRPO: Shao et al., "DeepSeekMath" (2024). With `scale_by_std: false` this is Dr.GRPO's estimator
+    (Liu et al., "Understanding R1-Zero-Like Training", 2025), which drops the std division.
+    >>> r = [1, 0, 0, 1] in one group -> A = [0.866, -0.866, -0.866, 0.866] (std 0.577)
+    """
+    mean, std, _ = group_stats(batch.rewards, batch.group)  # [B]
+    adv = batch.rewards - mean  # [B]
+    if cfg.scale_by_std:
+        adv = adv / (std + 1e-6)
+    return adv[:, None] * batch.response_mask  # [B, T]
+
+
+@_register(ADVANTAGES, "rloo")
+def adv_rloo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
+    """A_i = r_i - mean_{j != i} r_j = K/(K-1) (r_i - mean(r_group)). Ahmadian et al., "Back to Basics" (2024)."""
+    mean, _, n = group_stats(batch.rewards, batch.group)  # [B]
+    adv = (batch.rewards - mean) * n / (n - 1).clamp(min=1)  # [B]
+    return adv[:, None] * batch.response_mask  # [B, T]
+
+
+# ---------------------------------------------------------------------------------------- policy losses
+
+@_register(POLICY_LOSSES, "pg")
+def loss_pg(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, cfg: AlgorithmConfig):
+    """Vanilla policy gradient, -A * ratio with ratio = pi/pi_old (= -A log pi in gradient when on-policy).
+
+    Williams, "Simple statistical gradient-following algorithms" (REINFORCE, 1992).
+    """
+    ratio = (logp - old_logp).exp()  # [B, T]
+    return -adv * ratio, {"actor/ratio": ratio.detach()}
+
+
+@_register(POLICY_LOSSES, "ppo_clip")
+def loss_ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                  cfg: AlgorithmConfig):
+    """-min(ratio A, clip(ratio, 1-eps, 1+eps) A). Schulman et al., "Proximal Policy Optimization" (2017).
+
+    Metrics: actor/clipfrac_low (ratio < 1-eps and A < 0 clipped), actor/clipfrac_high (ratio > 1+eps, A > 0).
+    """
+    log_ratio = logp - old_logp  # [B, T]
+    ratio = log_ratio.exp()  # [B, T]
+    unclipped = -adv * ratio  # [B, T]
+    clipped = -adv * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)  # [B, T]
+    loss = torch.maximum(unclipped, clipped)  # [B, T] max of negatives = min of objectives
+    with torch.no_grad():
+        is_clipped = clipped > unclipped  # [B, T]
+        metrics = {
+            "actor/clipfrac_low": (is_clipped & (ratio < 1)).float(),
+            "actor/clipfrac_high": (is_clipped & (ratio > 1)).float(),
+            "actor/ratio": ratio.detach(),
+            "actor/ppo_kl": (log_ratio.exp() - 1 - log_ratio),  # k3 of pi_old vs pi, per token
+        }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------- aggregation
+
+@dataclass(frozen=True)
+class AggNorm:
+    """Global normalisers over the whole rollout batch (every micro-batch, every process)."""
+
+    tokens: float  # response tokens counted by the loss
+    seqs: float  # sequences
+    max_len: float  # rollout.max_new_tokens (Dr.GRPO's constant)
+
+
+@_register(LOSS_AGG, "token_mean")
+def agg_token_mean(loss: torch.Tensor, mask: torch.Tensor, norm: AggNorm) -> torch.Tensor:
+    """sum over all tokens / total tokens: every token weighs the same (DAPO, 2025)."""
+    return (loss * mask).sum() / norm.tokens
+
+
+@_register(LOSS_AGG, "seq_mean_token_mean")
+def agg_seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor, norm: AggNorm) -> torch.Tensor:
+    """mean over sequences of each sequence's token mean (original GRPO; short answers weigh more per token)."""
+    per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
+    return per_seq.sum() / norm.seqs
+
+
+@_register(LOSS_AGG, "seq_mean_token_sum")
+def agg_seq_mean_token_sum(loss: torch.Tensor, mask: torch.Tensor, norm: AggNorm) -> torch.Tensor:
+    """mean over sequences of each sequence's token sum (the REINFORCE sequence log-likelihood)."""
+    return (loss * mask).sum() / norm.seqs
+
+
+@_register(LOSS_AGG, "seq_mean_token_sum_norm")
+def agg_seq_mean_token_sum_norm(loss: torch.Tensor, mask: torch.Tensor, norm: AggNorm) -> torch.Tensor:
+    """sum over tokens / (sequences x max_len): Dr.GRPO's constant normaliser, no length bias (2025)."""
+    return (loss * mask).sum() / (norm.seqs * norm.max_len)

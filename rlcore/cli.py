@@ -1,0 +1,99 @@
+"""The `rlcore` command: run, validate, quickstart.
+
+User mistakes (a bad key, a missing file) print one line `error: ...` and exit 2, before any MLflow run exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rlcore.config import ConfigError, load_experiment
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="RL post-training lab: run experiments (YAML) and track them in MLflow.")
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set algorithm.lr=1e-4 (repeatable).")]
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _report(result, label: str) -> None:
+    if not _is_main() or result.run_id is None:
+        return
+    before, after = result.first_eval, result.last_eval
+    typer.echo(f"\n{label} finished. MLflow run id: {result.run_id}")
+    typer.echo(f"  store: {result.tracking_uri}")
+    if before and after:
+        for key in ("eval/greedy_accuracy", "eval/sampled_reward"):
+            typer.echo(f"  {key}: {before[key]:.3f} -> {after[key]:.3f}")
+    if result.output_dir:
+        typer.echo(f"  final policy: {result.output_dir}")
+    typer.echo(f"  look at it: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
+
+
+@app.command()
+def run(file: Annotated[Path, typer.Argument(help="Experiment YAML.")], set_: SetOpt = None) -> None:
+    """Run an experiment YAML (RL, or `kind: sft` for a warm start)."""
+    cfg = load_experiment(file, set_ or [])
+    from rlcore.tracking import project_root
+
+    root = project_root()
+    if cfg.kind == "sft":
+        from rlcore.sft import train_sft
+
+        out = root / cfg.logging.output_dir / f"sft-{cfg.config_hash()}"
+        train_sft(cfg, out, root)
+        typer.echo(f"warm start saved to {out}")
+        return
+    from rlcore.controller import run as run_rl
+
+    _report(run_rl(cfg, root), str(file))
+
+
+@app.command()
+def validate(file: Annotated[Path, typer.Argument(help="Experiment YAML.")], set_: SetOpt = None) -> None:
+    """Check an experiment YAML against the schema without running it."""
+    cfg = load_experiment(file, set_ or [])
+    typer.echo(f"ok: {file} ({cfg.kind}, algorithm={cfg.algorithm.name}, steps={cfg.trainer.steps})")
+
+
+@app.command()
+def quickstart(set_: SetOpt = None) -> None:
+    """Warm start (cached after the first time) + a short GRPO run on the default tiny model, logged to MLflow."""
+    from rlcore.tracking import project_root
+
+    root = project_root()
+    path = root / "experiments" / "quickstart.yaml"
+    if not path.is_file():
+        _fail(f"{path}: not found (run quickstart from the rlcore project directory)")
+    cfg = load_experiment(path, set_ or [])
+    from rlcore.controller import run as run_rl
+
+    _report(run_rl(cfg, root), "quickstart")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Controller: the RL loop. rollout -> reward -> reference -> old log-probs -> advantages -> update -> sync.
+
+Reads top to bottom; one timed line per phase. Runs the same under `accelerate launch`/`torchrun` with N
+processes: each process samples its share of the step's prompts, gradients are averaged, and only the main
+process evaluates and logs.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from rlcore.algorithm import ADVANTAGES, lookup
+from rlcore.config import ConfigError, ExperimentConfig, flatten
+from rlcore.evaluation import evaluate
+from rlcore.model import build_policy
+from rlcore.reference import Reference
+from rlcore.rollout import RolloutBatch, RolloutEngine
+from rlcore.seeding import seed_everything
+from rlcore.sft import warm_start_dir
+from rlcore.tasks import make_task, score
+from rlcore.timing import PhaseTimer
+from rlcore.tracking import Tracker, git_commit, project_root
+from rlcore.trainer import Trainer
+from rlcore.weight_sync import WeightSync
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    tracking_uri: str | None
+    first_eval: dict[str, float]
+    last_eval: dict[str, float]
+    output_dir: Path | None
+
+
+def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, str] | None = None) -> RunResult:
+    root = root or project_root()
+    acc = Accelerator()
+    rank, world = acc.process_index, acc.num_processes
+    r = cfg.rollout
+    if r.prompts_per_step % world:
+        raise ConfigError(f"rollout.prompts_per_step: must be divisible by the {world} processes, got {r.prompts_per_step}")
+    seed_everything(cfg.seed)
+    with acc.main_process_first():  # the main process builds the warm start once; the others then load it
+        ws = warm_start_dir(cfg, root, quiet=not acc.is_main_process)
+    policy, tokenizer = build_policy(cfg.model, ws)
+    task = make_task(cfg.task)
+    reference = Reference(policy) if cfg.algorithm.kl_coef > 0 else None  # beta = 0: no reference at all
+    trainer = Trainer(policy, cfg, acc)
+    sync = WeightSync(r.engine, trainer.unwrapped)
+    engine = RolloutEngine(sync.engine_model, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template)
+    advantage = lookup(ADVANTAGES, cfg.algorithm.advantage, "advantage")
+    needs_old = cfg.algorithm.ppo_epochs > 1 or cfg.algorithm.minibatches > 1
+    local = slice(rank * r.prompts_per_step // world, (rank + 1) * r.prompts_per_step // world)
+    stream = task.stream(cfg.seed)
+
+    tracker = Tracker(cfg.logging.experiment, root) if acc.is_main_process else None
+    first_eval: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    status = "FAILED"
+    if tracker is not None:
+        tags = {"algorithm": cfg.algorithm.name, "task": cfg.task.name, "model": cfg.model.name_or_path or "tiny-llama",
+                "git_commit": git_commit(root), "rlcore.kind": "rl", "seed": str(cfg.seed), "world_size": str(world),
+                **cfg.logging.tags, **(extra_tags or {})}
+        tracker.start(cfg.logging.run_name, tags, flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    try:
+        if tracker is not None:
+            first_eval = last_eval = evaluate(engine, task, cfg, seed=cfg.seed + 10_000)
+            tracker.log(0, first_eval)
+        bar = tqdm(range(1, cfg.trainer.steps + 1), desc="rl", unit="step", disable=not acc.is_main_process,
+                   dynamic_ncols=True, file=sys.stderr)
+        for step in bar:
+            timer = PhaseTimer()
+            problems = [next(stream) for _ in range(r.prompts_per_step)]
+            with timer("rollout"):
+                batch = engine.generate(problems, r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p, rows=local)
+            with timer("reward"):
+                batch.rewards = score(task, batch)  # [B]
+            with timer("reference"):
+                batch.ref_logp = reference.logprobs(batch, cfg.trainer.micro_batch_size) if reference else None
+            with timer("old_logprob"):
+                batch.old_logp = trainer.logprobs(batch) if needs_old else None  # on-policy: logp.detach() in the loss
+            with timer("advantage"):
+                batch.adv = advantage(batch, cfg.algorithm)  # [B, T]
+            with timer("update"):
+                stats = trainer.update(batch)
+            with timer("sync"):
+                moved = sync.push(trainer.unwrapped)
+            metrics = stats | batch_metrics(batch, acc, r.samples_per_prompt) | timer.metrics()
+            metrics["perf/tokens_per_s"] = metrics.pop("_gen_tokens") / metrics["timing/step"]
+            metrics["perf/peak_mem_mb"] = peak_memory_mb()
+            metrics["perf/sync_mb"] = moved / 2**20
+            if tracker is not None:
+                if step % cfg.logging.eval_every == 0 or step == cfg.trainer.steps:
+                    last_eval = evaluate(engine, task, cfg, seed=cfg.seed + 10_000)
+                    tracker.log(step, last_eval)
+                if cfg.logging.num_samples and (step % cfg.logging.samples_every == 0 or step == 1):
+                    tracker.log_table(step, sample_rows(batch, cfg.logging.num_samples))
+                tracker.log(step, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/mean', 0.0):.4f}",
+                                s_per_step=f"{metrics['timing/step']:.2f}")
+        out_dir = save_policy(trainer, tokenizer, root, cfg, tracker, acc)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+    return RunResult(tracker.run_id if tracker else None, tracker.where if tracker else None, first_eval, last_eval,
+                     out_dir)
+
+
+def batch_metrics(batch: RolloutBatch, acc: Accelerator, k: int) -> dict[str, float]:
+    """Reward and response statistics over the global batch (gathered from every process)."""
+    lengths = batch.response_mask.sum(-1)  # [B]
+    local = torch.stack([batch.rewards.float(), lengths, (~batch.finished).float()], 1)  # [B, 3]
+    g = acc.gather(local.to(acc.device)).cpu() if acc.num_processes > 1 else local  # [B_global, 3]
+    rewards, lengths, clipped = g[:, 0], g[:, 1], g[:, 2]
+    groups = rewards.view(-1, k)  # rows are prompt-major, so each row of this view is one group
+    mask = batch.response_mask
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "reward/zero_var_group_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
+        "adv/mean": float((batch.adv * mask).sum() / mask.sum().clamp(min=1)),
+        "adv/abs_mean": float((batch.adv.abs() * mask).sum() / mask.sum().clamp(min=1)),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/clip_ratio": float(clipped.mean()),
+        "_gen_tokens": float(lengths.sum()),
+    }
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def sample_rows(batch: RolloutBatch, n: int) -> list[dict]:
+    return [{"prompt": batch.problems[i].prompt, "completion": batch.completions[i],
+             "answer": batch.problems[i].answer, "reward": float(batch.rewards[i])} for i in range(min(n, len(batch)))]
+
+
+def save_policy(trainer, tokenizer, root: Path, cfg: ExperimentConfig, tracker, acc: Accelerator) -> Path | None:
+    """Final weights to <output_dir>/<run_id>/policy (main process)."""
+    acc.wait_for_everyone()
+    if tracker is None:
+        return None
+    out = root / cfg.logging.output_dir / tracker.run_id / "policy"
+    trainer.unwrapped.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,29 @@
+"""Held-out evaluation: greedy accuracy and sampled reward on the task's fixed held-out set."""
+
+from __future__ import annotations
+
+import torch
+
+from rlcore.config import ExperimentConfig
+from rlcore.rollout import RolloutEngine
+from rlcore.tasks import AdditionTask, score
+
+
+@torch.no_grad()
+def evaluate(engine: RolloutEngine, task: AdditionTask, cfg: ExperimentConfig, seed: int) -> dict[str, float]:
+    """eval/greedy_accuracy and eval/sampled_reward (k samples per prompt at T=1).
+
+    Uses its own generator seeded by `seed`, so evaluating never shifts the training sampler's random stream.
+    """
+    heldout = task.heldout
+    train_gen = engine.generator
+    engine.generator = torch.Generator().manual_seed(seed)
+    try:
+        greedy = engine.generate(heldout, 1, cfg.rollout.max_new_tokens, greedy=True)
+        sampled = engine.generate(heldout, cfg.task.eval_samples, cfg.rollout.max_new_tokens, temperature=1.0)
+    finally:
+        engine.generator = train_gen
+    return {
+        "eval/greedy_accuracy": float(score(task, greedy).mean()),
+        "eval/sampled_reward": float(score(task, sampled).mean()),
+    }

@@ -1,0 +1,65 @@
+"""The metric catalogue: every metric rlcore logs, with its unit, formula and the lesson that explains it.
+
+The tracker refuses to log a key that is not here (a test enforces it), and the dashboard reads this table for
+its tooltips, so any number on screen is one hop from its definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str
+    unit: str
+    formula: str
+    lesson: str  # lesson id that explains it ("" when none yet)
+
+
+CATALOGUE: list[MetricDef] = [
+    # reward
+    MetricDef("reward/mean", "reward", "mean of sequence rewards over the step's B = prompts x K completions", "02"),
+    MetricDef("reward/std", "reward", "std of sequence rewards over the batch", "02"),
+    MetricDef("reward/zero_var_group_frac", "fraction", "groups whose K rewards are all equal (zero GRPO advantage: wasted samples)", "11"),
+    # advantage
+    MetricDef("adv/mean", "adv", "mean advantage over response tokens", "03"),
+    MetricDef("adv/abs_mean", "adv", "mean |advantage| over response tokens (signal strength)", "03"),
+    # actor
+    MetricDef("actor/loss", "loss", "aggregated policy objective incl. beta*KL when KL is in the loss", "04"),
+    MetricDef("actor/pg_loss", "loss", "token mean of the per-token policy loss (without KL)", "04"),
+    MetricDef("actor/entropy", "nats", "token mean of -sum_v p(v) log p(v) of the policy's next-token distribution", "06"),
+    MetricDef("actor/clipfrac_low", "fraction", "tokens whose PPO ratio was clipped below 1-eps (A<0)", "10"),
+    MetricDef("actor/clipfrac_high", "fraction", "tokens whose PPO ratio was clipped above 1+eps (A>0)", "10"),
+    MetricDef("actor/ratio", "ratio", "token mean of pi_theta / pi_old", "10"),
+    MetricDef("actor/ppo_kl", "nats", "token mean of k3(pi_old, pi_theta): how far the update moved", "10"),
+    MetricDef("actor/grad_norm", "norm", "global L2 norm of the gradient before clipping (mean over optimizer steps)", "05"),
+    MetricDef("actor/lr", "lr", "learning rate at this step", "05"),
+    MetricDef("actor/sampler_logp_gap", "nats", "token mean of |log pi_sampler - log pi_trainer| (engine/trainer mismatch)", "24"),
+    # KL to reference
+    MetricDef("kl/mean", "nats", "token mean of the chosen estimator of KL(pi_theta || pi_ref)", "12"),
+    # response
+    MetricDef("response/length_mean", "tokens", "mean completion length (tokens up to and including EOS)", "06"),
+    MetricDef("response/length_max", "tokens", "longest completion in the batch", "06"),
+    MetricDef("response/clip_ratio", "fraction", "completions cut at max_new_tokens without EOS", "06"),
+    # eval (held-out, never trained on)
+    MetricDef("eval/greedy_accuracy", "fraction", "held-out prompts whose greedy completion is exactly right", "02"),
+    MetricDef("eval/sampled_reward", "reward", "mean reward of k samples per held-out prompt at T=1", "02"),
+    # sft warm start
+    MetricDef("sft/loss", "nats", "token mean cross-entropy on the completion tokens", "01"),
+    # timing: seconds per phase of one step (lesson 07 is this picture)
+    MetricDef("timing/rollout", "s", "sampling completions (prefill + KV-cached decode)", "07"),
+    MetricDef("timing/reward", "s", "decoding and scoring completions", "07"),
+    MetricDef("timing/reference", "s", "reference model forward (0 when beta = 0)", "07"),
+    MetricDef("timing/old_logprob", "s", "policy forward before the update (only when ppo_epochs or minibatches > 1)", "07"),
+    MetricDef("timing/advantage", "s", "advantage estimation", "07"),
+    MetricDef("timing/update", "s", "policy forward/backward over micro-batches + optimizer step", "07"),
+    MetricDef("timing/sync", "s", "pushing weights to the rollout engine (0 when shared)", "07"),
+    MetricDef("timing/step", "s", "wall time of the whole step; step - sum(phases) is 'other' (logging, metrics)", "07"),
+    # perf
+    MetricDef("perf/tokens_per_s", "tokens/s", "generated response tokens (all processes) / timing/step", "07"),
+    MetricDef("perf/peak_mem_mb", "MB", "peak memory: CUDA max allocated, or process max RSS on CPU", "07"),
+    MetricDef("perf/sync_mb", "MB", "bytes pushed to the rollout engine this step", "24"),
+]
+
+BY_NAME: dict[str, MetricDef] = {m.name: m for m in CATALOGUE}

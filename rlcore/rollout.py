@@ -1,0 +1,202 @@
+"""Rollout: batched sampling with a KV cache, K samples per prompt, and the batch that flows between roles.
+
+Sampling uses inverse-CDF draws from one uniform per (row, position), taken from a seeded generator over the
+*global* batch and sliced to this process's rows. So a prompt's completions do not depend on how prompts are
+split across processes: one process and two processes sample the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlcore.tasks import Problem
+
+
+@dataclass
+class RolloutBatch:
+    """B = prompts x K rows. Prompt left-padded to P, response right-padded to T."""
+
+    input_ids: torch.Tensor  # [B, P+T] prompt + response token ids
+    attention_mask: torch.Tensor  # [B, P+T] 1 on real tokens (prompt and response up to and including EOS)
+    response_mask: torch.Tensor  # [B, T] float; 1 on tokens the loss, KL and entropy count
+    group: torch.Tensor  # [B] index of the prompt a row answers (global across processes)
+    sampler_logp: torch.Tensor  # [B, T] the sampling distribution's log-prob of each token
+    finished: torch.Tensor  # [B] bool, the completion ended with EOS (not cut at max_new_tokens)
+    prompt_len: int  # P
+    problems: list[Problem] = field(default_factory=list)  # [B]
+    completions: list[str] = field(default_factory=list)  # [B] decoded response text (without EOS)
+    rewards: torch.Tensor | None = None  # [B] sequence reward
+    ref_logp: torch.Tensor | None = None  # [B, T] reference log-probs (None when beta = 0)
+    old_logp: torch.Tensor | None = None  # [B, T] policy log-probs before the update (None when on-policy)
+    adv: torch.Tensor | None = None  # [B, T] advantages
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len :]  # [B, T]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, idx: slice) -> RolloutBatch:
+        """A micro-batch view: tensors sliced on the batch dimension, lists too."""
+        out = {}
+        for name, value in self.__dict__.items():
+            if isinstance(value, torch.Tensor) or (isinstance(value, list) and value):
+                out[name] = value[idx]
+            else:
+                out[name] = value
+        return RolloutBatch(**out)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], width: int | None = None, chat: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts to `width` (default: the longest). Returns ids [n, P], mask [n, P]."""
+    if chat:
+        rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    else:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        rows = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    P = max(width or 0, max(len(r) for r in rows))
+    ids = torch.full((len(rows), P), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r) :] = torch.tensor(r)
+        mask[i, P - len(r) :] = 1
+    return ids, mask
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: [B, L] -> [B, L]."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tail outside the smallest set of tokens with mass >= top_p and renormalise. [n, V] -> [n, V]."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(-1, descending=True)  # [n, V]
+    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p  # always keeps the top token
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    probs = probs * keep
+    return probs / probs.sum(-1, keepdim=True)
+
+
+class RolloutEngine:
+    """Samples completions from `model` (the policy itself, or a separate copy fed by weight-sync)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, chat: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        problems: list[Problem],
+        k: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+        rows: slice | None = None,
+        group_offset: int = 0,
+    ) -> RolloutBatch:
+        """Sample k completions for each problem; `rows` selects this process's problems from the global list."""
+        n_global = len(problems)
+        # One uniform per (global row, position), drawn even for rows other processes own (see module doc).
+        noise = torch.rand((n_global * k, max_new_tokens), generator=self.generator)  # [B_global, T]
+        width = None
+        if rows is not None:
+            width = encode_prompts(self.tokenizer, [p.prompt for p in problems], chat=self.chat)[0].shape[1]
+            idx = range(n_global)[rows]
+            problems = problems[rows]
+            noise = noise[idx.start * k : idx.stop * k]
+            group_offset += idx.start
+        ids, mask = encode_prompts(self.tokenizer, [p.prompt for p in problems], width, self.chat)  # [n, P]
+        ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # [B, P]
+        group = torch.arange(len(problems)).repeat_interleave(k) + group_offset  # [B]
+        B, P = ids.shape
+        device = self.model.device
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+
+        was_training = self.model.training
+        self.model.eval()
+        pos = positions(mask)
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                         use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()  # [B, V]
+        tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long)
+        sampler_logp = torch.zeros((B, max_new_tokens))
+        resp_mask = torch.zeros((B, max_new_tokens))
+        finished = torch.zeros(B, dtype=torch.bool)
+        attn, last_pos = mask.to(device), pos[:, -1:].to(device)
+        T = max_new_tokens
+        for t in range(max_new_tokens):
+            logits = logits.cpu()
+            if greedy:
+                tok = logits.argmax(-1)  # [B]
+                logp = torch.zeros(B)
+            else:
+                probs = top_p_filter(F.softmax(logits / temperature, -1), top_p)  # [B, V]
+                cdf = probs.cumsum(-1)  # [B, V]
+                tok = torch.searchsorted(cdf, (noise[:, t] * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)  # [B]
+                tok = tok.clamp(max=probs.shape[-1] - 1)  # guards float round-off at the top of the CDF
+                logp = probs.gather(-1, tok[:, None]).squeeze(-1).log()  # [B]
+            active = ~finished
+            tokens[:, t] = torch.where(active, tok, pad)
+            sampler_logp[:, t] = torch.where(active, logp, 0.0)
+            resp_mask[:, t] = active.float()
+            finished |= active & (tok == eos)
+            if bool(finished.all()):
+                T = t + 1
+                break
+            attn = torch.cat([attn, active.long().to(device)[:, None]], dim=1)
+            last_pos = last_pos + 1
+            out = self.model(input_ids=tokens[:, t : t + 1].to(device), attention_mask=attn, position_ids=last_pos,
+                             past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1].float()
+        self.model.train(was_training)
+
+        tokens, sampler_logp, resp_mask = tokens[:, :T], sampler_logp[:, :T], resp_mask[:, :T]
+        completions = []
+        for row, m in zip(tokens.tolist(), resp_mask.tolist(), strict=True):
+            kept = [t for t, keep in zip(row, m, strict=True) if keep and t != eos]
+            completions.append(self.tokenizer.decode(kept, skip_special_tokens=True))
+        return RolloutBatch(
+            input_ids=torch.cat([ids, tokens], 1),
+            attention_mask=torch.cat([mask, resp_mask.long()], 1),
+            response_mask=resp_mask,
+            group=group,
+            sampler_logp=sampler_logp,
+            finished=finished,
+            prompt_len=P,
+            problems=[p for p in problems for _ in range(k)],
+            completions=completions,
+        )
+
+
+def token_logprobs(
+    model: PreTrainedModel, batch: RolloutBatch, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each response token under `model` (and the entropy of its next-token distribution).
+
+    Returns logp [B, T] and entropy [B, T] (or None); gradients flow unless the caller disables them.
+    """
+    device = model.device
+    mask = batch.attention_mask.to(device)
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions(mask), use_cache=False)
+    P, T = batch.prompt_len, batch.response_mask.shape[1]
+    logits = out.logits[:, P - 1 : P + T - 1].float()  # [B, T, V] position t predicts response token t
+    logp_all = F.log_softmax(logits, -1)  # [B, T, V]
+    logp = logp_all.gather(-1, batch.responses.to(device).unsqueeze(-1)).squeeze(-1)  # [B, T]
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, T]
+    return logp, entropy

@@ -1,0 +1,177 @@
+"""Tracking: the only module that talks to MLflow.
+
+`mlflow.yml` at the project root picks the store (default: an embedded SQLite file, nothing to start);
+`MLFLOW_TRACKING_URI` overrides it. Metrics go into a queue that a background thread writes in batches about
+once a second, so a step never waits on the store; `finish` drains the queue, so the last steps are never lost,
+and sets the run's final status (FINISHED, FAILED or KILLED, never left RUNNING).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlcore.metrics import BY_NAME
+
+DEFAULTS = {"tracking_uri": "sqlite:///mlruns/mlflow.db", "artifact_location": "mlruns/artifacts", "flush_interval_s": 1.0}
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest directory (from cwd upwards) holding mlflow.yml; cwd if there is none."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "mlflow.yml").is_file():
+            return d
+    return here
+
+
+def tracking_settings(root: Path | None = None) -> dict[str, Any]:
+    """Resolved settings: tracking_uri and artifact_location absolute, env var first."""
+    root = root or project_root()
+    settings = dict(DEFAULTS)
+    path = root / "mlflow.yml"
+    if path.is_file():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: must be a mapping")
+        unknown = set(loaded) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r} (valid: {', '.join(DEFAULTS)})")
+        settings.update(loaded)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", settings["tracking_uri"])
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_absolute():
+            uri = f"sqlite:///{(root / db).resolve()}"
+    art = settings["artifact_location"]
+    if uri.startswith("sqlite:"):
+        # Keep artifacts beside the database the env var points at, not beside the project's default one.
+        db_dir = Path(uri[len("sqlite:///"):]).parent
+        art_path = Path(art) if "MLFLOW_TRACKING_URI" not in os.environ else db_dir / "artifacts"
+        art = (art_path if art_path.is_absolute() else root / art_path).resolve().as_uri()
+    else:
+        art = None  # a tracking server decides where artifacts go
+    settings.update(tracking_uri=uri, artifact_location=art)
+    return settings
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+class Tracker:
+    """An MLflow run with batched background logging. Use one per run, on the main process only."""
+
+    def __init__(self, experiment: str, root: Path | None = None):
+        import mlflow  # imported here: 1.5 s per process, and only the logging process pays it
+        from mlflow.tracking import MlflowClient
+
+        self.root = root or project_root()
+        self.settings = tracking_settings(self.root)
+        uri = self.settings["tracking_uri"]
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+        self.experiment_id = self._experiment(experiment)
+        self.run_id: str | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=self.settings["artifact_location"])
+        except MlflowException:  # another process created it between our get and create
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    @property
+    def where(self) -> str:
+        return self.settings["tracking_uri"]
+
+    def start(self, run_name: str | None, tags: dict[str, str], params: dict[str, Any], config_yaml: str) -> str:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        self.client.log_text(self.run_id, config_yaml, "config.yaml")
+        self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
+        self._thread.start()
+        return self.run_id
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        unknown = [k for k in metrics if k not in BY_NAME]
+        if unknown:
+            raise KeyError(f"metric {unknown[0]!r} is not in rlcore.metrics.CATALOGUE")
+        self._queue.put(("metrics", step, int(time.time() * 1000), dict(metrics)))
+
+    def log_table(self, step: int, rows: list[dict[str, Any]], name: str = "samples") -> None:
+        self._queue.put(("table", step, rows, name))
+
+    def _worker(self) -> None:
+        interval = float(self.settings["flush_interval_s"])
+        while not self._stop.wait(interval):
+            self._flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        from mlflow.entities import Metric
+
+        batch: list[Metric] = []
+        tables = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "metrics":
+                _, step, ts, metrics = item
+                batch.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+            else:
+                tables.append(item)
+        try:
+            for i in range(0, len(batch), 1000):  # MLflow's per-request limit
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=True)
+            for _, step, rows, name in tables:
+                columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+                self.client.log_table(self.run_id, columns, f"{name}/step_{step:06d}.json")
+        except Exception as e:  # noqa: BLE001 - kept and re-raised on the training thread by finish()
+            self._error = e
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Deliver everything queued, then mark the run FINISHED / FAILED / KILLED."""
+        if self.run_id is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._flush()
+        if self._error is not None and status == "FINISHED":
+            status = "FAILED"
+        self.client.set_terminated(self.run_id, status=status)
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"MLflow logging failed: {err}") from err

@@ -1,0 +1,110 @@
+"""Trainer: the policy under HF Accelerate, its optimizer, and the update over micro-batches.
+
+Loss normalisation is global: every aggregation divides by counts over the whole rollout batch across all
+micro-batches and processes (`AggNorm`), and each process's loss is multiplied by the world size because DDP
+averages gradients. So 1 process x 4 micro-batches, 2 processes x 2 and 1 x 1 give the same gradient.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel
+
+from rlcore.algorithm import LOSS_AGG, POLICY_LOSSES, AggNorm, lookup
+from rlcore.config import ExperimentConfig
+from rlcore.reference import KL_ESTIMATORS
+from rlcore.rollout import RolloutBatch, token_logprobs
+
+
+class Trainer:
+    def __init__(self, policy: PreTrainedModel, cfg: ExperimentConfig, accelerator: Accelerator):
+        self.cfg, self.acc = cfg, accelerator
+        t = cfg.trainer
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        warmup = max(t.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
+        a = cfg.algorithm
+        self.policy_loss = lookup(POLICY_LOSSES, a.policy_loss, "policy_loss")
+        self.loss_agg = lookup(LOSS_AGG, a.loss_agg, "loss_agg")
+        self.kl = lookup(KL_ESTIMATORS, a.kl_estimator, "kl_estimator")
+
+    @property
+    def unwrapped(self) -> PreTrainedModel:
+        return self.acc.unwrap_model(self.model)
+
+    def _micro(self, batch: RolloutBatch) -> list[RolloutBatch]:
+        mb = self.cfg.trainer.micro_batch_size
+        return [batch.rows(slice(i, i + mb)) for i in range(0, len(batch), mb)]
+
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """Policy log-probs before the update (the 'old' policy of the PPO ratio). -> [B, T]"""
+        return torch.cat([token_logprobs(self.unwrapped, m)[0].cpu() for m in self._micro(batch)])
+
+    def _global_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+        if self.acc.num_processes > 1:
+            t = self.acc.reduce(t, reduction="sum")
+        return t.tolist()
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """ppo_epochs x minibatches optimizer steps on the rollout batch; returns the step's actor metrics."""
+        a = self.cfg.algorithm
+        world = self.acc.num_processes
+        sums: dict[str, float] = defaultdict(float)  # metric -> sum over tokens (all micro-batches)
+        counts: dict[str, float] = defaultdict(float)
+        grad_norms: list[float] = []
+        loss_sum = 0.0  # each minibatch's loss is split over micro-batches and processes; their sum is the loss
+        n_mini = a.minibatches
+        size = -(-len(batch) // n_mini)
+        for _ in range(a.ppo_epochs):
+            for start in range(0, len(batch), size):
+                mini = batch.rows(slice(start, start + size))
+                tokens, seqs = self._global_sum([float(mini.response_mask.sum()), float(len(mini))])
+                norm = AggNorm(tokens=tokens, seqs=seqs, max_len=float(self.cfg.rollout.max_new_tokens))
+                micro = self._micro(mini)
+                self.optimizer.zero_grad(set_to_none=True)
+                for i, m in enumerate(micro):
+                    # Only the last micro-batch all-reduces gradients; the others accumulate locally.
+                    sync = self.acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
+                    with sync:
+                        loss, stats = self._loss(m, norm)
+                        self.acc.backward(loss * world)
+                    loss_sum += float(loss.detach())
+                    for k, (s, c) in stats.items():
+                        sums[k] += s
+                        counts[k] += c
+                grad_norms.append(float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)))
+                self.optimizer.step()
+                self.scheduler.step()
+        keys = sorted(sums)
+        reduced = self._global_sum([sums[k] for k in keys] + [counts[k] for k in keys] + [loss_sum])
+        out = {k: reduced[i] / max(reduced[len(keys) + i], 1e-12) for i, k in enumerate(keys)}
+        out["actor/loss"] = reduced[-1] / len(grad_norms)  # mean over optimizer steps
+        out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["actor/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _loss(self, m: RolloutBatch, norm: AggNorm) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+        """Loss of one micro-batch (already divided by the global normaliser) and its metric (sum, count) pairs."""
+        a = self.cfg.algorithm
+        dev = self.acc.device
+        mask = m.response_mask.to(dev)  # [b, T]
+        logp, entropy = token_logprobs(self.model, m, with_entropy=True)  # [b, T], [b, T]
+        old = m.old_logp.to(dev) if m.old_logp is not None else logp.detach()  # on-policy: ratio = 1, grad = PG
+        per_token, pl_metrics = self.policy_loss(logp, old, m.adv.to(dev), mask, a)  # [b, T]
+        tok = float(mask.sum())
+        stats = {k: (float((v * mask).sum()), tok) for k, v in pl_metrics.items()}
+        stats["actor/pg_loss"] = (float((per_token.detach() * mask).sum()), tok)
+        stats["actor/entropy"] = (float((entropy * mask).sum()), tok)
+        stats["actor/sampler_logp_gap"] = (float(((logp.detach() - m.sampler_logp.to(dev)).abs() * mask).sum()), tok)
+        if m.ref_logp is not None:
+            kl = self.kl(logp, m.ref_logp.to(dev))  # [b, T]
+            per_token = per_token + a.kl_coef * kl
+            stats["kl/mean"] = (float((kl.detach() * mask).sum()), tok)
+        return self.loss_agg(per_token, mask, norm), stats

@@ -1,0 +1,112 @@
+"""The experiment schema: every bad input names its key path, and the CLI exits 2 before any MLflow run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlcore.config import ConfigError, ExperimentConfig, apply_override, flatten, load_experiment
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+# (YAML text, the message it must give). Each bad config has its own message.
+BAD = [
+    ("algorithm: {clip_eps: -0.2}", "algorithm.clip_eps: must be > 0.0, got -0.2"),
+    ("algorithm: {clip_epss: 0.2}", "algorithm.clip_epss: unknown key (valid: name, advantage"),
+    ("algorithm: {advantage: foo}", "algorithm.advantage: unknown 'foo', valid: grpo"),
+    ("algorithm: {loss_agg: mean}", "algorithm.loss_agg: unknown 'mean', valid:"),
+    ("algorithm: {kl_estimator: k9}", "algorithm.kl_estimator: unknown 'k9', valid: k1, k2, k3"),
+    ("algorithm: {kl_coef: -1}", "algorithm.kl_coef: must be >= 0.0, got -1"),
+    ("trainer: {steps: abc}", "trainer.steps: input should be a valid integer"),
+    ("trainer: {lr: 0}", "trainer.lr: must be > 0.0, got 0"),
+    ("rollout: {engine: vllm}", "rollout.engine: must be one of 'shared' or 'separate', got 'vllm'"),
+    ("rollout: {top_p: 1.5}", "rollout.top_p: must be <= 1.0, got 1.5"),
+    ("rollout: {samples_per_prompt: 0}", "rollout.samples_per_prompt: must be > 0, got 0"),
+    ("task: {min_digits: 3, max_digits: 1}", "task: min_digits must be <= max_digits, got 3 > 1"),
+    ("task: {name: sorting}", "task.name: must be one of 'addition', got 'sorting'"),
+    ("model: {tiny: {hidden_size: 30, num_heads: 4}}", "model.tiny: num_heads must divide hidden_size"),
+    ("model: {name_or_path: /x, warm_start: sft.yaml}", "model: set either name_or_path or warm_start, not both"),
+    ("kind: dpo", "kind: must be one of 'rl' or 'sft', got 'dpo'"),
+    ("seed: [1, 2]", "seed: input should be a valid integer"),
+    ("modle: {}", "modle: unknown key (valid: kind, seed, model"),
+    ("- a\n- b", "must be a YAML mapping of sections, got list"),
+    ("algorithm: {clip_eps: 0.2\n", "invalid YAML"),
+    ("model: {warm_start: nowhere.yaml}", "model.warm_start: no such file 'nowhere.yaml'"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD, ids=[m for _, m in BAD])
+def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_experiment(f)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_messages_are_distinct(tmp_path: Path) -> None:
+    msgs = set()
+    for i, (text, _) in enumerate(BAD):
+        f = tmp_path / f"bad{i}.yaml"
+        f.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_experiment(f)
+        msgs.add(str(e.value).split(":")[0] + str(e.value))
+    assert len(msgs) == len(BAD) >= 10
+
+
+def test_overrides_parse_as_yaml_and_apply() -> None:
+    raw: dict = {}
+    apply_override(raw, "algorithm.clip_eps=0.3")
+    apply_override(raw, "seed=3")
+    apply_override(raw, "model.warm_start=null")
+    assert raw == {"algorithm": {"clip_eps": 0.3}, "seed": 3, "model": {"warm_start": None}}
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_override(raw, "seed")
+
+
+def test_override_reaches_the_config() -> None:
+    cfg = load_experiment(EXPERIMENTS / "grpo.yaml", ["trainer.lr=3e-4", "seed=7"])
+    assert cfg.trainer.lr == pytest.approx(3e-4) and cfg.seed == 7
+
+
+def test_every_shipped_experiment_validates() -> None:
+    files = sorted(EXPERIMENTS.glob("*.yaml"))
+    assert files
+    for f in files:
+        load_experiment(f)
+
+
+def test_defaults_document_every_field() -> None:
+    def walk(model):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+            else:
+                assert field.description, f"{model.__name__}.{name} has no description"
+
+    walk(ExperimentConfig)
+
+
+def test_flatten_gives_dotted_keys() -> None:
+    flat = flatten(ExperimentConfig().to_dict())
+    assert flat["algorithm.clip_eps"] == 0.2 and flat["model.tiny.hidden_size"] == 128
+
+
+def test_cli_bad_config_exits_2_without_an_mlflow_run(tmp_path: Path) -> None:
+    (tmp_path / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algorithm: {clip_eps: -0.2}\n")
+    proc = subprocess.run([sys.executable, "-m", "rlcore.cli", "run", str(bad)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: algorithm.clip_eps: must be > 0.0, got -0.2"
+    assert not (tmp_path / "mlruns").exists()  # nothing was even opened
+    proc = subprocess.run([sys.executable, "-m", "rlcore.cli", "run", str(tmp_path / "missing.yaml")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no such experiment file" in proc.stderr
