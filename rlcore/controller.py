@@ -7,6 +7,7 @@ process evaluates and logs.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -43,8 +44,12 @@ class RunResult:
 
 def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, str] | None = None) -> RunResult:
     root = root or project_root()
-    acc = Accelerator()
+    # cpu=True on a machine without CUDA is what makes Accelerate join a torchrun/`accelerate launch` process
+    # group over gloo; without it every process silently trains alone.
+    acc = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = acc.process_index, acc.num_processes
+    if world != int(os.environ.get("WORLD_SIZE", "1")):
+        raise RuntimeError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but Accelerate joined {world} process(es)")
     r = cfg.rollout
     if r.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step: must be divisible by the {world} processes, got {r.prompts_per_step}")

@@ -91,8 +91,8 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
             opt.step()
             sched.step()
             if step % 50 == 0 or step == t.steps:
-                tracker.log(step, {"sft/loss": float(loss), "actor/lr": sched.get_last_lr()[0]})
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                tracker.log(step, {"sft/loss": float(loss.detach()), "actor/lr": sched.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         engine = RolloutEngine(model, tokenizer, seed=cfg.seed)
         metrics = evaluate(engine, task, cfg, seed=cfg.seed + 10_000)
         tracker.log(t.steps, metrics)
