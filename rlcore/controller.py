@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from rlcore.algorithm import ADVANTAGES, lookup
 from rlcore.config import ConfigError, ExperimentConfig, flatten
@@ -26,7 +28,7 @@ from rlcore.reference import Reference
 from rlcore.rollout import RolloutBatch, RolloutEngine
 from rlcore.seeding import seed_everything
 from rlcore.sft import warm_start_dir
-from rlcore.tasks import make_task, score
+from rlcore.tasks import AdditionTask, Problem, make_task, score
 from rlcore.timing import PhaseTimer
 from rlcore.tracking import Tracker, git_commit, project_root
 from rlcore.trainer import Trainer
@@ -42,77 +44,107 @@ class RunResult:
     output_dir: Path | None
 
 
-def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, str] | None = None) -> RunResult:
-    root = root or project_root()
+@dataclass
+class Loop:
+    """The roles of one run, built once by `build`; `step` drives them."""
+
+    cfg: ExperimentConfig
+    acc: Accelerator
+    task: AdditionTask
+    tokenizer: PreTrainedTokenizerBase
+    engine: RolloutEngine
+    reference: Reference | None
+    trainer: Trainer
+    sync: WeightSync
+    advantage: Callable
+    needs_old: bool  # the ratio needs pre-update log-probs only when a batch is reused (epochs/minibatches)
+    local: slice  # this process's share of each step's prompts
+
+
+def build(cfg: ExperimentConfig, root: Path) -> Loop:
     # cpu=True on a machine without CUDA is what makes Accelerate join a torchrun/`accelerate launch` process
     # group over gloo; without it every process silently trains alone.
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = acc.process_index, acc.num_processes
     if world != int(os.environ.get("WORLD_SIZE", "1")):
         raise RuntimeError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but Accelerate joined {world} process(es)")
-    r = cfg.rollout
-    if r.prompts_per_step % world:
-        raise ConfigError(f"rollout.prompts_per_step: must be divisible by the {world} processes, got {r.prompts_per_step}")
+    n = cfg.rollout.prompts_per_step
+    if n % world:
+        raise ConfigError(f"rollout.prompts_per_step: must be divisible by the {world} processes, got {n}")
     seed_everything(cfg.seed)
     with acc.main_process_first():  # the main process builds the warm start once; the others then load it
         ws = warm_start_dir(cfg, root, quiet=not acc.is_main_process)
     policy, tokenizer = build_policy(cfg.model, ws)
-    task = make_task(cfg.task)
     reference = Reference(policy) if cfg.algorithm.kl_coef > 0 else None  # beta = 0: no reference at all
     trainer = Trainer(policy, cfg, acc)
-    sync = WeightSync(r.engine, trainer.unwrapped)
-    engine = RolloutEngine(sync.engine_model, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template)
-    advantage = lookup(ADVANTAGES, cfg.algorithm.advantage, "advantage")
-    needs_old = cfg.algorithm.ppo_epochs > 1 or cfg.algorithm.minibatches > 1
-    local = slice(rank * r.prompts_per_step // world, (rank + 1) * r.prompts_per_step // world)
-    stream = task.stream(cfg.seed)
+    sync = WeightSync(cfg.rollout.engine, trainer.unwrapped)
+    return Loop(
+        cfg=cfg, acc=acc, task=make_task(cfg.task), tokenizer=tokenizer,
+        engine=RolloutEngine(sync.engine_model, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template),
+        reference=reference, trainer=trainer, sync=sync,
+        advantage=lookup(ADVANTAGES, cfg.algorithm.advantage, "advantage"),
+        needs_old=cfg.algorithm.ppo_epochs > 1 or cfg.algorithm.minibatches > 1,
+        local=slice(rank * n // world, (rank + 1) * n // world),
+    )
 
+
+def step(loop: Loop, problems: list[Problem]) -> tuple[RolloutBatch, dict[str, float]]:
+    """One RL step over the global list of `problems`; returns this process's batch and the step's metrics."""
+    cfg, r, timer = loop.cfg, loop.cfg.rollout, PhaseTimer()
+    with timer("rollout"):
+        batch = loop.engine.generate(problems, r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p,
+                                     rows=loop.local)
+    with timer("reward"):
+        batch.rewards = score(loop.task, batch)  # [B]
+    with timer("reference"):
+        batch.ref_logp = loop.reference.logprobs(batch, cfg.trainer.micro_batch_size) if loop.reference else None
+    with timer("old_logprob"):
+        batch.old_logp = loop.trainer.logprobs(batch) if loop.needs_old else None  # else logp.detach() in the loss
+    with timer("advantage"):
+        batch.adv = loop.advantage(batch, cfg.algorithm)  # [B, T]
+    with timer("update"):
+        stats = loop.trainer.update(batch)
+    with timer("sync"):
+        moved = loop.sync.push(loop.trainer.unwrapped)
+    metrics = stats | batch_metrics(batch, loop.acc, r.samples_per_prompt) | timer.metrics()
+    metrics["perf/tokens_per_s"] = metrics.pop("_gen_tokens") / metrics["timing/step"]
+    metrics["perf/peak_mem_mb"] = peak_memory_mb()
+    metrics["perf/sync_mb"] = moved / 2**20
+    return batch, metrics
+
+
+def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, str] | None = None) -> RunResult:
+    root = root or project_root()
+    loop = build(cfg, root)
+    acc = loop.acc
     tracker = Tracker(cfg.logging.experiment, root) if acc.is_main_process else None
     first_eval: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     status = "FAILED"
     if tracker is not None:
         tags = {"algorithm": cfg.algorithm.name, "task": cfg.task.name, "model": cfg.model.name_or_path or "tiny-llama",
-                "git_commit": git_commit(root), "rlcore.kind": "rl", "seed": str(cfg.seed), "world_size": str(world),
-                **cfg.logging.tags, **(extra_tags or {})}
+                "git_commit": git_commit(root), "rlcore.kind": "rl", "seed": str(cfg.seed),
+                "world_size": str(acc.num_processes), **cfg.logging.tags, **(extra_tags or {})}
         tracker.start(cfg.logging.run_name, tags, flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
         if tracker is not None:
-            first_eval = last_eval = evaluate(engine, task, cfg, seed=cfg.seed + 10_000)
+            first_eval = last_eval = evaluate(loop.engine, loop.task, cfg, seed=cfg.seed + 10_000)
             tracker.log(0, first_eval)
+        stream = loop.task.stream(cfg.seed)
         bar = tqdm(range(1, cfg.trainer.steps + 1), desc="rl", unit="step", disable=not acc.is_main_process,
                    dynamic_ncols=True, file=sys.stderr)
-        for step in bar:
-            timer = PhaseTimer()
-            problems = [next(stream) for _ in range(r.prompts_per_step)]
-            with timer("rollout"):
-                batch = engine.generate(problems, r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p, rows=local)
-            with timer("reward"):
-                batch.rewards = score(task, batch)  # [B]
-            with timer("reference"):
-                batch.ref_logp = reference.logprobs(batch, cfg.trainer.micro_batch_size) if reference else None
-            with timer("old_logprob"):
-                batch.old_logp = trainer.logprobs(batch) if needs_old else None  # on-policy: logp.detach() in the loss
-            with timer("advantage"):
-                batch.adv = advantage(batch, cfg.algorithm)  # [B, T]
-            with timer("update"):
-                stats = trainer.update(batch)
-            with timer("sync"):
-                moved = sync.push(trainer.unwrapped)
-            metrics = stats | batch_metrics(batch, acc, r.samples_per_prompt) | timer.metrics()
-            metrics["perf/tokens_per_s"] = metrics.pop("_gen_tokens") / metrics["timing/step"]
-            metrics["perf/peak_mem_mb"] = peak_memory_mb()
-            metrics["perf/sync_mb"] = moved / 2**20
+        for i in bar:
+            batch, metrics = step(loop, [next(stream) for _ in range(cfg.rollout.prompts_per_step)])
             if tracker is not None:
-                if step % cfg.logging.eval_every == 0 or step == cfg.trainer.steps:
-                    last_eval = evaluate(engine, task, cfg, seed=cfg.seed + 10_000)
-                    tracker.log(step, last_eval)
-                if cfg.logging.num_samples and (step % cfg.logging.samples_every == 0 or step == 1):
-                    tracker.log_table(step, sample_rows(batch, cfg.logging.num_samples))
-                tracker.log(step, metrics)
+                if i % cfg.logging.eval_every == 0 or i == cfg.trainer.steps:
+                    last_eval = evaluate(loop.engine, loop.task, cfg, seed=cfg.seed + 10_000)
+                    tracker.log(i, last_eval)
+                if cfg.logging.num_samples and (i % cfg.logging.samples_every == 0 or i == 1):
+                    tracker.log_table(i, sample_rows(batch, cfg.logging.num_samples))
+                tracker.log(i, metrics)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/mean', 0.0):.4f}",
                                 s_per_step=f"{metrics['timing/step']:.2f}")
-        out_dir = save_policy(trainer, tokenizer, root, cfg, tracker, acc)
+        out_dir = save_policy(loop.trainer, loop.tokenizer, root, cfg, tracker, acc)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
