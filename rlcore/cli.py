@@ -6,6 +6,7 @@ User mistakes (a bad key, a missing file) print one line `error: ...` and exit 2
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -51,9 +52,9 @@ def run(file: Annotated[Path, typer.Argument(help="Experiment YAML.")], set_: Se
 
     root = project_root()
     if cfg.kind == "sft":
-        from rlcore.sft import train_sft
+        from rlcore.sft import cache_dir, train_sft
 
-        out = root / cfg.logging.output_dir / f"sft-{cfg.config_hash()}"
+        out = cache_dir(cfg, root)  # the same place RL experiments naming this file look for it
         train_sft(cfg, out, root)
         typer.echo(f"warm start saved to {out}")
         return
@@ -84,7 +85,14 @@ def quickstart(set_: SetOpt = None) -> None:
     _report(run_rl(cfg, root), "quickstart")
 
 
+def _terminate(signum, frame) -> None:
+    # SIGTERM (kill, a scheduler, the dashboard's stop button) unwinds like Ctrl-C, so the MLflow run is closed
+    # as KILLED instead of being left RUNNING.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except ConfigError as e:

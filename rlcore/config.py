@@ -278,6 +278,14 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     for o in overrides:
         apply_override(raw, o)
     cfg = validate_dict(raw, base_dir=Path(path).resolve().parent)
-    if cfg.model.warm_start is not None and not cfg.resolve_path(cfg.model.warm_start).is_file():
-        raise ConfigError(f"model.warm_start: no such file {cfg.model.warm_start!r}")
+    if cfg.model.warm_start is not None:
+        ws = cfg.resolve_path(cfg.model.warm_start)
+        if not ws.is_file():
+            raise ConfigError(f"model.warm_start: no such file {cfg.model.warm_start!r}")
+        try:
+            sft = load_experiment(ws)
+        except ConfigError as e:
+            raise ConfigError(f"model.warm_start: {cfg.model.warm_start}: {e}") from None
+        if sft.kind != "sft":
+            raise ConfigError(f"model.warm_start: {cfg.model.warm_start!r} is not a `kind: sft` experiment")
     return cfg

@@ -146,7 +146,7 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                                 s_per_step=f"{metrics['timing/step']:.2f}")
         out_dir = save_policy(loop.trainer, loop.tokenizer, root, cfg, tracker, acc)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM turned into SystemExit by the CLI
         status = "KILLED"
         raise
     finally:

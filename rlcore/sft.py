@@ -6,6 +6,8 @@ its output is built on first use and cached under `.rlcore_cache/warm_start/<con
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -16,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 import rlcore
-from rlcore.config import ConfigError, ExperimentConfig, load_experiment
+from rlcore.config import ExperimentConfig, load_experiment
 from rlcore.evaluation import evaluate
 from rlcore.model import build_policy
 from rlcore.rollout import RolloutEngine
@@ -28,16 +30,21 @@ def warm_start_dir(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> Pa
     """Directory of the cached warm-start policy for an RL config (trained now if missing); None if unset."""
     if cfg.model.warm_start is None:
         return None
-    sft_cfg = load_experiment(cfg.resolve_path(cfg.model.warm_start))
-    if sft_cfg.kind != "sft":
-        raise ConfigError(f"model.warm_start: {cfg.model.warm_start!r} is not a `kind: sft` experiment")
-    key = f"{sft_cfg.config_hash()}-v{rlcore.__version__}"
-    out = root / ".rlcore_cache" / "warm_start" / key
+    sft_cfg = load_experiment(cfg.resolve_path(cfg.model.warm_start))  # validated (kind: sft) by load_experiment
+    out = cache_dir(sft_cfg, root)
     if not (out / "config.json").is_file():
         if not quiet:
             print(f"warm start: training {cfg.model.warm_start} (cached after this in {out})")
         train_sft(sft_cfg, out, root)
     return out
+
+
+def cache_dir(sft_cfg: ExperimentConfig, root: Path) -> Path:
+    """Where the warm start of an SFT config lives: keyed by its resolved config and rlcore's version."""
+    # `logging` is left out of the key: renaming the MLflow experiment does not change the weights.
+    trained = {k: v for k, v in sft_cfg.to_dict().items() if k != "logging"}
+    key = hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
+    return root / ".rlcore_cache" / "warm_start" / f"{key}-v{rlcore.__version__}"
 
 
 def _encode(tokenizer, problems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,7 +115,7 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
         print(f"warm start: greedy accuracy {metrics['eval/greedy_accuracy']:.1%}, "
               f"sampled reward {metrics['eval/sampled_reward']:.3f} (run {tracker.run_id})")
         return metrics
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM turned into SystemExit by the CLI
         status = "KILLED"
         raise
     finally:

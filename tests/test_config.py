@@ -110,3 +110,13 @@ def test_cli_bad_config_exits_2_without_an_mlflow_run(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "rlcore.cli", "run", str(tmp_path / "missing.yaml")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no such experiment file" in proc.stderr
+
+
+def test_warm_start_file_is_validated_too(tmp_path: Path) -> None:
+    (tmp_path / "sft.yaml").write_text("kind: sft\ntrainer: {steps: -5}\n")
+    (tmp_path / "rl.yaml").write_text("model: {warm_start: sft.yaml}\n")
+    with pytest.raises(ConfigError, match=r"^model.warm_start: sft.yaml: trainer.steps: must be > 0, got -5$"):
+        load_experiment(tmp_path / "rl.yaml")
+    (tmp_path / "sft.yaml").write_text("kind: rl\n")
+    with pytest.raises(ConfigError, match="is not a `kind: sft` experiment"):
+        load_experiment(tmp_path / "rl.yaml")

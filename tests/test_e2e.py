@@ -104,3 +104,28 @@ def test_cli_run_prints_run_id_and_store(lab: Path) -> None:
     assert "MLflow run id:" in proc.stdout and f"sqlite:///{lab}" in proc.stdout
     run_id = proc.stdout.split("MLflow run id:")[1].split()[0]
     assert client_for(lab).get_run(run_id).info.status == "FINISHED"
+
+
+def test_sigterm_closes_the_run_as_killed(lab: Path) -> None:
+    """A run stopped by SIGTERM (a scheduler, `kill`) is KILLED in MLflow with its logged steps, not left RUNNING."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "rlcore.cli", "run", "rl.yaml", "--set", "trainer.steps=500",
+                             "--set", "logging.run_name=to-be-killed"], cwd=lab, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    c = client_for(lab)
+    deadline = time.time() + 120
+    run_id = None
+    while time.time() < deadline and run_id is None:
+        time.sleep(0.5)
+        exp = c.get_experiment_by_name("test-rl")
+        runs = c.search_runs([exp.experiment_id], "attributes.run_name = 'to-be-killed'") if exp else []
+        if runs and c.get_metric_history(runs[0].info.run_id, "reward/mean"):
+            run_id = runs[0].info.run_id
+    assert run_id is not None, "the run never logged a step"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert c.get_run(run_id).info.status == "KILLED"
+    assert len(c.get_metric_history(run_id, "reward/mean")) >= 1

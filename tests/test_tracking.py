@@ -1,0 +1,59 @@
+"""Tracking settings, the metric catalogue, and batched logging that loses nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rlcore.metrics import BY_NAME, CATALOGUE
+from rlcore.timing import PHASES
+from rlcore.tracking import Tracker, project_root, tracking_settings
+
+
+def test_default_store_is_embedded_sqlite_under_the_project(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert project_root() == tmp_path
+    s = tracking_settings()
+    assert s["tracking_uri"] == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert s["artifact_location"] == (tmp_path / "mlruns" / "artifacts").as_uri()
+
+
+def test_env_var_overrides_the_file(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    s = tracking_settings(tmp_path)
+    assert s["tracking_uri"] == "http://127.0.0.1:5999" and s["artifact_location"] is None
+
+
+def test_unknown_key_in_mlflow_yml_is_named(tmp_path: Path) -> None:
+    (tmp_path / "mlflow.yml").write_text("trackin_uri: x\n")
+    with pytest.raises(ValueError, match="unknown key 'trackin_uri'"):
+        tracking_settings(tmp_path)
+
+
+def test_catalogue_is_unique_and_covers_every_phase() -> None:
+    assert len(BY_NAME) == len(CATALOGUE)
+    for p in PHASES:
+        assert f"timing/{p}" in BY_NAME
+    assert all(m.unit and m.formula for m in CATALOGUE)
+
+
+def test_batched_logging_delivers_every_step_in_order(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\nflush_interval_s: 5\n")
+    t = Tracker("unit", tmp_path)
+    run_id = t.start("r", {"k": "v"}, {"a.b": 1}, "a: {b: 1}\n")
+    for step in range(1, 1501):  # more than one log_batch request (1000 metrics) per flush
+        t.log(step, {"reward/mean": step / 10})
+    with pytest.raises(KeyError, match="not in rlcore.metrics.CATALOGUE"):
+        t.log(1, {"made/up": 1.0})
+    t.finish()  # the flush interval never elapsed: finish must still deliver everything
+    c = MlflowClient(t.where)
+    hist = sorted(c.get_metric_history(run_id, "reward/mean"), key=lambda m: m.step)
+    assert [m.step for m in hist] == list(range(1, 1501))
+    assert c.get_run(run_id).info.status == "FINISHED" and c.get_run(run_id).data.params == {"a.b": "1"}
