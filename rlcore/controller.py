@@ -128,7 +128,7 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
         tracker.start(cfg.logging.run_name, tags, flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
         if tracker is not None:
-            first_eval = last_eval = evaluate(loop.engine, loop.task, cfg, seed=cfg.seed + 10_000)
+            first_eval = last_eval = evaluate(loop.engine, loop.task, cfg)
             tracker.log(0, first_eval)
         stream = loop.task.stream(cfg.seed)
         bar = tqdm(range(1, cfg.trainer.steps + 1), desc="rl", unit="step", disable=not acc.is_main_process,
@@ -137,7 +137,7 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
             batch, metrics = step(loop, [next(stream) for _ in range(cfg.rollout.prompts_per_step)])
             if tracker is not None:
                 if i % cfg.logging.eval_every == 0 or i == cfg.trainer.steps:
-                    last_eval = evaluate(loop.engine, loop.task, cfg, seed=cfg.seed + 10_000)
+                    last_eval = evaluate(loop.engine, loop.task, cfg)
                     tracker.log(i, last_eval)
                 if cfg.logging.num_samples and (i % cfg.logging.samples_every == 0 or i == 1):
                     tracker.log_table(i, sample_rows(batch, cfg.logging.num_samples))

@@ -10,14 +10,16 @@ from rlcore.tasks import AdditionTask, score
 
 
 @torch.no_grad()
-def evaluate(engine: RolloutEngine, task: AdditionTask, cfg: ExperimentConfig, seed: int) -> dict[str, float]:
+def evaluate(engine: RolloutEngine, task: AdditionTask, cfg: ExperimentConfig) -> dict[str, float]:
     """eval/greedy_accuracy and eval/sampled_reward (k samples per prompt at T=1).
 
-    Uses its own generator seeded by `seed`, so evaluating never shifts the training sampler's random stream.
+    The sampling noise comes from its own generator seeded by the held-out set's seed, not the run's: every eval of
+    every run draws the same uniforms, so before/after and run-vs-run comparisons are paired, and evaluating never
+    shifts the training sampler's random stream.
     """
     heldout = task.heldout
     train_gen = engine.generator
-    engine.generator = torch.Generator().manual_seed(seed)
+    engine.generator = torch.Generator().manual_seed(cfg.task.heldout_seed + 1)
     try:
         greedy = engine.generate(heldout, 1, cfg.rollout.max_new_tokens, greedy=True)
         sampled = engine.generate(heldout, cfg.task.eval_samples, cfg.rollout.max_new_tokens, temperature=1.0)

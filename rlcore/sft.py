@@ -101,7 +101,7 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
                 tracker.log(step, {"sft/loss": float(loss.detach()), "actor/lr": sched.get_last_lr()[0]})
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         engine = RolloutEngine(model, tokenizer, seed=cfg.seed)
-        metrics = evaluate(engine, task, cfg, seed=cfg.seed + 10_000)
+        metrics = evaluate(engine, task, cfg)
         tracker.log(t.steps, metrics)
         # Save to a temp dir and rename: a killed build never leaves a half-written warm start behind.
         out.parent.mkdir(parents=True, exist_ok=True)
