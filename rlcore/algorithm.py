@@ -76,6 +76,20 @@ def adv_rloo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     return adv[:, None] * batch.response_mask  # [B, T]
 
 
+@_register(ADVANTAGES, "reinforce")
+def adv_reinforce(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
+    """A_i = r_i - b, with b = 0 (`baseline: none`) or the mean reward of the whole batch (`batch_mean`).
+
+    Williams, "Simple statistical gradient-following algorithms" (REINFORCE, 1992). The batch mean is taken over
+    every process's rows (`batch.reduce_sum`), so the baseline does not depend on how the batch was split.
+    """
+    adv = batch.rewards.clone()  # [B]
+    if cfg.baseline == "batch_mean":
+        total, count = batch.reduce_sum(torch.stack([batch.rewards.sum(), torch.tensor(float(len(batch)))]))
+        adv = adv - total / count
+    return adv[:, None] * batch.response_mask  # [B, T]
+
+
 # ---------------------------------------------------------------------------------------- policy losses
 
 @_register(POLICY_LOSSES, "pg")
@@ -88,17 +102,15 @@ def loss_pg(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask:
     return -adv * ratio, {"actor/ratio": ratio.detach()}
 
 
-@_register(POLICY_LOSSES, "ppo_clip")
-def loss_ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                  cfg: AlgorithmConfig):
-    """-min(ratio A, clip(ratio, 1-eps, 1+eps) A). Schulman et al., "Proximal Policy Optimization" (2017).
+def clipped_objective(log_ratio: torch.Tensor, adv: torch.Tensor, cfg: AlgorithmConfig):
+    """-min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A), optionally dual-clipped; shared by PPO and GSPO.
 
-    Metrics: actor/clipfrac_low (ratio < 1-eps and A < 0 clipped), actor/clipfrac_high (ratio > 1+eps, A > 0).
+    Returns the per-token loss [B, T] and its metrics (per-token indicators and values, [B, T] each).
     """
-    log_ratio = logp - old_logp  # [B, T]
     ratio = log_ratio.exp()  # [B, T]
+    high = cfg.clip_eps_high if cfg.clip_eps_high is not None else cfg.clip_eps
     unclipped = -adv * ratio  # [B, T]
-    clipped = -adv * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)  # [B, T]
+    clipped = -adv * ratio.clamp(1 - cfg.clip_eps, 1 + high)  # [B, T]
     loss = torch.maximum(unclipped, clipped)  # [B, T] max of negatives = min of objectives
     with torch.no_grad():
         is_clipped = clipped > unclipped  # [B, T]
@@ -106,9 +118,39 @@ def loss_ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
             "actor/clipfrac_low": (is_clipped & (ratio < 1)).float(),
             "actor/clipfrac_high": (is_clipped & (ratio > 1)).float(),
             "actor/ratio": ratio.detach(),
-            "actor/ppo_kl": (log_ratio.exp() - 1 - log_ratio),  # k3 of pi_old vs pi, per token
+            "actor/ppo_kl": log_ratio.exp() - 1 - log_ratio,  # k3 of pi_old vs pi, per token
         }
+    if cfg.dual_clip is not None:
+        capped = -adv * cfg.dual_clip  # [B, T] the loss bound c|A| for A < 0
+        with torch.no_grad():
+            metrics["actor/clipfrac_dual"] = ((adv < 0) & (loss > capped)).float()
+        loss = torch.where(adv < 0, torch.minimum(loss, capped), loss)
     return loss, metrics
+
+
+@_register(POLICY_LOSSES, "ppo_clip")
+def loss_ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                  cfg: AlgorithmConfig):
+    """Token-level clipped ratio pi/pi_old. Schulman et al., "Proximal Policy Optimization" (2017).
+
+    With `clip_eps_high` this is DAPO's clip-higher (Yu et al., 2025); with `dual_clip`, Ye et al. (2020).
+    Metrics: actor/clipfrac_low (ratio < 1-eps, A < 0 clipped), actor/clipfrac_high (ratio > 1+eps_high, A > 0).
+    """
+    return clipped_objective(logp - old_logp, adv, cfg)  # [B, T]
+
+
+@_register(POLICY_LOSSES, "gspo")
+def loss_gspo(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+              cfg: AlgorithmConfig):
+    """Sequence-level ratio s_i = exp(mean_t(log pi - log pi_old)), clipped per sequence.
+
+    Zheng et al., "Group Sequence Policy Optimization" (GSPO, 2025). Token form: s_i,t = sg[s_i] pi_t / sg[pi_t], so
+    every token of a sequence shares one ratio value while its gradient still flows through its own log-prob.
+    GSPO uses far smaller clip ranges than PPO (the paper: 3e-4 / 4e-4).
+    """
+    seq_log_ratio = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
+    log_ratio = seq_log_ratio.detach()[:, None] + logp - logp.detach()  # [B, T] value s_i, gradient d log pi_t
+    return clipped_objective(log_ratio, adv, cfg)
 
 
 # ---------------------------------------------------------------------------------------- aggregation

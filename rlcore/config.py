@@ -104,7 +104,18 @@ class AlgorithmConfig(_Section):
     scale_by_std: bool = Field(True, description="GRPO divides by the group std; Dr.GRPO (2025) turns this off.")
     policy_loss: str = Field("ppo_clip", description="Per-token objective, a key of rlcore.algorithm.POLICY_LOSSES.")
     loss_agg: str = Field("token_mean", description="How token losses become one number, a key of rlcore.algorithm.LOSS_AGG.")
+    baseline: Literal["none", "batch_mean"] = Field(
+        "batch_mean", description="REINFORCE's baseline (advantage `reinforce`): none, or the batch's mean reward."
+    )
     clip_eps: float = Field(0.2, gt=0, description="PPO clip range epsilon (ratio kept within [1-eps, 1+eps]).")
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper clip 1+eps_high; None = clip_eps. DAPO's clip-higher (2025) uses 0.28 so rare "
+        "tokens with A>0 can still grow, which keeps entropy from collapsing.",
+    )
+    dual_clip: float | None = Field(
+        None, gt=1, description="Dual-clip constant c > 1 (Ye et al. 2020): for A<0 the loss is capped at c|A|, so a "
+        "huge ratio on a bad token cannot dominate the batch. None = off.",
+    )
     kl_coef: float = Field(0.04, ge=0, description="beta of the KL anchor to the reference; 0 drops the reference model.")
     kl_estimator: str = Field("k3", description="KL estimator, a key of rlcore.reference.KL_ESTIMATORS (k1, k2, k3).")
     ppo_epochs: int = Field(1, gt=0, description="Passes over each rollout batch; > 1 needs old log-probs.")

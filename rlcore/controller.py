@@ -94,6 +94,8 @@ def step(loop: Loop, problems: list[Problem]) -> tuple[RolloutBatch, dict[str, f
     with timer("rollout"):
         batch = loop.engine.generate(problems, r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p,
                                      rows=loop.local)
+        if loop.acc.num_processes > 1:
+            batch.reduce_sum = lambda t: loop.acc.reduce(t.to(loop.acc.device), reduction="sum").cpu()
     with timer("reward"):
         batch.rewards = score(loop.task, batch)  # [B]
     with timer("reference"):

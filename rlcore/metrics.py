@@ -31,6 +31,7 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("actor/entropy", "nats", "token mean of -sum_v p(v) log p(v) of the policy's next-token distribution", "06"),
     MetricDef("actor/clipfrac_low", "fraction", "tokens whose PPO ratio was clipped below 1-eps (A<0)", "10"),
     MetricDef("actor/clipfrac_high", "fraction", "tokens whose PPO ratio was clipped above 1+eps (A>0)", "10"),
+    MetricDef("actor/clipfrac_dual", "fraction", "tokens with A<0 whose loss was capped at c|A| by dual-clip", "10"),
     MetricDef("actor/ratio", "ratio", "token mean of pi_theta / pi_old", "10"),
     MetricDef("actor/ppo_kl", "nats", "token mean of k3(pi_old, pi_theta): how far the update moved", "10"),
     MetricDef("actor/grad_norm", "norm", "global L2 norm of the gradient before clipping (mean over optimizer steps)", "05"),

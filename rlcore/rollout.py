@@ -7,6 +7,7 @@ split across processes: one process and two processes sample the same tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,9 @@ class RolloutBatch:
     ref_logp: torch.Tensor | None = None  # [B, T] reference log-probs (None when beta = 0)
     old_logp: torch.Tensor | None = None  # [B, T] policy log-probs before the update (None when on-policy)
     adv: torch.Tensor | None = None  # [B, T] advantages
+    # Sums a tensor over every process's rows (identity with one process); batch-level statistics use it so they
+    # do not depend on how the batch was split.
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, repr=False)
 
     @property
     def responses(self) -> torch.Tensor:
@@ -45,7 +49,7 @@ class RolloutBatch:
         """A micro-batch view: tensors sliced on the batch dimension, lists too."""
         out = {}
         for name, value in self.__dict__.items():
-            if isinstance(value, torch.Tensor) or (isinstance(value, list) and value):
+            if isinstance(value, torch.Tensor) or (isinstance(value, list) and value):  # per-row fields
                 out[name] = value[idx]
             else:
                 out[name] = value

@@ -89,3 +89,66 @@ def test_aggregation_is_identical_with_1_and_4_micro_batches(agg: str) -> None:
     full = LOSS_AGG[agg](per_tok, mask, norm)
     parts = sum(LOSS_AGG[agg](per_tok[i : i + 2], mask[i : i + 2], norm) for i in range(0, 8, 2))
     assert float(full) == pytest.approx(float(parts), abs=1e-6)
+
+
+def test_reinforce_baselines() -> None:
+    b = make_batch([1, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1])
+    none = ADVANTAGES["reinforce"](b, AlgorithmConfig(advantage="reinforce", baseline="none"))[:, 0]
+    mean = ADVANTAGES["reinforce"](b, AlgorithmConfig(advantage="reinforce", baseline="batch_mean"))[:, 0]
+    assert none.tolist() == [1, 0, 0, 1, 1, 1]
+    assert torch.allclose(mean, torch.tensor([1, 0, 0, 1, 1, 1]) - 4 / 6)
+
+
+def test_reinforce_batch_mean_is_global_across_processes() -> None:
+    """With two processes each holding half the batch, reduce_sum makes the baseline the global mean."""
+    cfg = AlgorithmConfig(advantage="reinforce")
+    full = make_batch([1, 1, 1, 0], [0, 0, 1, 1], [1, 1, 1, 1])
+    halves = [make_batch([1, 1], [0, 0], [1, 1]), make_batch([1, 0], [1, 1], [1, 1])]
+    total = torch.stack([torch.tensor([2.0, 2.0]), torch.tensor([1.0, 2.0])]).sum(0)  # what an all-reduce returns
+    for h in halves:
+        h.reduce_sum = lambda t, total=total: total
+    joined = torch.cat([ADVANTAGES["reinforce"](h, cfg) for h in halves])
+    assert torch.allclose(joined, ADVANTAGES["reinforce"](full, cfg))
+
+
+def test_clip_higher_is_asymmetric() -> None:
+    """DAPO: with eps_low 0.2 and eps_high 0.28, a ratio of 1.25 with A > 0 is not clipped; 1.3 is."""
+    cfg = AlgorithmConfig(clip_eps=0.2, clip_eps_high=0.28)
+    logp = torch.log(torch.tensor([[1.25, 1.3, 0.75]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, m = POLICY_LOSSES["ppo_clip"](logp, torch.zeros(1, 3), adv, torch.ones(1, 3), cfg)
+    assert torch.allclose(loss, torch.tensor([[-1.25, -1.28, 0.8]]), atol=1e-6)
+    assert m["actor/clipfrac_high"].tolist() == [[0.0, 1.0, 0.0]] and m["actor/clipfrac_low"].tolist() == [[0, 0, 1.0]]
+
+
+def test_dual_clip_caps_negative_advantage_losses() -> None:
+    cfg = AlgorithmConfig(dual_clip=3.0)
+    logp = torch.log(torch.tensor([[10.0, 2.0, 10.0]]))  # ratios far above 1
+    adv = torch.tensor([[-1.0, -1.0, 1.0]])
+    loss, m = POLICY_LOSSES["ppo_clip"](logp, torch.zeros(1, 3), adv, torch.ones(1, 3), cfg)
+    # A<0: max(10, 1.2*... ) = 10 -> capped at 3; ratio 2 -> loss 2 (< 3, kept); A>0: clipped at -1.2 as usual
+    assert torch.allclose(loss, torch.tensor([[3.0, 2.0, -1.2]]), atol=1e-6)
+    assert m["actor/clipfrac_dual"].tolist() == [[1.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("name", ["pg", "ppo_clip", "gspo"])
+def test_ratio_one_gives_the_vanilla_policy_gradient(name: str) -> None:
+    """At pi = pi_old every objective's gradient is -A d log pi (per token, before aggregation)."""
+    torch.manual_seed(0)
+    logp = torch.randn(3, 4, requires_grad=True)
+    adv = torch.randn(3, 1).expand(3, 4).contiguous()
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    loss, _ = POLICY_LOSSES[name](logp, logp.detach(), adv, mask, AlgorithmConfig())
+    assert torch.allclose(loss.detach(), -adv)
+    (loss * mask).sum().backward()
+    assert torch.allclose(logp.grad, -adv * mask)
+
+
+def test_gspo_shares_one_ratio_per_sequence() -> None:
+    cfg = AlgorithmConfig(clip_eps=0.2)
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.3, -0.3, 0.6], [0.0, 0.0, 5.0]])  # row 2's third token is padding
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    _, m = POLICY_LOSSES["gspo"](logp, old, torch.ones(2, 3), mask, cfg)
+    assert torch.allclose(m["actor/ratio"][0], torch.full((3,), math.exp(0.2)))  # exp(mean(0.3, -0.3, 0.6))
+    assert torch.allclose(m["actor/ratio"][1, :2], torch.ones(2))  # padding does not enter the sequence ratio
