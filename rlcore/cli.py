@@ -44,11 +44,40 @@ def _report(result, label: str) -> None:
     typer.echo(f"  look at it: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
 
 
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: expected distinct integers like 0,1,2, got {text!r}")
+    return seeds
+
+
 @app.command()
-def run(file: Annotated[Path, typer.Argument(help="Experiment YAML.")], set_: SetOpt = None) -> None:
+def run(
+    file: Annotated[Path, typer.Argument(help="Experiment YAML.")],
+    set_: SetOpt = None,
+    seeds: Annotated[str | None, typer.Option(help="Run once per seed, e.g. 0,1,2; the runs share an MLflow "
+                                                   "`rlcore.group` tag so they can be drawn as mean +- band.")] = None,
+) -> None:
     """Run an experiment YAML (RL, or `kind: sft` for a warm start)."""
     cfg = load_experiment(file, set_ or [])
     from rlcore.tracking import project_root
+
+    if seeds is not None:
+        seed_list = _parse_seeds(seeds)
+        if cfg.kind != "rl":
+            raise ConfigError("--seeds: only for `kind: rl` experiments")
+        # Validate every seed's config before the first run starts, so a bad one cannot fail half-way.
+        configs = [load_experiment(file, [*(set_ or []), f"seed={s}"]) for s in seed_list]
+        from rlcore.controller import run as run_rl
+
+        for c in configs:
+            _report(run_rl(c, project_root()), f"{file} (seed {c.seed})")
+        if _is_main():
+            typer.echo(f"\n{len(configs)} seeds done; MLflow tag rlcore.group = {cfg.seed_group()}")
+        return
 
     root = project_root()
     if cfg.kind == "sft":

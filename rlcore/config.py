@@ -177,9 +177,13 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json")
 
     def config_hash(self) -> str:
-        """Hash of the resolved config (used to cache warm starts)."""
+        """Hash of the resolved config."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def seed_group(self) -> str:
+        """The MLflow tag `rlcore.group`: equal for runs whose configs differ only in their seed."""
+        return f"{self.logging.experiment}-{self.model_copy(update={'seed': 0}).config_hash()[:8]}"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -126,7 +126,7 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     if tracker is not None:
         tags = {"algorithm": cfg.algorithm.name, "task": cfg.task.name, "model": cfg.model.name_or_path or "tiny-llama",
                 "git_commit": git_commit(root), "rlcore.kind": "rl", "seed": str(cfg.seed),
-                "world_size": str(acc.num_processes), **cfg.logging.tags, **(extra_tags or {})}
+                "world_size": str(acc.num_processes), "rlcore.group": cfg.seed_group(), **cfg.logging.tags, **(extra_tags or {})}
         tracker.start(cfg.logging.run_name, tags, flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
         if tracker is not None:

@@ -41,8 +41,9 @@ def warm_start_dir(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> Pa
 
 def cache_dir(sft_cfg: ExperimentConfig, root: Path) -> Path:
     """Where the warm start of an SFT config lives: keyed by its resolved config and rlcore's version."""
-    # `logging` is left out of the key: renaming the MLflow experiment does not change the weights.
-    trained = {k: v for k, v in sft_cfg.to_dict().items() if k != "logging"}
+    # Only the sections SFT training reads are in the key: a new algorithm option or a renamed MLflow experiment
+    # must not invalidate every cached warm start.
+    trained = {k: v for k, v in sft_cfg.to_dict().items() if k in ("kind", "seed", "model", "task", "trainer")}
     key = hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
     return root / ".rlcore_cache" / "warm_start" / f"{key}-v{rlcore.__version__}"
 

@@ -129,3 +129,17 @@ def test_sigterm_closes_the_run_as_killed(lab: Path) -> None:
     assert proc.returncode == 128 + signal.SIGTERM
     assert c.get_run(run_id).info.status == "KILLED"
     assert len(c.get_metric_history(run_id, "reward/mean")) >= 1
+
+
+def test_seeds_give_one_run_each_with_a_shared_group(lab: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "rlcore.cli", "run", "rl.yaml", "--seeds", "3,4", "--set",
+                           "trainer.steps=1", "--set", "logging.experiment=test-seeds"], cwd=lab, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    c = client_for(lab)
+    runs = c.search_runs([c.get_experiment_by_name("test-seeds").experiment_id])
+    assert sorted(r.data.params["seed"] for r in runs) == ["3", "4"]
+    assert len({r.data.tags["rlcore.group"] for r in runs}) == 1 and all(r.info.status == "FINISHED" for r in runs)
+    bad = subprocess.run([sys.executable, "-m", "rlcore.cli", "run", "rl.yaml", "--seeds", "1,x"], cwd=lab,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--seeds: expected comma-separated integers" in bad.stderr
