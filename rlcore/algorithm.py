@@ -53,6 +53,24 @@ def group_stats(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tenso
     return mean[inv], std[inv], n[inv]
 
 
+def token_rewards(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
+    """Per-token rewards [B, T]: the sequence reward on the last response token, minus beta*KL on every token when
+    `kl_placement: reward` (KL of the rollout-time policy, batch.old_logp, to the reference)."""
+    mask = batch.response_mask  # [B, T]
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # [B, T] the final counted token
+    r = last.float() * batch.rewards[:, None]  # [B, T]
+    if cfg.kl_placement == "reward" and batch.ref_logp is not None:
+        from rlcore.reference import KL_ESTIMATORS
+
+        r = r - cfg.kl_coef * KL_ESTIMATORS[cfg.kl_estimator](batch.old_logp, batch.ref_logp) * mask
+    return r
+
+
+def sequence_returns(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
+    """What sequence-level estimators score: the sum of token rewards [B] (= the reward when KL is in the loss)."""
+    return token_rewards(batch, cfg).sum(-1)
+
+
 @_register(ADVANTAGES, "grpo")
 def adv_grpo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the same for every token of completion i.
@@ -61,8 +79,9 @@ def adv_grpo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     (Liu et al., "Understanding R1-Zero-Like Training", 2025), which drops the std division.
     >>> r = [1, 0, 0, 1] in one group -> A = [0.866, -0.866, -0.866, 0.866] (std 0.577)
     """
-    mean, std, _ = group_stats(batch.rewards, batch.group)  # [B]
-    adv = batch.rewards - mean  # [B]
+    returns = sequence_returns(batch, cfg)  # [B]
+    mean, std, _ = group_stats(returns, batch.group)  # [B]
+    adv = returns - mean  # [B]
     if cfg.scale_by_std:
         adv = adv / (std + 1e-6)
     return adv[:, None] * batch.response_mask  # [B, T]
@@ -71,8 +90,9 @@ def adv_grpo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
 @_register(ADVANTAGES, "rloo")
 def adv_rloo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     """A_i = r_i - mean_{j != i} r_j = K/(K-1) (r_i - mean(r_group)). Ahmadian et al., "Back to Basics" (2024)."""
-    mean, _, n = group_stats(batch.rewards, batch.group)  # [B]
-    adv = (batch.rewards - mean) * n / (n - 1).clamp(min=1)  # [B]
+    returns = sequence_returns(batch, cfg)  # [B]
+    mean, _, n = group_stats(returns, batch.group)  # [B]
+    adv = (returns - mean) * n / (n - 1).clamp(min=1)  # [B]
     return adv[:, None] * batch.response_mask  # [B, T]
 
 
@@ -83,11 +103,24 @@ def adv_reinforce(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     Williams, "Simple statistical gradient-following algorithms" (REINFORCE, 1992). The batch mean is taken over
     every process's rows (`batch.reduce_sum`), so the baseline does not depend on how the batch was split.
     """
-    adv = batch.rewards.clone()  # [B]
+    adv = sequence_returns(batch, cfg)  # [B]
     if cfg.baseline == "batch_mean":
-        total, count = batch.reduce_sum(torch.stack([batch.rewards.sum(), torch.tensor(float(len(batch)))]))
+        total, count = batch.reduce_sum(torch.stack([adv.sum(), torch.tensor(float(len(batch)))]))
         adv = adv - total / count
     return adv[:, None] * batch.response_mask  # [B, T]
+
+
+@_register(ADVANTAGES, "reinforce_pp")
+def adv_reinforce_pp(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
+    """A_t = (G_t - mean G) / std G, G_t = sum_{s >= t} r_s over token rewards, normalised over every response token
+    of the global batch. Hu, "REINFORCE++" (2025); pair it with `kl_placement: reward` (its KL is per token).
+    """
+    mask = batch.response_mask  # [B, T]
+    G = token_rewards(batch, cfg).flip(-1).cumsum(-1).flip(-1) * mask  # [B, T] return-to-go
+    total, count = batch.reduce_sum(torch.stack([(G * mask).sum(), mask.sum()]))
+    mean = total / count
+    (sq,) = batch.reduce_sum(torch.stack([((G - mean) ** 2 * mask).sum()]))
+    return (G - mean) / ((sq / count).sqrt() + 1e-8) * mask  # [B, T]
 
 
 # ---------------------------------------------------------------------------------------- policy losses

@@ -118,6 +118,10 @@ class AlgorithmConfig(_Section):
     )
     kl_coef: float = Field(0.04, ge=0, description="beta of the KL anchor to the reference; 0 drops the reference model.")
     kl_estimator: str = Field("k3", description="KL estimator, a key of rlcore.reference.KL_ESTIMATORS (k1, k2, k3).")
+    kl_placement: Literal["loss", "reward"] = Field(
+        "loss", description="Where the anchor acts: `loss` adds beta*KL per token to the objective (GRPO); `reward` "
+        "subtracts beta*KL from each token's reward before advantages (PPO-RLHF, REINFORCE++).",
+    )
     ppo_epochs: int = Field(1, gt=0, description="Passes over each rollout batch; > 1 needs old log-probs.")
     minibatches: int = Field(1, gt=0, description="Optimizer steps per pass over the rollout batch.")
 

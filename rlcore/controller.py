@@ -57,7 +57,7 @@ class Loop:
     trainer: Trainer
     sync: WeightSync
     advantage: Callable
-    needs_old: bool  # the ratio needs pre-update log-probs only when a batch is reused (epochs/minibatches)
+    needs_old: bool  # compute pre-update log-probs (batch reuse, or KL in the reward)
     local: slice  # this process's share of each step's prompts
 
 
@@ -83,7 +83,9 @@ def build(cfg: ExperimentConfig, root: Path) -> Loop:
         engine=RolloutEngine(sync.engine_model, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template),
         reference=reference, trainer=trainer, sync=sync,
         advantage=lookup(ADVANTAGES, cfg.algorithm.advantage, "advantage"),
-        needs_old=cfg.algorithm.ppo_epochs > 1 or cfg.algorithm.minibatches > 1,
+        # Pre-update log-probs are needed when a batch is reused, and for a KL penalty placed in the reward.
+        needs_old=cfg.algorithm.ppo_epochs > 1 or cfg.algorithm.minibatches > 1
+        or (cfg.algorithm.kl_placement == "reward" and reference is not None),
         local=slice(rank * n // world, (rank + 1) * n // world),
     )
 
@@ -98,10 +100,12 @@ def step(loop: Loop, problems: list[Problem]) -> tuple[RolloutBatch, dict[str, f
             batch.reduce_sum = lambda t: loop.acc.reduce(t.to(loop.acc.device), reduction="sum").cpu()
     with timer("reward"):
         batch.rewards = score(loop.task, batch)  # [B]
-    with timer("reference"):
-        batch.ref_logp = loop.reference.logprobs(batch, cfg.trainer.micro_batch_size) if loop.reference else None
-    with timer("old_logprob"):
-        batch.old_logp = loop.trainer.logprobs(batch) if loop.needs_old else None  # else logp.detach() in the loss
+    if loop.reference is not None:  # beta = 0: no reference model, no forward, timing/reference stays 0
+        with timer("reference"):
+            batch.ref_logp = loop.reference.logprobs(batch, cfg.trainer.micro_batch_size)
+    if loop.needs_old:  # otherwise the loss uses logp.detach(): on-policy ratio = 1
+        with timer("old_logprob"):
+            batch.old_logp = loop.trainer.logprobs(batch)
     with timer("advantage"):
         batch.adv = loop.advantage(batch, cfg.algorithm)  # [B, T]
     with timer("update"):

@@ -52,7 +52,7 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("timing/rollout", "s", "sampling completions (prefill + KV-cached decode)", "07"),
     MetricDef("timing/reward", "s", "decoding and scoring completions", "07"),
     MetricDef("timing/reference", "s", "reference model forward (0 when beta = 0)", "07"),
-    MetricDef("timing/old_logprob", "s", "policy forward before the update (only when ppo_epochs or minibatches > 1)", "07"),
+    MetricDef("timing/old_logprob", "s", "policy forward before the update (when a batch is reused, or KL is placed in the reward)", "07"),
     MetricDef("timing/advantage", "s", "advantage estimation", "07"),
     MetricDef("timing/update", "s", "policy forward/backward over micro-batches + optimizer step", "07"),
     MetricDef("timing/sync", "s", "pushing weights to the rollout engine (0 when shared)", "07"),

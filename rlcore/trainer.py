@@ -105,6 +105,7 @@ class Trainer:
         stats["actor/sampler_logp_gap"] = (float(((logp.detach() - m.sampler_logp.to(dev)).abs() * mask).sum()), tok)
         if m.ref_logp is not None:
             kl = self.kl(logp, m.ref_logp.to(dev))  # [b, T]
-            per_token = per_token + a.kl_coef * kl
+            if a.kl_placement == "loss":  # with `reward`, the anchor already shaped the advantages
+                per_token = per_token + a.kl_coef * kl
             stats["kl/mean"] = (float((kl.detach() * mask).sum()), tok)
         return self.loss_agg(per_token, mask, norm), stats

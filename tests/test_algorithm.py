@@ -152,3 +152,24 @@ def test_gspo_shares_one_ratio_per_sequence() -> None:
     _, m = POLICY_LOSSES["gspo"](logp, old, torch.ones(2, 3), mask, cfg)
     assert torch.allclose(m["actor/ratio"][0], torch.full((3,), math.exp(0.2)))  # exp(mean(0.3, -0.3, 0.6))
     assert torch.allclose(m["actor/ratio"][1, :2], torch.ones(2))  # padding does not enter the sequence ratio
+
+
+def test_token_rewards_put_the_reward_last_and_kl_on_every_token() -> None:
+    b = make_batch([1.0, 0.0], [0, 0], [2, 3])
+    b.old_logp = torch.full((2, 3), -1.0)
+    b.ref_logp = torch.full((2, 3), -1.5)
+    from rlcore.algorithm import token_rewards
+
+    in_loss = token_rewards(b, AlgorithmConfig(kl_placement="loss", kl_coef=0.1))
+    assert in_loss.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    in_reward = token_rewards(b, AlgorithmConfig(kl_placement="reward", kl_coef=0.1, kl_estimator="k1"))
+    assert torch.allclose(in_reward, torch.tensor([[-0.05, 0.95, 0.0], [-0.05, -0.05, -0.05]]))
+
+
+def test_reinforce_pp_returns_to_go_are_batch_normalised() -> None:
+    b = make_batch([1.0, 0.0], [0, 1], [2, 1])
+    adv = ADVANTAGES["reinforce_pp"](b, AlgorithmConfig(advantage="reinforce_pp"))
+    G = torch.tensor([1.0, 1.0, 0.0])  # returns-to-go of the 3 response tokens
+    expected = (G - G.mean()) / (G.var(unbiased=False).sqrt() + 1e-8)
+    assert torch.allclose(adv[b.response_mask.bool()], expected, atol=1e-6)
+    assert float(adv[b.response_mask == 0].abs().sum()) == 0
