@@ -122,6 +122,12 @@ class AlgorithmConfig(_Section):
         "loss", description="Where the anchor acts: `loss` adds beta*KL per token to the objective (GRPO); `reward` "
         "subtracts beta*KL from each token's reward before advantages (PPO-RLHF, REINFORCE++).",
     )
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO's soft overlong punishment (2025): within the last N tokens before "
+        "rollout.max_new_tokens the reward falls linearly to -overlong_penalty; a completion cut without EOS gets "
+        "-overlong_penalty. 0 = off.",
+    )
+    overlong_penalty: float = Field(1.0, ge=0, description="Size of the overlong penalty (see overlong_buffer).")
     ppo_epochs: int = Field(1, gt=0, description="Passes over each rollout batch; > 1 needs old log-probs.")
     minibatches: int = Field(1, gt=0, description="Optimizer steps per pass over the rollout batch.")
 
@@ -169,6 +175,13 @@ class ExperimentConfig(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _overlong_fits(self) -> ExperimentConfig:
+        if self.algorithm.overlong_buffer >= self.rollout.max_new_tokens:
+            raise ValueError(f"algorithm.overlong_buffer must be < rollout.max_new_tokens, got "
+                             f"{self.algorithm.overlong_buffer} >= {self.rollout.max_new_tokens}")
+        return self
 
     # Not a YAML key: the directory relative paths (warm_start) resolve against.
     _base_dir: Path = Path(".")

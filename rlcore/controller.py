@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from rlcore.algorithm import ADVANTAGES, lookup
+from rlcore.algorithm import ADVANTAGES, lookup, overlong_penalty
 from rlcore.config import ConfigError, ExperimentConfig, flatten
 from rlcore.evaluation import evaluate
 from rlcore.model import build_policy
@@ -99,7 +99,9 @@ def step(loop: Loop, problems: list[Problem]) -> tuple[RolloutBatch, dict[str, f
         if loop.acc.num_processes > 1:
             batch.reduce_sum = lambda t: loop.acc.reduce(t.to(loop.acc.device), reduction="sum").cpu()
     with timer("reward"):
-        batch.rewards = score(loop.task, batch)  # [B]
+        batch.rewards = score(loop.task, batch)  # [B] the verifier's reward
+        shaping = overlong_penalty(batch, cfg.algorithm, r.max_new_tokens)  # [B] 0 unless DAPO shaping is on
+        batch.rewards = batch.rewards + shaping
     if loop.reference is not None:  # beta = 0: no reference model, no forward, timing/reference stays 0
         with timer("reference"):
             batch.ref_logp = loop.reference.logprobs(batch, cfg.trainer.micro_batch_size)
@@ -112,7 +114,7 @@ def step(loop: Loop, problems: list[Problem]) -> tuple[RolloutBatch, dict[str, f
         stats = loop.trainer.update(batch)
     with timer("sync"):
         moved = loop.sync.push(loop.trainer.unwrapped)
-    metrics = stats | batch_metrics(batch, loop.acc, r.samples_per_prompt) | timer.metrics()
+    metrics = stats | batch_metrics(batch, loop.acc, r.samples_per_prompt, shaping) | timer.metrics()
     metrics["perf/tokens_per_s"] = metrics.pop("_gen_tokens") / metrics["timing/step"]
     metrics["perf/peak_mem_mb"] = peak_memory_mb()
     metrics["perf/sync_mb"] = moved / 2**20
@@ -162,17 +164,18 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                      out_dir)
 
 
-def batch_metrics(batch: RolloutBatch, acc: Accelerator, k: int) -> dict[str, float]:
+def batch_metrics(batch: RolloutBatch, acc: Accelerator, k: int, shaping: torch.Tensor) -> dict[str, float]:
     """Reward and response statistics over the global batch (gathered from every process)."""
     lengths = batch.response_mask.sum(-1)  # [B]
-    local = torch.stack([batch.rewards.float(), lengths, (~batch.finished).float()], 1)  # [B, 3]
-    g = acc.gather(local.to(acc.device)).cpu() if acc.num_processes > 1 else local  # [B_global, 3]
-    rewards, lengths, clipped = g[:, 0], g[:, 1], g[:, 2]
+    local = torch.stack([batch.rewards.float(), lengths, (~batch.finished).float(), shaping.float()], 1)  # [B, 4]
+    g = acc.gather(local.to(acc.device)).cpu() if acc.num_processes > 1 else local  # [B_global, 4]
+    rewards, lengths, clipped, shaping = g[:, 0], g[:, 1], g[:, 2], g[:, 3]
     groups = rewards.view(-1, k)  # rows are prompt-major, so each row of this view is one group
     mask = batch.response_mask
     return {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "reward/overlong_penalty": float(shaping.mean()),
         "reward/zero_var_group_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
         "adv/mean": float((batch.adv * mask).sum() / mask.sum().clamp(min=1)),
         "adv/abs_mean": float((batch.adv.abs() * mask).sum() / mask.sum().clamp(min=1)),

@@ -21,6 +21,7 @@ CATALOGUE: list[MetricDef] = [
     # reward
     MetricDef("reward/mean", "reward", "mean of sequence rewards over the step's B = prompts x K completions", "02"),
     MetricDef("reward/std", "reward", "std of sequence rewards over the batch", "02"),
+    MetricDef("reward/overlong_penalty", "reward", "mean DAPO overlong shaping added to the reward (0 when off)", "13"),
     MetricDef("reward/zero_var_group_frac", "fraction", "groups whose K rewards are all equal (zero GRPO advantage: wasted samples)", "11"),
     # advantage
     MetricDef("adv/mean", "adv", "mean advantage over response tokens", "03"),

@@ -173,3 +173,14 @@ def test_reinforce_pp_returns_to_go_are_batch_normalised() -> None:
     expected = (G - G.mean()) / (G.var(unbiased=False).sqrt() + 1e-8)
     assert torch.allclose(adv[b.response_mask.bool()], expected, atol=1e-6)
     assert float(adv[b.response_mask == 0].abs().sum()) == 0
+
+
+def test_overlong_penalty_hand_computed() -> None:
+    """L = 8, buffer 4: lengths 3, 4 free; 6 -> (4-6)/4 = -0.5; 8 with EOS -> -1; cut without EOS -> -1."""
+    from rlcore.algorithm import overlong_penalty
+
+    b = make_batch([1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [3, 4, 6, 8, 8], T=8)
+    b.finished = torch.tensor([True, True, True, True, False])
+    cfg = AlgorithmConfig(overlong_buffer=4, overlong_penalty=0.5)
+    assert overlong_penalty(b, cfg, 8).tolist() == [0.0, 0.0, -0.25, -0.5, -0.5]
+    assert overlong_penalty(b, AlgorithmConfig(), 8).tolist() == [0.0] * 5

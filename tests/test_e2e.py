@@ -149,7 +149,8 @@ def test_seeds_give_one_run_each_with_a_shared_group(lab: Path) -> None:
     ["algorithm.advantage=reinforce_pp", "algorithm.kl_placement=reward", "algorithm.kl_estimator=k1"],
     ["algorithm.advantage=rloo", "algorithm.policy_loss=gspo", "algorithm.clip_eps=0.0003"],
     ["algorithm.advantage=reinforce", "algorithm.policy_loss=pg", "algorithm.kl_coef=0"],
-    ["algorithm.clip_eps_high=0.28", "algorithm.dual_clip=3", "algorithm.minibatches=2", "algorithm.ppo_epochs=2"],
+    ["algorithm.clip_eps_high=0.28", "algorithm.dual_clip=3", "algorithm.minibatches=2", "algorithm.ppo_epochs=2",
+     "algorithm.overlong_buffer=2"],
 ])
 def test_every_axis_trains_end_to_end(lab: Path, overrides: list[str]) -> None:
     """Each registry entry runs in the real loop: finite loss, weights move (TRL's smoke test, per preset)."""
