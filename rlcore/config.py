@@ -193,9 +193,12 @@ class ExperimentConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def config_hash(self) -> str:
-        """Hash of the resolved config."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+    def config_hash(self, sections: tuple[str, ...] | None = None) -> str:
+        """Hash of the resolved config, or of only its top-level `sections`."""
+        d = self.to_dict()
+        if sections is not None:
+            d = {k: v for k, v in d.items() if k in sections}
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def seed_group(self) -> str:

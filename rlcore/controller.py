@@ -11,6 +11,7 @@ import os
 import resource
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,13 +129,15 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     tracker = Tracker(cfg.logging.experiment, root) if acc.is_main_process else None
     first_eval: dict[str, float] = {}
     last_eval: dict[str, float] = {}
-    status = "FAILED"
+    managed = nullcontext()  # ranks other than 0 log nothing
     if tracker is not None:
         tags = {"algorithm": cfg.algorithm.name, "task": cfg.task.name, "model": cfg.model.name_or_path or "tiny-llama",
                 "git_commit": git_commit(root), "rlcore.kind": "rl", "seed": str(cfg.seed),
-                "world_size": str(acc.num_processes), "rlcore.group": cfg.seed_group(), **cfg.logging.tags, **(extra_tags or {})}
-        tracker.start(cfg.logging.run_name, tags, flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    try:
+                "world_size": str(acc.num_processes), "rlcore.group": cfg.seed_group(), **cfg.logging.tags,
+                **(extra_tags or {})}
+        managed = tracker.run(cfg.logging.run_name, tags, flatten(cfg.to_dict()),
+                              yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with managed:
         if tracker is not None:
             first_eval = last_eval = evaluate(loop.engine, loop.task, cfg)
             tracker.log(0, first_eval)
@@ -153,13 +156,6 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/mean', 0.0):.4f}",
                                 s_per_step=f"{metrics['timing/step']:.2f}")
         out_dir = save_policy(loop.trainer, loop.tokenizer, root, cfg, tracker, acc)
-        status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM turned into SystemExit by the CLI
-        status = "KILLED"
-        raise
-    finally:
-        if tracker is not None:
-            tracker.finish(status)
     return RunResult(tracker.run_id if tracker else None, tracker.where if tracker else None, first_eval, last_eval,
                      out_dir)
 

@@ -6,8 +6,6 @@ its output is built on first use and cached under `.rlcore_cache/warm_start/<con
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -43,8 +41,7 @@ def cache_dir(sft_cfg: ExperimentConfig, root: Path) -> Path:
     """Where the warm start of an SFT config lives: keyed by its resolved config and rlcore's version."""
     # Only the sections SFT training reads are in the key: a new algorithm option or a renamed MLflow experiment
     # must not invalidate every cached warm start.
-    trained = {k: v for k, v in sft_cfg.to_dict().items() if k in ("kind", "seed", "model", "task", "trainer")}
-    key = hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
+    key = sft_cfg.config_hash(sections=("kind", "seed", "model", "task", "trainer"))
     return root / ".rlcore_cache" / "warm_start" / f"{key}-v{rlcore.__version__}"
 
 
@@ -83,10 +80,10 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / t.steps, 1.0))))
     )
     tracker = Tracker(cfg.logging.experiment, root)
-    tags = {"rlcore.kind": "sft", "task": cfg.task.name, "model": "tiny-llama", "git_commit": git_commit(root)}
-    tracker.start(cfg.logging.run_name or "sft-warm-start", tags, flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict()))
-    status = "FAILED"
-    try:
+    tags = {"rlcore.kind": "sft", "task": cfg.task.name, "model": cfg.model.name_or_path or "tiny-llama",
+            "git_commit": git_commit(root)}
+    params, config_yaml = flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict())
+    with tracker.run(cfg.logging.run_name or "sft-warm-start", tags, params, config_yaml):
         stream = task.stream(cfg.seed)
         model.train()
         bar = tqdm(range(1, t.steps + 1), desc="sft", unit="step", dynamic_ncols=True)
@@ -112,12 +109,6 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-        status = "FINISHED"
-        print(f"warm start: greedy accuracy {metrics['eval/greedy_accuracy']:.1%}, "
-              f"sampled reward {metrics['eval/sampled_reward']:.3f} (run {tracker.run_id})")
-        return metrics
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM turned into SystemExit by the CLI
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish(status)
+    print(f"warm start: greedy accuracy {metrics['eval/greedy_accuracy']:.1%}, "
+          f"sampled reward {metrics['eval/sampled_reward']:.3f} (run {tracker.run_id})")
+    return metrics

@@ -13,6 +13,8 @@ import queue
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,20 @@ class Tracker:
         self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
         self._thread.start()
         return self.run_id
+
+    @contextmanager
+    def run(self, run_name: str | None, tags: dict[str, str], params: dict[str, Any], config_yaml: str) -> Iterator[str]:
+        """Start a run and yield its id; close it FINISHED, KILLED (Ctrl-C, or SIGTERM turned into SystemExit by the
+        CLI) or FAILED (any error, including one while starting), so no run is ever left RUNNING."""
+        status = "FAILED"
+        try:
+            yield self.start(run_name, tags, params, config_yaml)
+            status = "FINISHED"
+        except (KeyboardInterrupt, SystemExit):
+            status = "KILLED"
+            raise
+        finally:
+            self.finish(status)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         unknown = [k for k in metrics if k not in BY_NAME]

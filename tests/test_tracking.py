@@ -57,3 +57,28 @@ def test_batched_logging_delivers_every_step_in_order(tmp_path: Path, monkeypatc
     hist = sorted(c.get_metric_history(run_id, "reward/mean"), key=lambda m: m.step)
     assert [m.step for m in hist] == list(range(1, 1501))
     assert c.get_run(run_id).info.status == "FINISHED" and c.get_run(run_id).data.params == {"a.b": "1"}
+
+
+def test_a_run_that_fails_while_starting_is_not_left_running(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\n")
+    t = Tracker("unit-start", tmp_path)
+
+    def broken(*a, **k):
+        raise OSError("artifact store unreachable")
+
+    monkeypatch.setattr(t.client, "log_text", broken)  # fails after create_run, while logging config.yaml
+    with pytest.raises(OSError, match="artifact store unreachable"), t.run("r", {}, {}, "a: 1\n"):
+        pass
+    c = MlflowClient(t.where)
+    (run,) = c.search_runs([c.get_experiment_by_name("unit-start").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_interrupted_run_is_killed(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\n")
+    t = Tracker("unit-kill", tmp_path)
+    with pytest.raises(KeyboardInterrupt), t.run("r", {}, {}, "a: 1\n"):
+        raise KeyboardInterrupt
+    assert MlflowClient(t.where).get_run(t.run_id).info.status == "KILLED"
