@@ -77,6 +77,15 @@ class TaskConfig(_Section):
     eval_samples: int = Field(
         8, gt=0, description="k samples per held-out prompt at T=1 for eval/sampled_reward (512 x 8: SE ~0.7 points)."
     )
+    tool: Literal["none", "calculator"] = Field(
+        "none", description="Agentic multi-turn (lesson 08): `calculator` lets the model write `[a+b]` mid-completion; "
+        "the environment appends `(result)` as context the loss, KL and entropy never count.",
+    )
+    max_tool_calls: int = Field(1, ge=1, description="Turn cap: tool calls honoured per completion (later ones are text).")
+    sft_tool_frac: float = Field(
+        0.0, ge=0, le=1, description="Share of warm-start (SFT) examples written as a tool-use trace `[A+B](C)C`; the "
+        "rest answer directly. Below 1 the warm start calls the tool only sometimes, which RL can then learn to do.",
+    )
 
     @model_validator(mode="after")
     def _digits_order(self) -> TaskConfig:

@@ -31,6 +31,7 @@ from rlcore.seeding import seed_everything
 from rlcore.sft import warm_start_dir
 from rlcore.tasks import AdditionTask, Problem, make_task, score
 from rlcore.timing import PhaseTimer
+from rlcore.tools import make_tool
 from rlcore.tracking import Tracker, git_commit, project_root
 from rlcore.trainer import Trainer
 from rlcore.weight_sync import WeightSync
@@ -81,7 +82,8 @@ def build(cfg: ExperimentConfig, root: Path) -> Loop:
     sync = WeightSync(cfg.rollout.engine, trainer.unwrapped)
     return Loop(
         cfg=cfg, acc=acc, task=make_task(cfg.task), tokenizer=tokenizer,
-        engine=RolloutEngine(sync.engine_model, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template),
+        engine=RolloutEngine(sync.engine_model, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template,
+                             tool=make_tool(cfg.task.tool), max_tool_calls=cfg.task.max_tool_calls),
         reference=reference, trainer=trainer, sync=sync,
         advantage=lookup(ADVANTAGES, cfg.algorithm.advantage, "advantage"),
         # Pre-update log-probs are needed when a batch is reused, and for a KL penalty placed in the reward.

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlcore.tasks import Problem
+from rlcore.tools import Calculator
 
 
 @dataclass
@@ -30,9 +31,12 @@ class RolloutBatch:
     prompt_len: int  # P
     problems: list[Problem] = field(default_factory=list)  # [B]
     completions: list[str] = field(default_factory=list)  # [B] decoded response text (without EOS)
+    answers: list[str] = field(default_factory=list)  # [B] what the grader reads (after the last tool output)
+    tool_mask: torch.Tensor | None = None  # [B, T] 1 on tokens the environment inserted (None without a tool)
     rewards: torch.Tensor | None = None  # [B] sequence reward
     ref_logp: torch.Tensor | None = None  # [B, T] reference log-probs (None when beta = 0)
     old_logp: torch.Tensor | None = None  # [B, T] policy log-probs before the update (None when on-policy)
+    values: torch.Tensor | None = None  # [B, T] critic values V(s_t) before the update (PPO with GAE)
     adv: torch.Tensor | None = None  # [B, T] advantages
     # Sums a tensor over every process's rows (identity with one process); batch-level statistics use it so they
     # do not depend on how the batch was split.
@@ -53,6 +57,38 @@ class RolloutBatch:
                 out[name] = value[idx]
             else:
                 out[name] = value
+        return RolloutBatch(**out)
+
+    @staticmethod
+    def cat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+        """Concatenate rollout batches on rows, re-padding prompts (left) and responses (right) to a common width.
+
+        Used by dynamic sampling, whose rounds have different prompt and response lengths. Only fields set on
+        every batch are kept (rewards yes, advantages not yet computed).
+        """
+        P = max(b.prompt_len for b in batches)
+        T = max(b.response_mask.shape[1] for b in batches)
+        first = batches[0]
+
+        def pad(t: torch.Tensor, left: int, right: int, value: float = 0) -> torch.Tensor:
+            return F.pad(t, (left, right), value=value)
+
+        out: dict = {"prompt_len": P, "reduce_sum": first.reduce_sum}
+        for name in ("input_ids", "attention_mask"):
+            out[name] = torch.cat([
+                torch.cat([pad(b.__dict__[name][:, : b.prompt_len], P - b.prompt_len, 0, pad_id if name == "input_ids" else 0),
+                           pad(b.__dict__[name][:, b.prompt_len :], 0, T - b.response_mask.shape[1],
+                               pad_id if name == "input_ids" else 0)], 1)
+                for b in batches])
+        for name, value in first.__dict__.items():
+            if name in out or value is None:
+                continue
+            if isinstance(value, list):
+                out[name] = [x for b in batches for x in b.__dict__[name]]
+            elif value.dim() == 2:  # [B, T] response-aligned
+                out[name] = torch.cat([pad(b.__dict__[name], 0, T - b.__dict__[name].shape[1]) for b in batches])
+            else:  # [B]
+                out[name] = torch.cat([b.__dict__[name] for b in batches])
         return RolloutBatch(**out)
 
 
@@ -93,11 +129,15 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 class RolloutEngine:
     """Samples completions from `model` (the policy itself, or a separate copy fed by weight-sync)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, chat: bool = False):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, chat: bool = False,
+                 tool: Calculator | None = None, max_tool_calls: int = 1):
         self.model = model
         self.tokenizer = tokenizer
         self.chat = chat
         self.generator = torch.Generator().manual_seed(seed)
+        self.tool, self.max_tool_calls = tool, max_tool_calls
+        if tool is not None:
+            self._open, self._close = (tokenizer.convert_tokens_to_ids(c) for c in (tool.open, tool.close))
 
     @torch.no_grad()
     def generate(
@@ -137,7 +177,11 @@ class RolloutEngine:
         cache, logits = out.past_key_values, out.logits[:, -1].float()  # [B, V]
         tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long)
         sampler_logp = torch.zeros((B, max_new_tokens))
-        resp_mask = torch.zeros((B, max_new_tokens))
+        resp_mask = torch.zeros((B, max_new_tokens))  # tokens the model chose (loss, KL, entropy)
+        alive = torch.zeros((B, max_new_tokens), dtype=torch.long)  # tokens in the context (model's and tool's)
+        tool_mask = torch.zeros((B, max_new_tokens))
+        forced: list[list[int]] = [[] for _ in range(B)]  # per row: tool tokens still to append
+        calls = torch.zeros(B, dtype=torch.long)
         finished = torch.zeros(B, dtype=torch.bool)
         attn, last_pos = mask.to(device), pos[:, -1:].to(device)
         T = max_new_tokens
@@ -153,10 +197,18 @@ class RolloutEngine:
                 tok = tok.clamp(max=probs.shape[-1] - 1)  # guards float round-off at the top of the CDF
                 logp = probs.gather(-1, tok[:, None]).squeeze(-1).log()  # [B]
             active = ~finished
+            chosen = active.clone()  # rows whose token at t is the model's (not the tool's)
+            for i in (i for i in range(B) if forced[i]):
+                tok[i], chosen[i] = forced[i].pop(0), False
+                tool_mask[i, t] = 1.0
             tokens[:, t] = torch.where(active, tok, pad)
-            sampler_logp[:, t] = torch.where(active, logp, 0.0)
-            resp_mask[:, t] = active.float()
-            finished |= active & (tok == eos)
+            sampler_logp[:, t] = torch.where(chosen, logp, 0.0)
+            resp_mask[:, t] = chosen.float()
+            alive[:, t] = active.long()
+            finished |= chosen & (tok == eos)
+            if self.tool is not None:
+                self._call_tools(tokens, t, chosen & (tok == self._close) & (calls < self.max_tool_calls), forced)
+                calls += (chosen & (tok == self._close)).long()
             if bool(finished.all()):
                 T = t + 1
                 break
@@ -168,13 +220,17 @@ class RolloutEngine:
         self.model.train(was_training)
 
         tokens, sampler_logp, resp_mask = tokens[:, :T], sampler_logp[:, :T], resp_mask[:, :T]
+        alive, tool_mask = alive[:, :T], tool_mask[:, :T]
         completions = []
-        for row, m in zip(tokens.tolist(), resp_mask.tolist(), strict=True):
+        for row, m in zip(tokens.tolist(), alive.tolist(), strict=True):
             kept = [t for t, keep in zip(row, m, strict=True) if keep and t != eos]
             completions.append(self.tokenizer.decode(kept, skip_special_tokens=True))
+        used = tool_mask.sum(-1) > 0  # [B]
+        answers = completions if self.tool is None else [
+            self.tool.final_answer(c, bool(u)) for c, u in zip(completions, used.tolist(), strict=True)]
         return RolloutBatch(
             input_ids=torch.cat([ids, tokens], 1),
-            attention_mask=torch.cat([mask, resp_mask.long()], 1),
+            attention_mask=torch.cat([mask, alive], 1),
             response_mask=resp_mask,
             group=group,
             sampler_logp=sampler_logp,
@@ -182,7 +238,17 @@ class RolloutEngine:
             prompt_len=P,
             problems=[p for p in problems for _ in range(k)],
             completions=completions,
+            answers=answers,
+            tool_mask=tool_mask if self.tool is not None else None,
         )
+
+    def _call_tools(self, tokens: torch.Tensor, t: int, calling: torch.Tensor, forced: list[list[int]]) -> None:
+        """For each row that just closed a call, queue the tool's answer as forced tokens."""
+        for i in calling.nonzero().flatten().tolist():
+            row = tokens[i, : t].tolist()  # the call is the text since the last `[` (exclusive) up to `]`
+            start = max((j for j, tok in enumerate(row) if tok == self._open), default=-1) + 1
+            call = self.tokenizer.decode(row[start:], skip_special_tokens=True) if start > 0 else ""
+            forced[i] = self.tokenizer(self.tool.respond(call), add_special_tokens=False)["input_ids"]
 
 
 def token_logprobs(

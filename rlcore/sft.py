@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from rlcore.model import build_policy
 from rlcore.rollout import RolloutEngine
 from rlcore.seeding import seed_everything
 from rlcore.tasks import make_task
+from rlcore.tools import Calculator, make_tool
 
 
 def warm_start_dir(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> Path | None:
@@ -45,14 +47,27 @@ def cache_dir(sft_cfg: ExperimentConfig, root: Path) -> Path:
     return root / ".rlcore_cache" / "warm_start" / f"{key}-v{rlcore.__version__}"
 
 
-def _encode(tokenizer, problems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`<bos>A+B=C<eos>` right-padded; labels are -100 except on the completion C<eos>."""
+def _encode(tokenizer, problems, tool: Calculator | None = None,
+            use_tool: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`<bos>A+B=C<eos>` right-padded; labels are -100 except on the completion C<eos>.
+
+    Rows with `use_tool` are the trace `<bos>A+B=[A+B](C)C<eos>`, whose tool output `(C)` is context, not a target
+    (labels -100), exactly as the RL loss masks it.
+    """
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     rows, labels = [], []
-    for p in problems:
-        prompt = [tokenizer.bos_token_id] + tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-        target = tokenizer(p.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for i, p in enumerate(problems):
+        prompt = [tokenizer.bos_token_id] + ids(p.prompt)
+        answer = ids(p.answer) + [tokenizer.eos_token_id]
+        if tool is not None and use_tool is not None and use_tool[i]:
+            call, out, _ = tool.trace(p.prompt, p.answer)
+            target, label = ids(call) + ids(out) + answer, ids(call) + [-100] * len(ids(out)) + answer
+        else:
+            target, label = answer, answer
         rows.append(prompt + target)
-        labels.append([-100] * len(prompt) + target)
+        labels.append([-100] * len(prompt) + label)
     L = max(len(r) for r in rows)
     ids = torch.full((len(rows), L), tokenizer.pad_token_id)
     lab = torch.full((len(rows), L), -100)
@@ -71,6 +86,8 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
 
     seed_everything(cfg.seed)
     task = make_task(cfg.task)
+    tool = make_tool(cfg.task.tool)
+    coin = random.Random(cfg.seed)  # which examples are written as tool traces
     model, tokenizer = build_policy(cfg.model)
     t = cfg.trainer
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
@@ -88,7 +105,9 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
         model.train()
         bar = tqdm(range(1, t.steps + 1), desc="sft", unit="step", dynamic_ncols=True)
         for step in bar:
-            ids, mask, labels = _encode(tokenizer, [next(stream) for _ in range(t.sft_batch_size)])
+            problems = [next(stream) for _ in range(t.sft_batch_size)]
+            use_tool = [coin.random() < cfg.task.sft_tool_frac for _ in problems]
+            ids, mask, labels = _encode(tokenizer, problems, tool, use_tool)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -98,7 +117,7 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
             if step % 50 == 0 or step == t.steps:
                 tracker.log(step, {"sft/loss": float(loss.detach()), "actor/lr": sched.get_last_lr()[0]})
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        engine = RolloutEngine(model, tokenizer, seed=cfg.seed)
+        engine = RolloutEngine(model, tokenizer, seed=cfg.seed, tool=tool, max_tool_calls=cfg.task.max_tool_calls)
         metrics = evaluate(engine, task, cfg)
         tracker.log(t.steps, metrics)
         # Save to a temp dir and rename: a killed build never leaves a half-written warm start behind.

@@ -58,7 +58,7 @@ class AdditionTask:
 
 def score(task: AdditionTask, batch) -> torch.Tensor:
     """The reward role: sequence rewards [B] for a RolloutBatch's decoded completions."""
-    triples = zip(batch.completions, batch.finished.tolist(), batch.problems, strict=True)
+    triples = zip(batch.answers, batch.finished.tolist(), batch.problems, strict=True)
     return torch.tensor([task.reward(c, f, p) for c, f, p in triples])
 
 
