@@ -5,6 +5,7 @@ algorithm's name. Every entry of a registry has that registry's one signature:
 
 - advantage:   fn(batch, cfg) -> adv [B, T]
 - policy loss: fn(logp, old_logp, adv, mask, cfg) -> (per-token loss [B, T], {metric: per-token value [B, T]})
+- group filter: fn(rewards [B], k) -> keep [B / k] bool, which groups of K samples the update may use.
 - aggregation: fn(per_token_loss, mask, norm) -> scalar, where `norm` holds *global* counts over the whole
   rollout batch (all micro-batches, all processes), so gradient accumulation never changes the loss.
 """
@@ -22,6 +23,7 @@ from rlcore.rollout import RolloutBatch
 ADVANTAGES: dict[str, Callable[[RolloutBatch, AlgorithmConfig], torch.Tensor]] = {}
 POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
 LOSS_AGG: dict[str, Callable[..., torch.Tensor]] = {}
+GROUP_FILTERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {}
 
 
 def _register(registry: dict, name: str):
@@ -54,6 +56,25 @@ def overlong_penalty(batch: RolloutBatch, cfg: AlgorithmConfig, max_new_tokens: 
     free = max_new_tokens - cfg.overlong_buffer
     soft = ((free - length) / cfg.overlong_buffer).clamp(max=0.0)  # [B] 0 until the buffer, then down to -1
     return cfg.overlong_penalty * torch.where(batch.finished, soft, torch.full_like(soft, -1.0))
+
+
+# ------------------------------------------------------------------------------------------ group filters
+
+@_register(GROUP_FILTERS, "none")
+def keep_all(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Every group is used. [B] -> [B / k]"""
+    return torch.ones(len(rewards) // k, dtype=torch.bool)
+
+
+@_register(GROUP_FILTERS, "nonzero_std")
+def keep_informative(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """DAPO's dynamic sampling (Yu et al., 2025): drop groups whose K rewards are all equal. [B] -> [B / k]
+
+    Under GRPO/RLOO/Dr.GRPO such a group has zero advantage on every token: it costs a forward/backward and only
+    dilutes the token-mean. The controller keeps sampling until the batch is full of informative groups.
+    """
+    g = rewards.view(-1, k)  # rows are prompt-major: one group per row of this view
+    return g.max(1).values != g.min(1).values
 
 
 # ------------------------------------------------------------------------------------------ advantages
@@ -137,6 +158,51 @@ def adv_reinforce_pp(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     mean = total / count
     (sq,) = batch.reduce_sum(torch.stack([((G - mean) ** 2 * mask).sum()]))
     return (G - mean) / ((sq / count).sqrt() + 1e-8) * mask  # [B, T]
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens. [B, T] x3 -> (advantages [B, T], returns [B, T]).
+
+    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = sum_l (gamma lam)^l delta_{t+l},  R_t = A_t + V_t (the critic's
+    target). Schulman et al., "High-Dimensional Continuous Control Using GAE" (2015). Positions with mask 0 (padding,
+    and tool output in agentic rollouts) are skipped: the recursion links each counted token to the next counted one,
+    so the environment's tokens are a transition, not actions with values of their own.
+    """
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros(B)  # A of the next counted token
+    next_value = torch.zeros(B)  # V of the next counted token (0 after the last one: the episode ends)
+    for t in reversed(range(T)):
+        m = mask[:, t] > 0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * running
+        adv[:, t] = torch.where(m, a, 0.0)
+        running = torch.where(m, a, running)
+        next_value = torch.where(m, values[:, t], next_value)
+    return adv, (adv + values) * mask
+
+
+@_register(ADVANTAGES, "gae")
+def adv_gae(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
+    """GAE(gamma, lam) with the critic's values (PPO as in InstructGPT, 2022), whitened over the global batch.
+
+    Needs `batch.values` (the controller runs the critic when an estimator has `needs_critic`).
+    """
+    mask = batch.response_mask  # [B, T]
+    adv, _ = gae(token_rewards(batch, cfg), batch.values, mask, cfg.gamma, cfg.lam)  # [B, T]
+    total, count = batch.reduce_sum(torch.stack([(adv * mask).sum(), mask.sum()]))
+    mean = total / count
+    (sq,) = batch.reduce_sum(torch.stack([((adv - mean) ** 2 * mask).sum()]))
+    return (adv - mean) / ((sq / count).sqrt() + 1e-8) * mask  # [B, T]
+
+
+adv_gae.needs_critic = True
+
+
+def gae_returns(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
+    """The critic's regression targets R_t = A_t + V_t (un-whitened GAE). -> [B, T]"""
+    return gae(token_rewards(batch, cfg), batch.values, batch.response_mask, cfg.gamma, cfg.lam)[1]
 
 
 # ---------------------------------------------------------------------------------------- policy losses

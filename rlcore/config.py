@@ -137,16 +137,31 @@ class AlgorithmConfig(_Section):
         "-overlong_penalty. 0 = off.",
     )
     overlong_penalty: float = Field(1.0, ge=0, description="Size of the overlong penalty (see overlong_buffer).")
+    group_filter: str = Field(
+        "none", description="Which groups the update uses, a key of rlcore.algorithm.GROUP_FILTERS (`nonzero_std`: "
+        "DAPO's dynamic sampling, resampling until the batch is full of groups with reward variance).",
+    )
+    max_sample_rounds: int = Field(
+        4, ge=1, description="Cap on rollout rounds per step for a group filter; if still short, filtered groups fill "
+        "the batch (counted in rollout/filler_groups).",
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount (advantage `gae`); 1 for a reward at the end.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 1 = Monte-Carlo return minus V, 0 = one-step TD.")
+    critic_lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the value model (advantage `gae`).")
+    value_clip: float | None = Field(
+        0.2, gt=0, description="PPO value clipping: V may move at most this far from V_old per update. None = off."
+    )
     ppo_epochs: int = Field(1, gt=0, description="Passes over each rollout batch; > 1 needs old log-probs.")
     minibatches: int = Field(1, gt=0, description="Optimizer steps per pass over the rollout batch.")
 
-    @field_validator("advantage", "policy_loss", "loss_agg", "kl_estimator")
+    @field_validator("advantage", "policy_loss", "loss_agg", "kl_estimator", "group_filter")
     @classmethod
     def _known_name(cls, value: str, info: ValidationInfo) -> str:
         from rlcore import algorithm, reference  # late import: the registries import this module's types
 
         registry = {"advantage": algorithm.ADVANTAGES, "policy_loss": algorithm.POLICY_LOSSES,
-                    "loss_agg": algorithm.LOSS_AGG, "kl_estimator": reference.KL_ESTIMATORS}[info.field_name]
+                    "loss_agg": algorithm.LOSS_AGG, "kl_estimator": reference.KL_ESTIMATORS,
+                    "group_filter": algorithm.GROUP_FILTERS}[info.field_name]
         if value not in registry:
             raise ValueError(f"unknown {value!r}, valid: {', '.join(sorted(registry))}")
         return value

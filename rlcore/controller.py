@@ -21,8 +21,9 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from rlcore.algorithm import ADVANTAGES, lookup, overlong_penalty
+from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, gae_returns, lookup, overlong_penalty
 from rlcore.config import ConfigError, ExperimentConfig, flatten
+from rlcore.critic import explained_variance
 from rlcore.evaluation import evaluate
 from rlcore.model import build_policy
 from rlcore.reference import Reference
@@ -59,6 +60,7 @@ class Loop:
     trainer: Trainer
     sync: WeightSync
     advantage: Callable
+    group_filter: Callable
     needs_old: bool  # compute pre-update log-probs (batch reuse, or KL in the reward)
     local: slice  # this process's share of each step's prompts
 
@@ -78,14 +80,15 @@ def build(cfg: ExperimentConfig, root: Path) -> Loop:
         ws = warm_start_dir(cfg, root, quiet=not acc.is_main_process)
     policy, tokenizer = build_policy(cfg.model, ws)
     reference = Reference(policy) if cfg.algorithm.kl_coef > 0 else None  # beta = 0: no reference at all
-    trainer = Trainer(policy, cfg, acc)
+    advantage = lookup(ADVANTAGES, cfg.algorithm.advantage, "advantage")
+    trainer = Trainer(policy, cfg, acc, with_critic=getattr(advantage, "needs_critic", False))
     sync = WeightSync(cfg.rollout.engine, trainer.unwrapped)
     return Loop(
         cfg=cfg, acc=acc, task=make_task(cfg.task), tokenizer=tokenizer,
         engine=RolloutEngine(sync.engine_model, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template,
                              tool=make_tool(cfg.task.tool), max_tool_calls=cfg.task.max_tool_calls),
         reference=reference, trainer=trainer, sync=sync,
-        advantage=lookup(ADVANTAGES, cfg.algorithm.advantage, "advantage"),
+        advantage=advantage, group_filter=lookup(GROUP_FILTERS, cfg.algorithm.group_filter, "group_filter"),
         # Pre-update log-probs are needed when a batch is reused, and for a KL penalty placed in the reward.
         needs_old=cfg.algorithm.ppo_epochs > 1 or cfg.algorithm.minibatches > 1
         or (cfg.algorithm.kl_placement == "reward" and reference is not None),
@@ -93,31 +96,79 @@ def build(cfg: ExperimentConfig, root: Path) -> Loop:
     )
 
 
-def step(loop: Loop, problems: list[Problem]) -> tuple[RolloutBatch, dict[str, float]]:
-    """One RL step over the global list of `problems`; returns this process's batch and the step's metrics."""
-    cfg, r, timer = loop.cfg, loop.cfg.rollout, PhaseTimer()
+def sample(loop: Loop, problems: list[Problem], timer: PhaseTimer, round_: int = 0) -> RolloutBatch:
+    """Rollout and reward for this process's share of `problems` (round_ keeps group ids unique across rounds)."""
+    cfg, r = loop.cfg, loop.cfg.rollout
     with timer("rollout"):
         batch = loop.engine.generate(problems, r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p,
-                                     rows=loop.local)
+                                     rows=loop.local, group_offset=round_ * len(problems))
         if loop.acc.num_processes > 1:
             batch.reduce_sum = lambda t: loop.acc.reduce(t.to(loop.acc.device), reduction="sum").cpu()
     with timer("reward"):
-        batch.rewards = score(loop.task, batch)  # [B] the verifier's reward
-        shaping = overlong_penalty(batch, cfg.algorithm, r.max_new_tokens)  # [B] 0 unless DAPO shaping is on
-        batch.rewards = batch.rewards + shaping
+        batch.shaping = overlong_penalty(batch, cfg.algorithm, r.max_new_tokens)  # [B] 0 unless DAPO shaping is on
+        batch.rewards = score(loop.task, batch) + batch.shaping  # [B] the verifier's reward, plus shaping
+    return batch
+
+
+def fill_batch(loop: Loop, batch: RolloutBatch, draw: Callable[[], list[Problem]] | None,
+               timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
+    """Group filtering with resampling (DAPO's dynamic sampling): draw rounds until every process has as many kept
+    groups as it started with, or `max_sample_rounds`; then fill any shortfall with filtered-out groups.
+
+    Every process runs the same number of rounds (they agree on 'done' by a sum over processes), so the prompt
+    stream stays in step and DDP sees equal batch sizes.
+    """
+    a, k = loop.cfg.algorithm, loop.cfg.rollout.samples_per_prompt
+    need = len(batch) // k
+    kept: list[RolloutBatch] = []
+    dropped: list[RolloutBatch] = []
+    rounds = drawn = n_kept = 0
+    while True:
+        keep = loop.group_filter(batch.rewards, k)  # [G] bool per group
+        rows = keep.repeat_interleave(k)  # [B]
+        kept.append(batch.rows(rows.nonzero().flatten()))
+        dropped.append(batch.rows((~rows).nonzero().flatten()))
+        rounds, drawn, n_kept = rounds + 1, drawn + len(keep), n_kept + int(keep.sum())
+        short = torch.tensor([float(n_kept < need)])
+        if float(batch.reduce_sum(short)) == 0 or rounds >= a.max_sample_rounds or draw is None:
+            break
+        batch = sample(loop, draw(), timer, rounds)
+    pool = RolloutBatch.cat(kept + dropped, loop.tokenizer.pad_token_id)  # kept groups first
+    totals = batch.reduce_sum(torch.tensor([float(drawn), float(n_kept), float(max(need - n_kept, 0))]))
+    out = pool.rows(slice(0, need * k))
+    out.reduce_sum = batch.reduce_sum
+    return out, {"rollout/rounds": float(rounds), "rollout/kept_group_frac": float(totals[1] / totals[0]),
+                 "rollout/filler_groups": float(totals[2])}
+
+
+def step(loop: Loop, problems: list[Problem],
+         draw: Callable[[], list[Problem]] | None = None) -> tuple[RolloutBatch, dict[str, float]]:
+    """One RL step over the global list of `problems` (`draw` gives more, for a group filter's extra rounds)."""
+    cfg, r, timer = loop.cfg, loop.cfg.rollout, PhaseTimer()
+    batch = sample(loop, problems, timer)
+    filtered: dict[str, float] = {}
+    if cfg.algorithm.group_filter != "none":
+        batch, filtered = fill_batch(loop, batch, draw, timer)
     if loop.reference is not None:  # beta = 0: no reference model, no forward, timing/reference stays 0
         with timer("reference"):
             batch.ref_logp = loop.reference.logprobs(batch, cfg.trainer.micro_batch_size)
     if loop.needs_old:  # otherwise the loss uses logp.detach(): on-policy ratio = 1
         with timer("old_logprob"):
             batch.old_logp = loop.trainer.logprobs(batch)
+    if loop.trainer.critic is not None:  # only estimators that need a critic (GAE) build one
+        with timer("values"):
+            batch.values = loop.trainer.values(batch)  # [B, T] V_old
     with timer("advantage"):
         batch.adv = loop.advantage(batch, cfg.algorithm)  # [B, T]
+        if batch.values is not None:
+            batch.returns = gae_returns(batch, cfg.algorithm)  # [B, T] the critic's targets
     with timer("update"):
         stats = loop.trainer.update(batch)
     with timer("sync"):
         moved = loop.sync.push(loop.trainer.unwrapped)
-    metrics = stats | batch_metrics(batch, loop.acc, r.samples_per_prompt, shaping) | timer.metrics()
+    metrics = stats | filtered | batch_metrics(batch, loop.acc, r.samples_per_prompt) | timer.metrics()
+    if batch.values is not None:
+        metrics["critic/explained_var"] = explained_variance(batch)
     metrics["perf/tokens_per_s"] = metrics.pop("_gen_tokens") / metrics["timing/step"]
     metrics["perf/peak_mem_mb"] = peak_memory_mb()
     metrics["perf/sync_mb"] = moved / 2**20
@@ -144,10 +195,14 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
             first_eval = last_eval = evaluate(loop.engine, loop.task, cfg)
             tracker.log(0, first_eval)
         stream = loop.task.stream(cfg.seed)
+
+        def draw() -> list[Problem]:
+            return [next(stream) for _ in range(cfg.rollout.prompts_per_step)]
+
         bar = tqdm(range(1, cfg.trainer.steps + 1), desc="rl", unit="step", disable=not acc.is_main_process,
                    dynamic_ncols=True, file=sys.stderr)
         for i in bar:
-            batch, metrics = step(loop, [next(stream) for _ in range(cfg.rollout.prompts_per_step)])
+            batch, metrics = step(loop, draw(), draw)
             if tracker is not None:
                 if i % cfg.logging.eval_every == 0 or i == cfg.trainer.steps:
                     last_eval = evaluate(loop.engine, loop.task, cfg)
@@ -162,10 +217,10 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                      out_dir)
 
 
-def batch_metrics(batch: RolloutBatch, acc: Accelerator, k: int, shaping: torch.Tensor) -> dict[str, float]:
+def batch_metrics(batch: RolloutBatch, acc: Accelerator, k: int) -> dict[str, float]:
     """Reward and response statistics over the global batch (gathered from every process)."""
     lengths = batch.response_mask.sum(-1)  # [B]
-    local = torch.stack([batch.rewards.float(), lengths, (~batch.finished).float(), shaping.float()], 1)  # [B, 4]
+    local = torch.stack([batch.rewards.float(), lengths, (~batch.finished).float(), batch.shaping.float()], 1)  # [B, 4]
     g = acc.gather(local.to(acc.device)).cpu() if acc.num_processes > 1 else local  # [B_global, 4]
     rewards, lengths, clipped, shaping = g[:, 0], g[:, 1], g[:, 2], g[:, 3]
     groups = rewards.view(-1, k)  # rows are prompt-major, so each row of this view is one group

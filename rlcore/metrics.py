@@ -23,6 +23,10 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("reward/std", "reward", "std of sequence rewards over the batch", "02"),
     MetricDef("reward/overlong_penalty", "reward", "mean DAPO overlong shaping added to the reward (0 when off)", "13"),
     MetricDef("reward/zero_var_group_frac", "fraction", "groups whose K rewards are all equal (zero GRPO advantage: wasted samples)", "11"),
+    # rollout (dynamic sampling)
+    MetricDef("rollout/rounds", "rounds", "rollout rounds this step (1 without a group filter)", "13"),
+    MetricDef("rollout/kept_group_frac", "fraction", "drawn groups the group filter kept (DAPO: groups with reward variance)", "13"),
+    MetricDef("rollout/filler_groups", "groups", "filtered-out groups used to fill the batch after max_sample_rounds", "13"),
     # advantage
     MetricDef("adv/mean", "adv", "mean advantage over response tokens", "03"),
     MetricDef("adv/abs_mean", "adv", "mean |advantage| over response tokens (signal strength)", "03"),
@@ -38,6 +42,12 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("actor/grad_norm", "norm", "global L2 norm of the gradient before clipping (mean over optimizer steps)", "05"),
     MetricDef("actor/lr", "lr", "learning rate at this step", "05"),
     MetricDef("actor/sampler_logp_gap", "nats", "token mean of |log pi_sampler - log pi_trainer| (engine/trainer mismatch)", "24"),
+    # critic (PPO with GAE)
+    MetricDef("critic/value_loss", "loss", "token mean of 0.5 max((V-R)^2, (V_clip-R)^2), R = GAE return", "09"),
+    MetricDef("critic/vpred", "reward", "token mean of the critic's value V(s_t) during the update", "09"),
+    MetricDef("critic/clipfrac", "fraction", "tokens whose value loss used the clipped value", "09"),
+    MetricDef("critic/grad_norm", "norm", "global L2 norm of the critic's gradient before clipping", "09"),
+    MetricDef("critic/explained_var", "fraction", "1 - Var(R - V_old) / Var(R) over response tokens (1 = perfect critic)", "09"),
     # KL to reference
     MetricDef("kl/mean", "nats", "token mean of the chosen estimator of KL(pi_theta || pi_ref)", "12"),
     # response
@@ -54,6 +64,7 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("timing/reward", "s", "decoding and scoring completions", "07"),
     MetricDef("timing/reference", "s", "reference model forward (0 when beta = 0)", "07"),
     MetricDef("timing/old_logprob", "s", "policy forward before the update (when a batch is reused, or KL is placed in the reward)", "07"),
+    MetricDef("timing/values", "s", "critic forward for V_old (0 without a critic)", "07"),
     MetricDef("timing/advantage", "s", "advantage estimation", "07"),
     MetricDef("timing/update", "s", "policy forward/backward over micro-batches + optimizer step", "07"),
     MetricDef("timing/sync", "s", "pushing weights to the rollout engine (0 when shared)", "07"),

@@ -33,10 +33,12 @@ class RolloutBatch:
     completions: list[str] = field(default_factory=list)  # [B] decoded response text (without EOS)
     answers: list[str] = field(default_factory=list)  # [B] what the grader reads (after the last tool output)
     tool_mask: torch.Tensor | None = None  # [B, T] 1 on tokens the environment inserted (None without a tool)
-    rewards: torch.Tensor | None = None  # [B] sequence reward
+    rewards: torch.Tensor | None = None  # [B] sequence reward (task reward + shaping)
+    shaping: torch.Tensor | None = None  # [B] the part of `rewards` that is shaping (DAPO overlong), 0 when off
     ref_logp: torch.Tensor | None = None  # [B, T] reference log-probs (None when beta = 0)
     old_logp: torch.Tensor | None = None  # [B, T] policy log-probs before the update (None when on-policy)
     values: torch.Tensor | None = None  # [B, T] critic values V(s_t) before the update (PPO with GAE)
+    returns: torch.Tensor | None = None  # [B, T] the critic's targets (PPO with GAE)
     adv: torch.Tensor | None = None  # [B, T] advantages
     # Sums a tensor over every process's rows (identity with one process); batch-level statistics use it so they
     # do not depend on how the batch was split.
@@ -49,12 +51,14 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, idx: slice) -> RolloutBatch:
-        """A micro-batch view: tensors sliced on the batch dimension, lists too."""
+    def rows(self, idx: slice | torch.Tensor) -> RolloutBatch:
+        """A micro-batch: tensors and lists taken on the batch dimension by a slice or a LongTensor of rows."""
         out = {}
         for name, value in self.__dict__.items():
-            if isinstance(value, torch.Tensor) or (isinstance(value, list) and value):  # per-row fields
+            if isinstance(value, torch.Tensor):
                 out[name] = value[idx]
+            elif isinstance(value, list) and value:  # per-row lists
+                out[name] = value[idx] if isinstance(idx, slice) else [value[i] for i in idx.tolist()]
             else:
                 out[name] = value
         return RolloutBatch(**out)

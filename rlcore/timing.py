@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-PHASES = ("rollout", "reward", "reference", "old_logprob", "advantage", "update", "sync")
+PHASES = ("rollout", "reward", "reference", "old_logprob", "values", "advantage", "update", "sync")
 
 
 class PhaseTimer:

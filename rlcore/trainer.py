@@ -8,7 +8,7 @@ averages gradients. So 1 process x 4 micro-batches, 2 processes x 2 and 1 x 1 gi
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import torch
 from accelerate import Accelerator
@@ -16,18 +16,25 @@ from transformers import PreTrainedModel
 
 from rlcore.algorithm import LOSS_AGG, POLICY_LOSSES, AggNorm, lookup
 from rlcore.config import ExperimentConfig
+from rlcore.critic import ValueModel, value_loss
 from rlcore.reference import KL_ESTIMATORS
 from rlcore.rollout import RolloutBatch, token_logprobs
 
 
 class Trainer:
-    def __init__(self, policy: PreTrainedModel, cfg: ExperimentConfig, accelerator: Accelerator):
+    def __init__(self, policy: PreTrainedModel, cfg: ExperimentConfig, accelerator: Accelerator,
+                 with_critic: bool = False):
         self.cfg, self.acc = cfg, accelerator
         t = cfg.trainer
         optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         warmup = max(t.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
+        self.critic = self.critic_optimizer = None
+        if with_critic:  # built from the policy *before* any update, so it starts from the same trunk
+            critic = ValueModel(self.unwrapped)
+            critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.algorithm.critic_lr, betas=t.betas)
+            self.critic, self.critic_optimizer = accelerator.prepare(critic, critic_opt)
         a = cfg.algorithm
         self.policy_loss = lookup(POLICY_LOSSES, a.policy_loss, "policy_loss")
         self.loss_agg = lookup(LOSS_AGG, a.loss_agg, "loss_agg")
@@ -45,6 +52,12 @@ class Trainer:
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """Policy log-probs before the update (the 'old' policy of the PPO ratio). -> [B, T]"""
         return torch.cat([token_logprobs(self.unwrapped, m)[0].cpu() for m in self._micro(batch)])
+
+    @torch.no_grad()
+    def values(self, batch: RolloutBatch) -> torch.Tensor:
+        """The critic's V(s_t) before the update (V_old of value clipping). -> [B, T]"""
+        critic = self.acc.unwrap_model(self.critic)
+        return torch.cat([critic(m).cpu() for m in self._micro(batch)])
 
     def _global_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
@@ -68,19 +81,31 @@ class Trainer:
                 tokens, seqs = self._global_sum([float(mini.response_mask.sum()), float(len(mini))])
                 norm = AggNorm(tokens=tokens, seqs=seqs, max_len=float(self.cfg.rollout.max_new_tokens))
                 micro = self._micro(mini)
-                self.optimizer.zero_grad(set_to_none=True)
+                models = [self.model] + ([self.critic] if self.critic is not None else [])
+                for opt in self._optimizers():
+                    opt.zero_grad(set_to_none=True)
                 for i, m in enumerate(micro):
-                    # Only the last micro-batch all-reduces gradients; the others accumulate locally.
-                    sync = self.acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
-                    with sync:
+                    with ExitStack() as stack:
+                        if i < len(micro) - 1:  # only the last micro-batch all-reduces gradients
+                            for model in models:
+                                stack.enter_context(self.acc.no_sync(model))
                         loss, stats = self._loss(m, norm)
+                        if self.critic is not None:  # disjoint graphs: one backward reaches both models
+                            vloss, vstats = self._value_loss(m, norm)
+                            stats |= vstats
+                            loss = loss + vloss
                         self.acc.backward(loss * world)
-                    loss_sum += float(loss.detach())
+                    loss_sum += float(stats.pop("_policy_loss"))
                     for k, (s, c) in stats.items():
                         sums[k] += s
                         counts[k] += c
                 grad_norms.append(float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)))
-                self.optimizer.step()
+                if self.critic is not None:
+                    vnorm = float(self.acc.clip_grad_norm_(self.critic.parameters(), self.cfg.trainer.grad_clip))
+                    sums["critic/grad_norm"] += vnorm
+                    counts["critic/grad_norm"] += 1
+                for opt in self._optimizers():
+                    opt.step()
                 self.scheduler.step()
         keys = sorted(sums)
         reduced = self._global_sum([sums[k] for k in keys] + [counts[k] for k in keys] + [loss_sum])
@@ -89,6 +114,20 @@ class Trainer:
         out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
         return out
+
+    def _optimizers(self) -> list:
+        return [self.optimizer] + ([self.critic_optimizer] if self.critic is not None else [])
+
+    def _value_loss(self, m: RolloutBatch, norm: AggNorm) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+        """Clipped value loss of one micro-batch, token mean over the global token count."""
+        dev = self.acc.device
+        mask = m.response_mask.to(dev)  # [b, T]
+        values = self.critic(m)  # [b, T]
+        per_token, metrics = value_loss(values, m.values.to(dev), m.returns.to(dev), self.cfg.algorithm.value_clip)
+        tok = float(mask.sum())
+        stats = {k: (float((v * mask).sum()), tok) for k, v in metrics.items()}
+        stats["critic/value_loss"] = (float((per_token.detach() * mask).sum()), tok)
+        return (per_token * mask).sum() / norm.tokens, stats
 
     def _loss(self, m: RolloutBatch, norm: AggNorm) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
         """Loss of one micro-batch (already divided by the global normaliser) and its metric (sum, count) pairs."""
@@ -108,4 +147,6 @@ class Trainer:
             if a.kl_placement == "loss":  # with `reward`, the anchor already shaped the advantages
                 per_token = per_token + a.kl_coef * kl
             stats["kl/mean"] = (float((kl.detach() * mask).sum()), tok)
-        return self.loss_agg(per_token, mask, norm), stats
+        loss = self.loss_agg(per_token, mask, norm)
+        stats["_policy_loss"] = float(loss.detach())
+        return loss, stats

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlcore.algorithm import ADVANTAGES, LOSS_AGG, POLICY_LOSSES, AggNorm
+from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, LOSS_AGG, POLICY_LOSSES, AggNorm, gae
 from rlcore.config import AlgorithmConfig
 from rlcore.reference import KL_ESTIMATORS
 from rlcore.rollout import RolloutBatch
@@ -184,3 +184,86 @@ def test_overlong_penalty_hand_computed() -> None:
     cfg = AlgorithmConfig(overlong_buffer=4, overlong_penalty=0.5)
     assert overlong_penalty(b, cfg, 8).tolist() == [0.0, 0.0, -0.25, -0.5, -0.5]
     assert overlong_penalty(b, AlgorithmConfig(), 8).tolist() == [0.0] * 5
+
+
+def test_gae_hand_computed() -> None:
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.5, 0.5]])
+    m = torch.ones(1, 3)
+    adv, ret = gae(r, v, m, gamma=1.0, lam=1.0)  # lam = 1: Monte-Carlo return minus V
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.5, 0.5]])) and torch.allclose(ret, torch.ones(1, 3))
+    adv, _ = gae(r, v, m, gamma=1.0, lam=0.0)  # lam = 0: one-step TD error
+    assert torch.allclose(adv, torch.tensor([[0.0, 0.0, 0.5]]))
+    adv, _ = gae(r, v, m, gamma=0.5, lam=1.0)  # discounting: A_0 = 0.25 - 0.5
+    assert torch.allclose(adv, torch.tensor([[-0.25, 0.0, 0.5]]))
+
+
+def test_gae_skips_masked_tool_tokens() -> None:
+    """A masked position (tool output) is a transition: its value never enters the recursion."""
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.2, 9.0, 0.6]])
+    adv, _ = gae(r, v, torch.tensor([[1.0, 0.0, 1.0]]), gamma=1.0, lam=0.0)
+    assert torch.allclose(adv, torch.tensor([[0.4, 0.0, 0.4]]))  # t0 bootstraps from V(t2) = 0.6, not 9.0
+
+
+def test_gae_estimator_is_whitened_and_returns_are_targets() -> None:
+    from rlcore.algorithm import gae_returns
+
+    b = make_batch([1, 0, 1, 0], [0, 0, 1, 1], [3, 2, 1, 3])
+    b.values = torch.full((4, 3), 0.25)
+    adv = ADVANTAGES["gae"](b, AlgorithmConfig(lam=1.0))
+    m = b.response_mask.bool()
+    assert abs(float(adv[m].mean())) < 1e-5 and abs(float(adv[m].std(unbiased=False)) - 1) < 1e-4
+    ret = gae_returns(b, AlgorithmConfig(lam=1.0))
+    assert torch.allclose(ret[0], torch.ones(3)) and torch.allclose(ret[1, :2], torch.zeros(2))
+
+
+def test_value_loss_clipping_hand_computed() -> None:
+    from rlcore.critic import value_loss
+
+    v, old, ret = torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]])
+    loss, metrics = value_loss(v, old, ret, clip=0.2)
+    assert torch.allclose(loss, torch.tensor([[0.32]])) and metrics["critic/clipfrac"].item() == 1.0  # (0.2-1)^2/2
+    loss, _ = value_loss(v, old, ret, clip=None)
+    assert loss.item() == 0.0
+
+
+def test_explained_variance() -> None:
+    from rlcore.critic import explained_variance
+
+    b = make_batch([1, 0], [0, 0], [3, 3])
+    b.returns = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    b.values = b.returns.clone()
+    assert abs(explained_variance(b) - 1.0) < 1e-6
+    b.values = torch.full((2, 3), 0.5)
+    assert abs(explained_variance(b)) < 1e-6  # a constant explains nothing
+
+
+def test_group_filters() -> None:
+    rewards = torch.tensor([1.0, 1, 0, 1, 0, 0, 0.5, 0])
+    assert GROUP_FILTERS["nonzero_std"](rewards, 2).tolist() == [False, True, False, True]
+    assert GROUP_FILTERS["none"](rewards, 2).tolist() == [True] * 4
+
+
+def test_cat_repads_prompts_and_responses() -> None:
+    """Batches of different prompt/response widths concatenate without changing any token's log-prob."""
+    from rlcore.config import ModelConfig, TinyModelConfig
+    from rlcore.model import char_tokenizer, tiny_model
+    from rlcore.rollout import RolloutEngine, token_logprobs
+    from rlcore.tasks import Problem
+
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    model = tiny_model(ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2,
+                                                        intermediate_size=64)), tok)
+    e = RolloutEngine(model, tok, seed=0)
+    a = e.generate([Problem("1+2=", "3")] * 2, k=2, max_new_tokens=3, temperature=3.0)
+    b = e.generate([Problem("123+456=", "579")], k=2, max_new_tokens=6, temperature=3.0, group_offset=2)
+    c = RolloutBatch.cat([a, b], tok.pad_token_id)
+    assert len(c) == 6 and c.prompt_len == b.prompt_len and c.group.tolist() == [0, 0, 1, 1, 2, 2]
+    with torch.no_grad():
+        lc, la, lb = (token_logprobs(model, x)[0] for x in (c, a, b))
+    ta = a.response_mask.shape[1]
+    assert torch.allclose(lc[:4, :ta] * a.response_mask, la * a.response_mask, atol=1e-5)
+    assert torch.allclose(lc[4:] * b.response_mask, lb * b.response_mask, atol=1e-5)
+    assert c.completions == a.completions + b.completions and (c.response_mask[:4, ta:] == 0).all()

@@ -151,6 +151,8 @@ def test_seeds_give_one_run_each_with_a_shared_group(lab: Path) -> None:
     ["algorithm.advantage=reinforce", "algorithm.policy_loss=pg", "algorithm.kl_coef=0"],
     ["algorithm.clip_eps_high=0.28", "algorithm.dual_clip=3", "algorithm.minibatches=2", "algorithm.ppo_epochs=2",
      "algorithm.overlong_buffer=2"],
+    ["algorithm.advantage=gae", "algorithm.ppo_epochs=2", "algorithm.minibatches=2", "algorithm.lam=0.9"],
+    ["algorithm.group_filter=nonzero_std", "algorithm.max_sample_rounds=3", "algorithm.clip_eps_high=0.28"],
 ])
 def test_every_axis_trains_end_to_end(lab: Path, overrides: list[str]) -> None:
     """Each registry entry runs in the real loop: finite loss, weights move (TRL's smoke test, per preset)."""
@@ -164,3 +166,15 @@ def test_every_axis_trains_end_to_end(lab: Path, overrides: list[str]) -> None:
         assert not history(c, res.run_id, "kl/mean")
     if cfg.algorithm.kl_placement == "reward" or cfg.algorithm.ppo_epochs > 1:
         assert all(v > 0 for _, v in history(c, res.run_id, "timing/old_logprob"))
+    if cfg.algorithm.advantage == "gae":
+        assert all(v > 0 for _, v in history(c, res.run_id, "timing/values"))
+        assert len(history(c, res.run_id, "critic/value_loss")) == 2
+        assert len(history(c, res.run_id, "critic/explained_var")) == 2
+    if cfg.algorithm.group_filter != "none":
+        rounds = [v for _, v in history(c, res.run_id, "rollout/rounds")]
+        kept = [v for _, v in history(c, res.run_id, "rollout/kept_group_frac")]
+        filler = [v for _, v in history(c, res.run_id, "rollout/filler_groups")]
+        assert len(rounds) == 2 and all(1 <= r <= 3 for r in rounds) and all(0 <= f <= 1 for f in kept)
+        # the batch is full of informative groups unless the cap forced fillers
+        zero_var = [v for _, v in history(c, res.run_id, "reward/zero_var_group_frac")]
+        assert all(z * 8 <= f + 1e-9 for z, f in zip(zero_var, filler, strict=True))
