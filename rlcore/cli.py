@@ -100,6 +100,20 @@ def validate(file: Annotated[Path, typer.Argument(help="Experiment YAML.")], set
 
 
 @app.command()
+def sweep(
+    file: Annotated[Path, typer.Argument(help="Sweep YAML (see experiments/sweeps/).")],
+    trials: Annotated[int | None, typer.Option(help="Override n_trials.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Override workers (processes on this machine).")] = None,
+) -> None:
+    """Run (or continue) an Optuna sweep; every trial is an MLflow child run of the sweep's parent run."""
+    from rlcore.sweep import format_summary, load_sweep, run_sweep
+
+    sw = load_sweep(file, trials, workers)  # validate before anything starts
+    result = run_sweep(file, trials, workers)
+    typer.echo("\n" + format_summary(result, sw.objective.metric))
+
+
+@app.command()
 def quickstart(set_: SetOpt = None) -> None:
     """Warm start (cached after the first time) + a short GRPO run on the default tiny model, logged to MLflow."""
     from rlcore.tracking import project_root

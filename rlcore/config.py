@@ -277,37 +277,35 @@ def _unknown_key_hint(loc: tuple, model: type[BaseModel]) -> str:
     return f" (valid: {', '.join(section.model_fields)})"
 
 
-def validate_dict(raw: Any, base_dir: Path = Path(".")) -> ExperimentConfig:
+def validate_model(cls: type[BaseModel], raw: Any, what: str) -> Any:
+    """Validate `raw` against a schema; the first problem becomes a one-line ConfigError naming its key path."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"experiment must be a YAML mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{what} must be a YAML mapping, got {type(raw).__name__}")
     try:
-        cfg = ExperimentConfig.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as e:
         errs = e.errors()
         first = errs[0]
         msg = _describe(first)
         if first["type"] == "extra_forbidden":
-            msg += _unknown_key_hint(first["loc"], ExperimentConfig)
+            msg += _unknown_key_hint(first["loc"], cls)
         more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
         raise ConfigError(msg + more) from None
+
+
+def validate_dict(raw: Any, base_dir: Path = Path(".")) -> ExperimentConfig:
+    cfg = validate_model(ExperimentConfig, raw, "experiment")
     cfg._base_dir = base_dir
     return cfg
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one `key.path=value` (value parsed as YAML, so 3 is an int and null is None)."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
-    key, _, text = assignment.partition("=")
+def set_value(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw[a][b][c] = value for key 'a.b.c', creating sections as needed."""
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: empty key")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
+        raise ConfigError(f"{key!r}: empty key")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -315,6 +313,20 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
         node = child
     node[parts[-1]] = value
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.path=value` (value parsed as YAML, so 3 is an int and null is None)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    key, _, text = assignment.partition("=")
+    if not all(key.strip().split(".")):
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    set_value(raw, key, value)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -334,10 +346,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw or {}
 
 
-def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                    values: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load, apply `--set` overrides, then typed `values` by key path (a sweep's trial parameters), and validate."""
     raw = load_yaml(path)
     for o in overrides:
         apply_override(raw, o)
+    for key, value in (values or {}).items():
+        set_value(raw, key, value)
     cfg = validate_dict(raw, base_dir=Path(path).resolve().parent)
     if cfg.model.warm_start is not None:
         ws = cfg.resolve_path(cfg.model.warm_start)

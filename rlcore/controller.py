@@ -45,6 +45,8 @@ class RunResult:
     first_eval: dict[str, float]
     last_eval: dict[str, float]
     output_dir: Path | None
+    steps_done: int = 0
+    stopped_early: bool = False  # `on_eval` asked to stop (a sweep's pruner)
 
 
 @dataclass
@@ -175,7 +177,12 @@ def step(loop: Loop, problems: list[Problem],
     return batch, metrics
 
 
-def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, str] | None = None) -> RunResult:
+def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, str] | None = None,
+        on_start: Callable[[str], None] | None = None,
+        on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> RunResult:
+    """The whole run. `on_start(run_id)` is called once the MLflow run exists; `on_eval(step, metrics)` after each
+    periodic held-out eval, and a True return stops the run there (it still finishes normally: a pruned sweep trial).
+    """
     root = root or project_root()
     loop = build(cfg, root)
     acc = loop.acc
@@ -190,8 +197,11 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                 **(extra_tags or {})}
         managed = tracker.run(cfg.logging.run_name, tags, flatten(cfg.to_dict()),
                               yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    steps_done, stop = 0, False
     with managed:
         if tracker is not None:
+            if on_start is not None:
+                on_start(tracker.run_id)
             first_eval = last_eval = evaluate(loop.engine, loop.task, cfg)
             tracker.log(0, first_eval)
         stream = loop.task.stream(cfg.seed)
@@ -199,22 +209,31 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
         def draw() -> list[Problem]:
             return [next(stream) for _ in range(cfg.rollout.prompts_per_step)]
 
-        bar = tqdm(range(1, cfg.trainer.steps + 1), desc="rl", unit="step", disable=not acc.is_main_process,
+        bar = tqdm(range(1, cfg.trainer.steps + 1), desc="rl", unit="step", disable=not acc.is_main_process or bool(os.environ.get("RLCORE_NO_BAR")),
                    dynamic_ncols=True, file=sys.stderr)
         for i in bar:
             batch, metrics = step(loop, draw(), draw)
+            steps_done = i
             if tracker is not None:
                 if i % cfg.logging.eval_every == 0 or i == cfg.trainer.steps:
                     last_eval = evaluate(loop.engine, loop.task, cfg)
                     tracker.log(i, last_eval)
+                    if on_eval is not None:
+                        stop = bool(on_eval(i, last_eval)) and i < cfg.trainer.steps
                 if cfg.logging.num_samples and (i % cfg.logging.samples_every == 0 or i == 1):
                     tracker.log_table(i, sample_rows(batch, cfg.logging.num_samples))
                 tracker.log(i, metrics)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/mean', 0.0):.4f}",
                                 s_per_step=f"{metrics['timing/step']:.2f}")
+            if acc.num_processes > 1:  # every process stops at the same step
+                stop = bool(acc.reduce(torch.tensor([float(stop)], device=acc.device), reduction="sum").item())
+            if stop:
+                if tracker is not None:
+                    tracker.client.set_tag(tracker.run_id, "rlcore.stopped_at_step", str(i))
+                break
         out_dir = save_policy(loop.trainer, loop.tokenizer, root, cfg, tracker, acc)
     return RunResult(tracker.run_id if tracker else None, tracker.where if tracker else None, first_eval, last_eval,
-                     out_dir)
+                     out_dir, steps_done, stop)
 
 
 def batch_metrics(batch: RolloutBatch, acc: Accelerator, k: int) -> dict[str, float]:

@@ -1,0 +1,523 @@
+"""Sweeps on Optuna: a YAML search space over any experiment key, pruning fed by the periodic held-out eval,
+K worker processes sharing one study through Optuna's storage, and MLflow runs: one parent per sweep, one child per
+trial (tagged with its number and final state).
+
+Storage is a local Optuna journal file beside the MLflow store by default (Optuna advises against SQLite for
+parallel workers), or any Optuna RDB URL (PostgreSQL) so workers on several machines join one study: the same
+`rlcore sweep FILE` started elsewhere with the same storage and study name takes trials from the same queue.
+
+Interrupted trials (a killed worker, Ctrl-C) are not lost: the next worker to look marks them FAIL, closes their
+MLflow run as KILLED, and re-queues their parameters, so a re-run finishes exactly the trials that are missing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing as mp
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from rlcore.config import ConfigError, _Section, load_experiment, load_yaml, validate_model
+from rlcore.metrics import BY_NAME
+
+HOST = socket.gethostname()
+HEARTBEAT_S = 10.0  # a running trial refreshes its heartbeat this often ...
+STALE_S = 60.0  # ... and is presumed dead (worker on another machine) after this long without one
+
+
+# ------------------------------------------------------------------------------------------------ schema
+
+class FloatParam(_Section):
+    type: Literal["float"]
+    low: float = Field(description="Lower bound (inclusive).")
+    high: float = Field(description="Upper bound (inclusive).")
+    log: bool = Field(False, description="Sample on a log scale (low must be > 0).")
+
+    @model_validator(mode="after")
+    def _range(self) -> FloatParam:
+        _check_range(self.low, self.high, self.log)
+        return self
+
+
+class IntParam(_Section):
+    type: Literal["int"]
+    low: int = Field(description="Lower bound (inclusive).")
+    high: int = Field(description="Upper bound (inclusive).")
+    log: bool = Field(False, description="Sample on a log scale (low must be > 0).")
+    step: int = Field(1, gt=0, description="Spacing of the values (not with log).")
+
+    @model_validator(mode="after")
+    def _range(self) -> IntParam:
+        _check_range(self.low, self.high, self.log)
+        return self
+
+
+class CategoricalParam(_Section):
+    type: Literal["categorical"]
+    choices: list[str | int | float | bool | None] = Field(min_length=1, description="The values to choose from.")
+
+
+def _check_range(low: float, high: float, log: bool) -> None:
+    if low > high:
+        raise ValueError(f"low must be <= high, got low={low} > high={high}")
+    if log and low <= 0:
+        raise ValueError(f"a log scale needs low > 0, got low={low}")
+
+
+SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+class ObjectiveConfig(_Section):
+    metric: str = Field("eval/sampled_reward", description="Held-out eval metric the trial is scored by (its last value).")
+    direction: Literal["maximize", "minimize"] = Field("maximize", description="Whether larger is better.")
+
+    @model_validator(mode="after")
+    def _eval_metric(self) -> ObjectiveConfig:
+        if not self.metric.startswith("eval/") or self.metric not in BY_NAME:
+            evals = ", ".join(m for m in BY_NAME if m.startswith("eval/"))
+            raise ValueError(f"metric must be a held-out eval metric ({evals}), got {self.metric!r}")
+        return self
+
+
+class SamplerConfig(_Section):
+    name: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
+    seed: int = Field(0, description="Sampler seed (worker i uses seed + i, so workers do not propose the same point).")
+    n_startup_trials: int = Field(4, ge=0, description="TPE: random trials before the model kicks in.")
+
+
+class PrunerConfig(_Section):
+    name: Literal["median", "hyperband", "none"] = Field("median", description="Optuna pruner fed by the periodic eval.")
+    n_startup_trials: int = Field(3, ge=0, description="median: trials that finish unpruned before pruning starts.")
+    n_warmup_steps: int = Field(0, ge=0, description="median: no pruning before this RL step.")
+
+
+class SweepConfig(_Section):
+    base: str = Field(description="The experiment YAML every trial starts from (relative to this sweep file).")
+    overrides: list[str] = Field(default_factory=list, description="`key.path=value` applied to base in every trial.")
+    study_name: str | None = Field(None, description="Optuna study name (default: the sweep file's stem).")
+    space: dict[str, SearchParam] = Field(min_length=1, description="Search space: experiment key path -> distribution.")
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    n_trials: int = Field(12, gt=0, description="Trials in the study; a re-run only runs the missing ones.")
+    timeout: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
+    workers: int = Field(1, ge=1, description="Worker processes on this machine sharing the study.")
+    storage: str | None = Field(
+        None, description="Optuna storage: None = journal file beside the MLflow store; `journal:PATH`; or an RDB "
+        "URL such as postgresql://user@127.0.0.1/db for workers on several machines.",
+    )
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment of the parent and trial runs "
+                                                            "(default: the study name).")
+
+    _path: Path = Path("sweep.yaml")
+
+    @property
+    def name(self) -> str:
+        return self.study_name or self._path.stem
+
+    @property
+    def base_path(self) -> Path:
+        p = Path(self.base)
+        return p if p.is_absolute() else (self._path.parent / p).resolve()
+
+
+def load_sweep(path: str | Path, trials: int | None = None, workers: int | None = None) -> SweepConfig:
+    """Read and validate a sweep file, including every key path of its space against the experiment schema."""
+    raw = load_yaml(path)
+    if trials is not None:
+        raw["n_trials"] = trials
+    if workers is not None:
+        raw["workers"] = workers
+    try:
+        sw = validate_model(SweepConfig, raw, "sweep")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    sw._path = Path(path).resolve()
+    if not sw.base_path.is_file():
+        raise ConfigError(f"{path}: base: no such experiment file {sw.base!r}")
+    load_experiment(sw.base_path, sw.overrides)  # the base itself must be valid
+    for key, p in sw.space.items():
+        probes = p.choices if isinstance(p, CategoricalParam) else [p.low, p.high]
+        for value in probes:  # every end of every range must give a valid experiment
+            try:
+                load_experiment(sw.base_path, sw.overrides, {key: value})
+            except ConfigError as e:
+                raise ConfigError(f"{path}: space.{key}: {e}") from None
+    return sw
+
+
+# ------------------------------------------------------------------------------------------------ optuna
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials report through MLflow and the progress line
+    return optuna
+
+
+def open_storage(sw: SweepConfig, root: Path):
+    """An Optuna storage object for the sweep's `storage` setting."""
+    optuna = _optuna()
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    spec = sw.storage
+    if spec is None or spec.startswith("journal:"):
+        path = default_journal(root) if spec is None else Path(spec[len("journal:"):])
+        path = path if path.is_absolute() else root / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    return optuna.storages.RDBStorage(spec)
+
+
+def default_journal(root: Path) -> Path:
+    """`optuna.journal` in the directory of the embedded MLflow database (or .rlcore_cache with a server)."""
+    from rlcore.tracking import tracking_settings
+
+    uri = tracking_settings(root)["tracking_uri"]
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent / "optuna.journal"
+    return root / ".rlcore_cache" / "optuna.journal"
+
+
+def distributions(sw: SweepConfig) -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for key, p in sw.space.items():
+        if isinstance(p, FloatParam):
+            out[key] = FloatDistribution(p.low, p.high, log=p.log)
+        elif isinstance(p, IntParam):
+            out[key] = IntDistribution(p.low, p.high, log=p.log, step=1 if p.log else p.step)
+        else:
+            out[key] = CategoricalDistribution(p.choices)
+    return out
+
+
+def make_study(sw: SweepConfig, storage, worker: int = 0):
+    """Load or create the study. The sampler's seed is the configured seed for a fresh study's first worker, shifted
+    per worker and by the trials already in the study: a continued sweep must not replay the same random points."""
+    optuna = _optuna()
+    try:
+        existing = len(optuna.load_study(study_name=sw.name, storage=storage).get_trials(deepcopy=False))
+    except KeyError:  # no such study yet
+        existing = 0
+    s = sw.sampler
+    seed = s.seed + worker + 7919 * existing
+    if s.name == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    p = sw.pruner
+    pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials,
+                                                            n_warmup_steps=p.n_warmup_steps),
+              "hyperband": lambda: optuna.pruners.HyperbandPruner(),
+              "none": lambda: optuna.pruners.NopPruner()}[p.name]()
+    return optuna.create_study(study_name=sw.name, storage=storage, sampler=sampler, pruner=pruner,
+                               direction=sw.objective.direction, load_if_exists=True)
+
+
+@contextmanager
+def claim_lock(root: Path, name: str) -> Iterator[None]:
+    """Serialises 'count trials, then ask for one' across the workers of this machine (no over-shooting n_trials)."""
+    path = root / ".rlcore_cache" / "sweeps" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _alive(owner: str | None, heartbeat: float | None) -> bool:
+    """Whether the worker that owns a RUNNING trial still exists."""
+    if owner is None:
+        return True  # just asked, attributes not written yet
+    host, _, pid = owner.rpartition(":")
+    if host == HOST:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return heartbeat is None or time.time() - heartbeat < STALE_S
+
+
+def reap_stale(study, client) -> int:
+    """Mark RUNNING trials whose worker is gone as FAIL (interrupted), close their MLflow run as KILLED and put
+    their parameters back in the queue. Returns how many were reaped."""
+    optuna = _optuna()
+    TrialState = optuna.trial.TrialState
+    reaped = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _alive(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        close_mlflow_run(client, t.user_attrs.get("mlflow_run_id"), "FAIL", "KILLED")
+        reaped += 1
+    return reaped
+
+
+def close_mlflow_run(client, run_id: str | None, state: str, status: str | None = None) -> None:
+    if run_id is None:
+        return
+    client.set_tag(run_id, "rlcore.trial_state", state)
+    if status is not None and client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status=status)
+
+
+def counts(study) -> dict[str, int]:
+    """Trials that count toward n_trials: finished (complete, pruned, crashed) or running; interrupted ones don't."""
+    out = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "INTERRUPTED": 0}
+    for t in study.get_trials(deepcopy=False):
+        state = t.state.name
+        if state == "FAIL" and t.user_attrs.get("interrupted"):
+            state = "INTERRUPTED"
+        if state in out:
+            out[state] += 1
+    return out
+
+
+def counted(c: dict[str, int]) -> int:
+    return c["COMPLETE"] + c["PRUNED"] + c["FAIL"] + c["RUNNING"]
+
+
+# ------------------------------------------------------------------------------------------------ mlflow parent
+
+def mlflow_client(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    from rlcore.tracking import Tracker
+
+    tracker = Tracker("rlcore", root)  # resolves mlflow.yml and creates the store's schema once
+    return MlflowClient(tracker.where), tracker
+
+
+def parent_run(sw: SweepConfig, study, root: Path) -> str:
+    """The sweep's MLflow parent run, created once per study (its id lives in the study's user attributes)."""
+    client, tracker = mlflow_client(root)
+    existing = study.user_attrs.get("mlflow_parent_run_id")
+    if existing is not None:
+        if client.get_run(existing).info.status != "RUNNING":
+            client.update_run(existing, status="RUNNING")
+        return existing
+    exp_id = tracker._experiment(sw.mlflow_experiment or sw.name)
+    run = client.create_run(exp_id, run_name=f"sweep:{sw.name}",
+                            tags={"rlcore.kind": "sweep", "rlcore.study": sw.name})
+    client.log_text(run.info.run_id, yaml.safe_dump(sw.model_dump(mode="json"), sort_keys=False), "sweep.yaml")
+    client.log_param(run.info.run_id, "n_trials", sw.n_trials)
+    client.log_param(run.info.run_id, "objective", f"{sw.objective.direction} {sw.objective.metric}")
+    client.log_param(run.info.run_id, "space", ", ".join(sw.space))
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    time.sleep(0.5)  # two launchers racing: both re-read after both wrote, and the loser removes its run
+    winner = _reload_attr(study, "mlflow_parent_run_id")
+    if winner != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return winner
+
+
+def _reload_attr(study, key: str):
+    return study._storage.get_study_user_attrs(study._study_id).get(key)
+
+
+def update_parent(client, parent: str, study, direction: str) -> None:
+    """Best value and params so far on the parent run (metric sweep/best_value, tags best.*)."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if not finished:
+        return
+    best = (max if direction == "maximize" else min)(finished, key=lambda t: t.value)
+    client.log_metric(parent, "sweep/best_value", best.value, step=len(finished))
+    tags = {"best.trial": str(best.number), "best.value": f"{best.value:.6g}",
+            "best.run_id": str(best.user_attrs.get("mlflow_run_id"))}
+    tags |= {f"best.{k}": str(v) for k, v in best.params.items()}
+    for k, v in tags.items():
+        client.set_tag(parent, k, v)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+def worker(sweep_path: str, trials: int | None, worker_index: int, threads: int, root: str) -> None:
+    """One worker: claim a trial, run it, report it, until the study has n_trials or the timeout passes."""
+    import torch
+
+    from rlcore.controller import run as run_rl
+
+    torch.set_num_threads(threads)
+    optuna = _optuna()
+    TrialState = optuna.trial.TrialState
+    rootp = Path(root)
+    sw = load_sweep(sweep_path, trials=trials)
+    study = make_study(sw, open_storage(sw, rootp), worker_index)
+    client, _ = mlflow_client(rootp)
+    parent = _reload_attr(study, "mlflow_parent_run_id")
+    dists = distributions(sw)
+    started, launcher = time.time(), os.getppid()
+    while True:
+        if sw.timeout is not None and time.time() - started > sw.timeout:
+            return
+        if worker_index > 0 and os.getppid() != launcher:  # the launcher died: claim nothing new
+            return
+        with claim_lock(rootp, sw.name):
+            reap_stale(study, client)
+            if counted(counts(study)) >= sw.n_trials:
+                return
+            trial = study.ask(dists)
+            trial.set_user_attr("worker", f"{HOST}:{os.getpid()}")
+        beat = _heartbeat(study, trial)
+        params = {k: trial.params[k] for k in sw.space}
+        cfg = load_experiment(sw.base_path, [*sw.overrides, f"logging.experiment={sw.mlflow_experiment or sw.name}"],
+                              params)
+        tags = {"rlcore.study": sw.name, "rlcore.trial": str(trial.number), "rlcore.trial_state": "RUNNING"}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+
+        def on_start(run_id: str, trial=trial) -> None:
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+        def on_eval(step: int, metrics: dict[str, float], trial=trial) -> bool:
+            trial.report(metrics[sw.objective.metric], step)
+            return trial.should_prune()
+
+        try:
+            result = run_rl(cfg, rootp, tags, on_start, on_eval)
+        except Exception as e:  # a crashed trial is recorded and the sweep goes on
+            beat.set()
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
+            study.tell(trial, state=TrialState.FAIL)
+            close_mlflow_run(client, trial.user_attrs.get("mlflow_run_id") or _run_of(study, trial), "FAIL")
+            print(f"trial {trial.number} failed: {type(e).__name__}: {e}", flush=True)
+            continue
+        except BaseException:  # Ctrl-C / SIGTERM: interrupted, not failed; its point goes back in the queue
+            beat.set()
+            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            study.tell(trial, state=TrialState.FAIL)
+            study.enqueue_trial(params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+            close_mlflow_run(client, _run_of(study, trial), "FAIL", "KILLED")
+            raise
+        beat.set()
+        trial.set_user_attr("steps_done", result.steps_done)
+        value = result.last_eval[sw.objective.metric]
+        if result.stopped_early:
+            study.tell(trial, state=TrialState.PRUNED)
+            state = "PRUNED"
+        else:
+            study.tell(trial, value)
+            state = "COMPLETE"
+        close_mlflow_run(client, result.run_id, state)
+        if parent:
+            update_parent(client, parent, study, sw.objective.direction)
+
+
+def _run_of(study, trial) -> str | None:
+    return study._storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
+
+
+def _heartbeat(study, trial) -> threading.Event:
+    """Refresh the trial's heartbeat in the background (how workers on other machines tell it is alive)."""
+    done = threading.Event()
+    storage, trial_id = study._storage, trial._trial_id
+
+    def beat() -> None:
+        while not done.is_set():
+            storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+            done.wait(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="optuna-heartbeat", daemon=True).start()
+    return done
+
+
+def _worker_entry(*args) -> None:
+    import signal
+
+    os.environ["RLCORE_NO_BAR"] = "1"  # K progress bars on one terminal are unreadable; the launcher shows one line
+    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(128 + s)))
+    try:
+        worker(*args)
+    except KeyboardInterrupt:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+
+def run_sweep(path: str | Path, trials: int | None = None, workers: int | None = None,
+              root: Path | None = None) -> dict[str, Any]:
+    """`rlcore sweep`: start the workers, show progress, mark the parent run, and return the summary."""
+    from tqdm import tqdm
+
+    from rlcore.tracking import project_root
+
+    sw = load_sweep(path, trials, workers)
+    root = root or project_root()
+    study = make_study(sw, open_storage(sw, root))
+    parent = parent_run(sw, study, root)
+    client, _ = mlflow_client(root)
+    threads = max(1, (os.cpu_count() or 1) // sw.workers)
+    args = (str(path), trials, 0, threads, str(root))
+    status = "KILLED"
+    procs: list = []
+    try:
+        if sw.workers == 1:
+            worker(*args)
+        else:
+            ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch/MLflow threads
+            procs = [ctx.Process(target=_worker_entry, args=(*args[:2], i, *args[3:]), daemon=False)
+                     for i in range(sw.workers)]
+            for p in procs:
+                p.start()
+            bar = tqdm(total=sw.n_trials, desc=f"sweep {sw.name}", unit="trial", dynamic_ncols=True)
+            while any(p.is_alive() for p in procs):
+                c = counts(study)
+                bar.n = c["COMPLETE"] + c["PRUNED"] + c["FAIL"]
+                bar.set_postfix(running=c["RUNNING"], pruned=c["PRUNED"], failed=c["FAIL"])
+                time.sleep(1.0)
+            bar.close()
+        c = counts(study)
+        status = "FINISHED" if counted(c) >= sw.n_trials and c["RUNNING"] == 0 else "KILLED"
+    finally:
+        for p in procs:  # Ctrl-C reached the workers too; give them time to close their runs
+            p.join(timeout=30)
+        update_parent(client, parent, study, sw.objective.direction)
+        client.set_terminated(parent, status=status)
+    return summary(sw, study, parent)
+
+
+def summary(sw: SweepConfig, study, parent: str) -> dict[str, Any]:
+    c = counts(study)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    out: dict[str, Any] = {"study": sw.name, "parent_run_id": parent, "counts": c,
+                           "trial_steps": sum(t.user_attrs.get("steps_done", 0) for t in study.get_trials(deepcopy=False))}
+    if done:
+        best = (max if sw.objective.direction == "maximize" else min)(done, key=lambda t: t.value)
+        out |= {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
+                "best_run_id": best.user_attrs.get("mlflow_run_id")}
+    return out
+
+
+def format_summary(s: dict[str, Any], metric: str) -> str:
+    c = s["counts"]
+    lines = [f"study {s['study']}  (MLflow parent run {s['parent_run_id']})",
+             f"  trials: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} failed"
+             + (f", {c['INTERRUPTED']} interrupted and re-queued" if c["INTERRUPTED"] else ""),
+             f"  trial-steps run: {s['trial_steps']}"]
+    if "best_trial" in s:
+        lines.append(f"  best trial: #{s['best_trial']}  {metric} = {s['best_value']:.4f}  run {s['best_run_id']}")
+        width = max(len(k) for k in s["best_params"])
+        lines += [f"    {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"    {k:<{width}}  {v}"
+                  for k, v in s["best_params"].items()]
+    else:
+        lines.append("  no trial completed")
+    return "\n".join(lines)
