@@ -114,6 +114,23 @@ def sweep(
 
 
 @app.command()
+def dashboard(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+) -> None:
+    """Open the Streamlit dashboard on the MLflow store named by mlflow.yml."""
+    import subprocess
+
+    app_path = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    if not app_path.is_file():
+        _fail(f"{app_path}: the dashboard is not installed beside rlcore")
+    typer.echo(f"dashboard: http://{host}:{port}  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
+                                      "--server.port", str(port), "--server.headless", "true",
+                                      "--browser.gatherUsageStats", "false"]))
+
+
+@app.command()
 def quickstart(set_: SetOpt = None) -> None:
     """Warm start (cached after the first time) + a short GRPO run on the default tiny model, logged to MLflow."""
     from rlcore.tracking import project_root
@@ -126,6 +143,7 @@ def quickstart(set_: SetOpt = None) -> None:
     from rlcore.controller import run as run_rl
 
     _report(run_rl(cfg, root), "quickstart")
+    typer.echo("  compare runs, read the lessons next to them: rlcore dashboard")
 
 
 def _terminate(signum, frame) -> None:

@@ -19,21 +19,21 @@ class MetricDef:
 
 CATALOGUE: list[MetricDef] = [
     # reward
-    MetricDef("reward/mean", "reward", "mean of sequence rewards over the step's B = prompts x K completions", "02"),
-    MetricDef("reward/std", "reward", "std of sequence rewards over the batch", "02"),
+    MetricDef("reward/mean", "reward", "mean of sequence rewards over the step's B = prompts x K completions", "01"),
+    MetricDef("reward/std", "reward", "std of sequence rewards over the batch", "01"),
     MetricDef("reward/overlong_penalty", "reward", "mean DAPO overlong shaping added to the reward (0 when off)", "13"),
-    MetricDef("reward/zero_var_group_frac", "fraction", "groups whose K rewards are all equal (zero GRPO advantage: wasted samples)", "11"),
+    MetricDef("reward/zero_var_group_frac", "fraction", "groups whose K rewards are all equal (zero GRPO advantage: wasted samples)", "02"),
     # rollout (dynamic sampling)
     MetricDef("rollout/rounds", "rounds", "rollout rounds this step (1 without a group filter)", "13"),
     MetricDef("rollout/kept_group_frac", "fraction", "drawn groups the group filter kept (DAPO: groups with reward variance)", "13"),
     MetricDef("rollout/filler_groups", "groups", "filtered-out groups used to fill the batch after max_sample_rounds", "13"),
     # advantage
-    MetricDef("adv/mean", "adv", "mean advantage over response tokens", "03"),
-    MetricDef("adv/abs_mean", "adv", "mean |advantage| over response tokens (signal strength)", "03"),
+    MetricDef("adv/mean", "adv", "mean advantage over response tokens", "04"),
+    MetricDef("adv/abs_mean", "adv", "mean |advantage| over response tokens (signal strength)", "04"),
     # actor
-    MetricDef("actor/loss", "loss", "aggregated policy objective incl. beta*KL when KL is in the loss", "04"),
-    MetricDef("actor/pg_loss", "loss", "token mean of the per-token policy loss (without KL)", "04"),
-    MetricDef("actor/entropy", "nats", "token mean of -sum_v p(v) log p(v) of the policy's next-token distribution", "06"),
+    MetricDef("actor/loss", "loss", "aggregated policy objective incl. beta*KL when KL is in the loss", "05"),
+    MetricDef("actor/pg_loss", "loss", "token mean of the per-token policy loss (without KL)", "05"),
+    MetricDef("actor/entropy", "nats", "token mean of -sum_v p(v) log p(v) of the policy's next-token distribution", "13"),
     MetricDef("actor/clipfrac_low", "fraction", "tokens whose PPO ratio was clipped below 1-eps (A<0)", "10"),
     MetricDef("actor/clipfrac_high", "fraction", "tokens whose PPO ratio was clipped above 1+eps (A>0)", "10"),
     MetricDef("actor/clipfrac_dual", "fraction", "tokens with A<0 whose loss was capped at c|A| by dual-clip", "10"),
@@ -43,20 +43,20 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("actor/lr", "lr", "learning rate at this step", "05"),
     MetricDef("actor/sampler_logp_gap", "nats", "token mean of |log pi_sampler - log pi_trainer| (engine/trainer mismatch)", "24"),
     # critic (PPO with GAE)
-    MetricDef("critic/value_loss", "loss", "token mean of 0.5 max((V-R)^2, (V_clip-R)^2), R = GAE return", "09"),
-    MetricDef("critic/vpred", "reward", "token mean of the critic's value V(s_t) during the update", "09"),
-    MetricDef("critic/clipfrac", "fraction", "tokens whose value loss used the clipped value", "09"),
-    MetricDef("critic/grad_norm", "norm", "global L2 norm of the critic's gradient before clipping", "09"),
-    MetricDef("critic/explained_var", "fraction", "1 - Var(R - V_old) / Var(R) over response tokens (1 = perfect critic)", "09"),
+    MetricDef("critic/value_loss", "loss", "token mean of 0.5 max((V-R)^2, (V_clip-R)^2), R = GAE return", "10"),
+    MetricDef("critic/vpred", "reward", "token mean of the critic's value V(s_t) during the update", "10"),
+    MetricDef("critic/clipfrac", "fraction", "tokens whose value loss used the clipped value", "10"),
+    MetricDef("critic/grad_norm", "norm", "global L2 norm of the critic's gradient before clipping", "10"),
+    MetricDef("critic/explained_var", "fraction", "1 - Var(R - V_old) / Var(R) over response tokens (1 = perfect critic)", "10"),
     # KL to reference
-    MetricDef("kl/mean", "nats", "token mean of the chosen estimator of KL(pi_theta || pi_ref)", "12"),
+    MetricDef("kl/mean", "nats", "token mean of the chosen estimator of KL(pi_theta || pi_ref)", "03"),
     # response
-    MetricDef("response/length_mean", "tokens", "mean completion length (tokens up to and including EOS)", "06"),
-    MetricDef("response/length_max", "tokens", "longest completion in the batch", "06"),
-    MetricDef("response/clip_ratio", "fraction", "completions cut at max_new_tokens without EOS", "06"),
+    MetricDef("response/length_mean", "tokens", "mean completion length (tokens up to and including EOS)", "14"),
+    MetricDef("response/length_max", "tokens", "longest completion in the batch", "14"),
+    MetricDef("response/clip_ratio", "fraction", "completions cut at max_new_tokens without EOS", "22b"),
     # eval (held-out, never trained on)
-    MetricDef("eval/greedy_accuracy", "fraction", "held-out prompts whose greedy completion is exactly right", "02"),
-    MetricDef("eval/sampled_reward", "reward", "mean reward of k samples per held-out prompt at T=1", "02"),
+    MetricDef("eval/greedy_accuracy", "fraction", "held-out prompts whose greedy completion is exactly right", "01"),
+    MetricDef("eval/sampled_reward", "reward", "mean reward of k samples per held-out prompt at T=1", "01"),
     # sft warm start
     MetricDef("sft/loss", "nats", "token mean cross-entropy on the completion tokens", "01"),
     # timing: seconds per phase of one step (lesson 07 is this picture)
@@ -67,12 +67,14 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("timing/values", "s", "critic forward for V_old (0 without a critic)", "07"),
     MetricDef("timing/advantage", "s", "advantage estimation", "07"),
     MetricDef("timing/update", "s", "policy forward/backward over micro-batches + optimizer step", "07"),
-    MetricDef("timing/sync", "s", "pushing weights to the rollout engine (0 when shared)", "07"),
+    MetricDef("timing/sync", "s", "pushing weights to the rollout engine (0 when shared)", "06"),
     MetricDef("timing/step", "s", "wall time of the whole step; step - sum(phases) is 'other' (logging, metrics)", "07"),
     # perf
-    MetricDef("perf/tokens_per_s", "tokens/s", "generated response tokens (all processes) / timing/step", "07"),
-    MetricDef("perf/peak_mem_mb", "MB", "peak memory: CUDA max allocated, or process max RSS on CPU", "07"),
-    MetricDef("perf/sync_mb", "MB", "bytes pushed to the rollout engine this step", "24"),
+    MetricDef("perf/tokens_per_s", "tokens/s", "generated response tokens (all processes) / timing/step", "22"),
+    MetricDef("perf/peak_mem_mb", "MB", "peak memory: CUDA max allocated, or process max RSS on CPU", "22"),
+    # sweeps (the parent run of `rlcore sweep`)
+    MetricDef("sweep/best_value", "objective", "best objective value among the trials completed so far", "26"),
+    MetricDef("perf/sync_mb", "MB", "bytes pushed to the rollout engine this step", "06"),
 ]
 
 BY_NAME: dict[str, MetricDef] = {m.name: m for m in CATALOGUE}

@@ -76,15 +76,15 @@ class Tracker:
     """An MLflow run with batched background logging. Use one per run, on the main process only."""
 
     def __init__(self, experiment: str, root: Path | None = None):
-        import mlflow  # imported here: 1.5 s per process, and only the logging process pays it
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # imported here: 1.5 s per process; only the logging process pays
 
         self.root = root or project_root()
         self.settings = tracking_settings(self.root)
         uri = self.settings["tracking_uri"]
         if uri.startswith("sqlite:///"):
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(uri)
+        # No mlflow.set_tracking_uri: it also sets MLFLOW_TRACKING_URI for the whole process, which would point every
+        # later lookup (another project, the dashboard) at this store. The client carries the URI.
         self.client = MlflowClient(uri)
         self.experiment_id = self._experiment(experiment)
         self.run_id: str | None = None

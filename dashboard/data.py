@@ -1,0 +1,233 @@
+"""The dashboard's data layer: MLflow (and Optuna) in, tidy pandas frames out. Pages only draw.
+
+Reading is bulk, never per run x metric: with the embedded SQLite store one SQL query per table (read-only
+connection); with a tracking server, one `search_runs` and the server's bulk-interval history route per metric.
+Histories are downsampled per run here, keeping each bucket's last value and its min/max band, so a chart never
+receives more than `max_points` points per series however long the run was.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rlcore.tracking import project_root, tracking_settings
+
+# Tags the pages filter and group by; read for every run.
+RUN_TAGS = ("algorithm", "rlcore.kind", "rlcore.group", "seed", "rlcore.study", "rlcore.trial", "rlcore.trial_state",
+            "mlflow.parentRunId", "lesson", "task", "model", "world_size")
+RUN_COLUMNS = ["run_id", "name", "experiment", "status", "start", "end", "duration_s", *RUN_TAGS]
+
+
+class StoreError(RuntimeError):
+    """The store cannot be read (missing file, server down); pages show the message instead of a traceback."""
+
+
+@dataclass
+class Store:
+    uri: str
+
+    @classmethod
+    def for_project(cls, root: Path | None = None) -> Store:
+        return cls(tracking_settings(root or project_root())["tracking_uri"])
+
+    # ---------------------------------------------------------------------------------------- sqlite path
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        return Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
+
+    def _sql(self, query: str, params: tuple = ()) -> pd.DataFrame:
+        path = self.sqlite_path
+        if path is None or not path.is_file():
+            raise StoreError(f"no MLflow store at {path} yet: run an experiment first (e.g. `rlcore quickstart`)")
+        # Read-only: the dashboard never writes to the store, and cannot lock out a training run.
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            return pd.read_sql_query(query, con, params=params)
+
+    # ---------------------------------------------------------------------------------------- runs
+
+    def runs(self) -> pd.DataFrame:
+        """One row per (not deleted) run: id, name, experiment, status, times, and the RUN_TAGS as columns."""
+        if self.sqlite_path is None:
+            return self._runs_server()
+        runs = self._sql(
+            "SELECT r.run_uuid AS run_id, r.name, e.name AS experiment, r.status, r.start_time, r.end_time "
+            "FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+            "WHERE r.lifecycle_stage = 'active' AND e.lifecycle_stage = 'active'")
+        marks = ",".join("?" * len(RUN_TAGS))
+        tags = self._sql(f"SELECT run_uuid AS run_id, key, value FROM tags WHERE key IN ({marks})", RUN_TAGS)
+        return _finish_runs(runs, tags)
+
+    def _runs_server(self) -> pd.DataFrame:
+        client = self._client()
+        try:
+            exps = client.search_experiments()
+            found = client.search_runs([e.experiment_id for e in exps], max_results=50000) if exps else []
+        except Exception as e:  # noqa: BLE001 - any client/network failure becomes one message on the page
+            raise StoreError(f"cannot reach the MLflow server at {self.uri}: {e}") from None
+        names = {e.experiment_id: e.name for e in exps}
+        runs = pd.DataFrame([{"run_id": r.info.run_id, "name": r.info.run_name, "experiment": names.get(r.info.experiment_id),
+                              "status": r.info.status, "start_time": r.info.start_time, "end_time": r.info.end_time}
+                             for r in found])
+        tags = pd.DataFrame([{"run_id": r.info.run_id, "key": k, "value": v}
+                             for r in found for k, v in r.data.tags.items() if k in RUN_TAGS],
+                            columns=["run_id", "key", "value"])
+        return _finish_runs(runs, tags)
+
+    def params(self, run_ids: list[str]) -> pd.DataFrame:
+        """Wide frame: one row per run, one column per flattened config key."""
+        if not run_ids:
+            return pd.DataFrame()
+        if self.sqlite_path is None:
+            client = self._client()
+            rows = [{"run_id": r, **client.get_run(r).data.params} for r in run_ids]
+            return pd.DataFrame(rows).set_index("run_id")
+        marks = ",".join("?" * len(run_ids))
+        long = self._sql(f"SELECT run_uuid AS run_id, key, value FROM params WHERE run_uuid IN ({marks})", tuple(run_ids))
+        return long.pivot(index="run_id", columns="key", values="value").reindex(run_ids)
+
+    def metric_keys(self, run_ids: list[str]) -> list[str]:
+        if not run_ids:
+            return []
+        if self.sqlite_path is None:
+            client = self._client()
+            return sorted({k for r in run_ids for k in client.get_run(r).data.metrics})
+        marks = ",".join("?" * len(run_ids))
+        return sorted(self._sql(f"SELECT DISTINCT key FROM latest_metrics WHERE run_uuid IN ({marks})",
+                                tuple(run_ids))["key"])
+
+    def latest(self, run_ids: list[str]) -> pd.DataFrame:
+        """Last logged value of every metric: one row per run, one column per metric."""
+        if not run_ids:
+            return pd.DataFrame()
+        if self.sqlite_path is None:
+            client = self._client()
+            return pd.DataFrame([{"run_id": r, **client.get_run(r).data.metrics} for r in run_ids]).set_index("run_id")
+        marks = ",".join("?" * len(run_ids))
+        long = self._sql(f"SELECT run_uuid AS run_id, key, value FROM latest_metrics WHERE run_uuid IN ({marks})",
+                         tuple(run_ids))
+        return long.pivot(index="run_id", columns="key", values="value").reindex(run_ids)
+
+    # ---------------------------------------------------------------------------------------- histories
+
+    def history(self, run_ids: list[str], keys: list[str], max_points: int = 400) -> pd.DataFrame:
+        """Long frame run_id, key, step, value, vmin, vmax, time_s (seconds since the run's first point),
+        downsampled to at most `max_points` buckets per (run, key)."""
+        cols = ["run_id", "key", "step", "value", "vmin", "vmax", "time_s"]
+        if not run_ids or not keys:
+            return pd.DataFrame(columns=cols)
+        if self.sqlite_path is None:
+            raw = self._history_server(run_ids, keys)
+        else:
+            rm, km = ",".join("?" * len(run_ids)), ",".join("?" * len(keys))
+            raw = self._sql(f"SELECT run_uuid AS run_id, key, step, value, timestamp FROM metrics "
+                            f"WHERE key IN ({km}) AND run_uuid IN ({rm})", (*keys, *run_ids))
+        if raw.empty:
+            return pd.DataFrame(columns=cols)
+        return downsample(raw, max_points)[cols]
+
+    def _history_server(self, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
+        """The server's bulk route: one request per metric for all runs (MLflow's UI uses the same endpoint)."""
+        import requests
+
+        rows = []
+        base = self.uri.rstrip("/")
+        for key in keys:
+            for i in range(0, len(run_ids), 100):  # the route takes up to 100 runs per call
+                r = requests.get(f"{base}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
+                                 params=[("run_ids", x) for x in run_ids[i : i + 100]]
+                                 + [("metric_key", key), ("max_results", 2500)], timeout=30)
+                if r.status_code != 200:
+                    raise StoreError(f"MLflow server {base}: {r.status_code} {r.text[:200]}")
+                rows += [{"run_id": m["run_id"], "key": m["key"], "step": int(m.get("step", 0)),
+                          "value": float(m["value"]), "timestamp": int(m["timestamp"])}
+                         for m in r.json().get("metrics", [])]
+        return pd.DataFrame(rows, columns=["run_id", "key", "step", "value", "timestamp"])
+
+    def samples(self, run_id: str) -> dict[int, pd.DataFrame]:
+        """The logged completion tables of a run: step -> frame (prompt, completion, answer, reward)."""
+        client = self._client()
+        try:
+            files = client.list_artifacts(run_id, "samples")
+        except Exception:  # noqa: BLE001 - a run without artifacts or a missing artifact dir: no samples
+            return {}
+        out: dict[int, pd.DataFrame] = {}
+        for f in files:
+            name = Path(f.path).name
+            if not (name.startswith("step_") and name.endswith(".json")):
+                continue
+            local = client.download_artifacts(run_id, f.path)
+            table = json.loads(Path(local).read_text())
+            out[int(name[5:-5])] = pd.DataFrame(table["data"], columns=table["columns"])
+        return dict(sorted(out.items()))
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+
+def _finish_runs(runs: pd.DataFrame, tags: pd.DataFrame) -> pd.DataFrame:
+    if runs.empty:
+        return pd.DataFrame(columns=RUN_COLUMNS)
+    wide = tags.pivot(index="run_id", columns="key", values="value") if not tags.empty else pd.DataFrame()
+    runs = runs.merge(wide, left_on="run_id", right_index=True, how="left")
+    for t in RUN_TAGS:
+        if t not in runs:
+            runs[t] = None
+    runs["start"] = pd.to_datetime(runs["start_time"], unit="ms")
+    runs["end"] = pd.to_datetime(runs["end_time"], unit="ms")
+    now = pd.Timestamp.now()
+    runs["duration_s"] = ((runs["end"].fillna(now) - runs["start"]).dt.total_seconds()).round(1)
+    return runs.sort_values("start", ascending=False)[RUN_COLUMNS].reset_index(drop=True)
+
+
+def downsample(raw: pd.DataFrame, max_points: int) -> pd.DataFrame:
+    """Per (run, key): at most max_points buckets over the step range; each keeps its last value and min/max."""
+    raw = raw.sort_values(["run_id", "key", "step", "timestamp"])
+    raw = raw.drop_duplicates(["run_id", "key", "step"], keep="last")
+    t0 = raw.groupby("run_id")["timestamp"].transform("min")
+    raw = raw.assign(time_s=(raw["timestamp"] - t0) / 1000.0)
+    smin = raw.groupby(["run_id", "key"])["step"].transform("min")
+    smax = raw.groupby(["run_id", "key"])["step"].transform("max")
+    span = (smax - smin).clip(lower=1)
+    raw = raw.assign(bucket=np.floor((raw["step"] - smin) / span * (max_points - 1)).astype(int))
+    g = raw.groupby(["run_id", "key", "bucket"], sort=False)
+    out = g.agg(step=("step", "last"), value=("value", "last"), vmin=("value", "min"), vmax=("value", "max"),
+                time_s=("time_s", "last")).reset_index()
+    return out.drop(columns="bucket")
+
+
+def smooth(frame: pd.DataFrame, weight: float) -> pd.DataFrame:
+    """TensorBoard-style exponential moving average of `value` per (run, key); weight 0 = raw."""
+    if weight <= 0 or frame.empty:
+        return frame
+    out = frame.sort_values(["run_id", "key", "step"]).copy()
+    out["value"] = out.groupby(["run_id", "key"])["value"].transform(lambda s: s.ewm(alpha=1 - weight).mean())
+    return out
+
+
+def config_diff(params: pd.DataFrame) -> pd.DataFrame:
+    """Only the config keys whose values differ between the runs (rows: keys, columns: runs)."""
+    if params.empty or len(params) < 2:
+        return pd.DataFrame()
+    differing = [c for c in params.columns if params[c].astype(str).nunique(dropna=False) > 1]
+    return params[differing].T
+
+
+def band(history: pd.DataFrame, groups: pd.Series) -> pd.DataFrame:
+    """Mean and std across the runs of each group, per (key, step). `groups`: run_id -> group label."""
+    if history.empty:
+        return pd.DataFrame(columns=["group", "key", "step", "mean", "std", "lo", "hi", "n"])
+    h = history.assign(group=history["run_id"].map(groups))
+    agg = h.groupby(["group", "key", "step"])["value"].agg(["mean", "std", "count"]).reset_index()
+    agg["std"] = agg["std"].fillna(0.0)
+    agg = agg.rename(columns={"count": "n"})
+    agg["lo"], agg["hi"] = agg["mean"] - agg["std"], agg["mean"] + agg["std"]
+    return agg

@@ -1,0 +1,143 @@
+"""Background launches from the dashboard: only files under experiments/, validated before anything starts.
+
+Each launch is a process group running `python -m rlcore.cli run|sweep FILE --set ...`, its output in
+.rlcore_cache/launches/<id>.log and its record (command, pid, exit code once done) in <id>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rlcore.config import ConfigError, load_experiment, load_yaml
+
+
+@dataclass
+class Launch:
+    id: str
+    file: str  # relative to experiments/
+    overrides: list[str]
+    pid: int
+    started: float
+    command: list[str]
+
+    def dir(self, root: Path) -> Path:
+        return launches_dir(root)
+
+    def log(self, root: Path) -> Path:
+        return launches_dir(root) / f"{self.id}.log"
+
+    def exit_code(self, root: Path) -> int | None:
+        rc = launches_dir(root) / f"{self.id}.rc"
+        return int(rc.read_text().strip() or "1") if rc.is_file() else None
+
+    def status(self, root: Path) -> str:
+        code = self.exit_code(root)
+        if code is not None:
+            return "finished" if code == 0 else f"exited {code}"
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return "gone"
+        return "running"
+
+
+def launches_dir(root: Path) -> Path:
+    d = root / ".rlcore_cache" / "launches"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def experiment_files(root: Path) -> list[str]:
+    """Launchable files: YAML under experiments/ (relative paths), sweeps included."""
+    base = root / "experiments"
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*.yaml")) if base.is_dir() else []
+
+
+def resolve(root: Path, file: str) -> Path:
+    """The file under experiments/, or ConfigError for anything outside it (.., absolute paths, symlinks out)."""
+    base = (root / "experiments").resolve()
+    path = (base / file).resolve()
+    if not path.is_relative_to(base) or path.suffix != ".yaml":
+        raise ConfigError(f"{file}: only YAML files under experiments/ can be launched")
+    if not path.is_file():
+        raise ConfigError(f"{file}: no such file under experiments/")
+    return path
+
+
+def is_sweep(path: Path) -> bool:
+    return "space" in load_yaml(path)
+
+
+def validate(root: Path, file: str, overrides: list[str]) -> str:
+    """Validate with the same schema as the CLI; returns a one-line description."""
+    path = resolve(root, file)
+    if is_sweep(path):
+        if overrides:
+            raise ConfigError("sweeps take no --set overrides here (edit the sweep file's `overrides`)")
+        from rlcore.sweep import load_sweep
+
+        sw = load_sweep(path)
+        return f"sweep {sw.name}: {sw.n_trials} trials, {sw.workers} worker(s)"
+    cfg = load_experiment(path, overrides)
+    return f"{cfg.kind} experiment, algorithm={cfg.algorithm.name}, steps={cfg.trainer.steps}"
+
+
+def start(root: Path, file: str, overrides: list[str], extra: list[str] | None = None) -> Launch:
+    validate(root, file, overrides)
+    path = resolve(root, file)
+    cmd = [sys.executable, "-m", "rlcore.cli", "sweep" if is_sweep(path) else "run", str(path)]
+    for o in overrides:
+        cmd += ["--set", o]
+    cmd += extra or []
+    launch_id = time.strftime("%Y%m%d-%H%M%S") + f"-{path.stem}-{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
+    d = launches_dir(root)
+    log = d / f"{launch_id}.log"
+    rc = d / f"{launch_id}.rc"
+    # The shell records the exit code, so the page can tell finished from failed after the process is gone.
+    shell = f'{" ".join(_quote(c) for c in cmd)}; echo $? > {_quote(str(rc))}'
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["/bin/sh", "-c", shell], cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    launch = Launch(launch_id, file, overrides, proc.pid, time.time(), cmd)
+    (d / f"{launch_id}.json").write_text(json.dumps(asdict(launch)))
+    return launch
+
+
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def all_launches(root: Path) -> list[Launch]:
+    out = []
+    for p in sorted(launches_dir(root).glob("*.json"), reverse=True):
+        try:
+            out.append(Launch(**json.loads(p.read_text())))
+        except (ValueError, TypeError):
+            continue  # a record being written right now
+    return out
+
+
+def stop(launch: Launch) -> None:
+    """SIGTERM to the launch's process group: the run closes as KILLED, a sweep re-queues its trial."""
+    try:
+        os.killpg(launch.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    """The end of a log, with tqdm's carriage-return redraws reduced to their last state per line."""
+    if not path.is_file():
+        return ""
+    data = path.read_bytes()[-n * 4 :].decode(errors="replace")
+    lines = [line.rsplit("\r", 1)[-1] for line in data.split("\n")]
+    return "\n".join(lines)[-n:]

@@ -1,0 +1,101 @@
+"""Sweeps: pick an Optuna study; optimisation history, parameter importance, parallel coordinates, slices, trials."""
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboard import common
+from rlcore.sweep import default_journal
+
+
+@st.cache_resource(ttl=common.TTL_S)
+def open_storage(spec: str):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if spec.startswith(("postgresql", "mysql", "sqlite")):
+        return optuna.storages.RDBStorage(spec)
+    return JournalStorage(JournalFileBackend(spec))
+
+
+def trials_frame(study) -> pd.DataFrame:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        state = "INTERRUPTED" if t.state.name == "FAIL" and t.user_attrs.get("interrupted") else t.state.name
+        rows.append({"trial": t.number, "state": state, "value": t.value,
+                     "mlflow run": t.user_attrs.get("mlflow_run_id"), "steps": t.user_attrs.get("steps_done"),
+                     **{f"param:{k}": v for k, v in t.params.items()}})
+    return pd.DataFrame(rows)
+
+
+st.title("Sweeps")
+import optuna  # noqa: E402 - after the title so the page paints first
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+journal = default_journal(common.root())
+spec = st.text_input("Optuna storage", str(journal), help="The journal file beside the MLflow store (default), "
+                     "or an RDB URL such as postgresql+psycopg://user@127.0.0.1/optuna")
+if not spec.startswith(("postgresql", "mysql", "sqlite")) and not __import__("pathlib").Path(spec).is_file():
+    st.info(f"No sweep has run yet (no journal at {spec}). Start one: `rlcore sweep experiments/sweeps/grpo_lr_beta.yaml`.")
+else:
+    try:
+        storage = open_storage(spec)
+        names = optuna.get_all_study_names(storage)
+    except Exception as e:  # noqa: BLE001 - a bad URL or unreachable database: say so on the page
+        st.error(f"Cannot open the Optuna storage: {e}")
+        names = []
+    if not names:
+        st.info("The storage has no studies yet.")
+    else:
+        name = st.selectbox("Study", names)
+        study = optuna.load_study(study_name=name, storage=storage)
+        df = trials_frame(study)
+        direction = study.direction.name.lower()
+        done = df[df["state"] == "COMPLETE"].copy()
+        counts = df["state"].value_counts()
+        st.caption(f"{direction} · {len(df)} trials · " + ", ".join(f"{k.lower()} {v}" for k, v in counts.items()))
+        params = [c for c in df.columns if c.startswith("param:")]
+        if done.empty:
+            st.info("No trial has completed yet.")
+        else:
+            done = done.sort_values("trial")
+            best = done["value"].cummax() if direction == "maximize" else done["value"].cummin()
+            done["best so far"] = best
+            hist = alt.Chart(done).mark_circle(size=60).encode(x="trial:Q", y=alt.Y("value:Q", scale=alt.Scale(zero=False)),
+                                                                tooltip=["trial", "value", *params])
+            hist += alt.Chart(done).mark_line(color="firebrick", interpolate="step-after").encode(x="trial:Q", y="best so far:Q")
+            c1, c2 = st.columns(2)
+            c1.altair_chart(hist.properties(title="Optimisation history", height=260), width="stretch")
+            if len(done) >= 2 and len(params) >= 1:
+                try:
+                    imp = optuna.importance.get_param_importances(study)
+                except (RuntimeError, ValueError) as e:
+                    imp = {}
+                    c2.caption(f"importance unavailable: {e}")
+                if imp:
+                    idf = pd.DataFrame({"param": list(imp), "importance": list(imp.values())})
+                    c2.altair_chart(alt.Chart(idf).mark_bar().encode(x="importance:Q", y=alt.Y("param:N", sort="-x"))
+                                    .properties(title="Parameter importance (PED-ANOVA)", height=260), width="stretch")
+            # parallel coordinates: each parameter scaled to [0, 1] (categoricals by rank)
+            pc = done[["trial", "value", *params]].copy()
+            for p in params:
+                col = pc[p]
+                num = pd.to_numeric(col, errors="coerce")
+                if num.isna().any():
+                    num = col.astype(str).rank(method="dense")
+                span = num.max() - num.min()
+                pc[p] = (num - num.min()) / span if span else 0.5
+            long = pc.melt(["trial", "value"], var_name="param", value_name="scaled")
+            st.altair_chart(alt.Chart(long).mark_line(opacity=0.6).encode(
+                x=alt.X("param:N", title=None), y=alt.Y("scaled:Q", title="scaled value"), detail="trial:N",
+                color=alt.Color("value:Q", scale=alt.Scale(scheme="viridis")), tooltip=["trial", "value"])
+                .properties(title="Parallel coordinates", height=260), width="stretch")
+            cols = st.columns(max(1, min(3, len(params))))
+            for i, p in enumerate(params):
+                cols[i % len(cols)].altair_chart(alt.Chart(done).mark_circle(size=60).encode(
+                    x=alt.X(f"{p}:{'Q' if pd.api.types.is_numeric_dtype(done[p]) else 'N'}", title=p[6:]),
+                    y=alt.Y("value:Q", scale=alt.Scale(zero=False)), tooltip=["trial", "value"])
+                    .properties(title=f"Slice: {p[6:]}", height=200), width="stretch")
+        st.subheader("Trials")
+        st.dataframe(df, hide_index=True, key="trials_table")

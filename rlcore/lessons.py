@@ -1,0 +1,79 @@
+"""Lessons: markdown files under lessons/ with a YAML front matter validated like experiments.
+
+    ---
+    id: "11"
+    title: GRPO — drop the critic
+    part: II
+    force: estimator
+    question: What replaces the critic?
+    experiments: [grpo.yaml, ppo.yaml]      # under experiments/
+    metrics: [eval/sampled_reward, kl/mean] # from rlcore.metrics.CATALOGUE
+    look_for: GRPO matches PPO's reward without the critic's memory and time.
+    ---
+    body (markdown, $LaTeX$)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, field_validator
+
+from rlcore.config import ConfigError, _Section, validate_model
+from rlcore.metrics import BY_NAME
+
+PARTS = {"0": "Orientation", "I": "Part I — the framework", "II": "Part II — algorithms", "III": "Part III — production",
+         "IV": "Part IV — the engineer", "V": "Part V — synthesis"}
+
+
+class LessonMeta(_Section):
+    id: str = Field(pattern=r"^\d\d[a-z]?$", description="Two digits (plus a letter for sub-lessons): 00, 11, 18a.")
+    title: str = Field(min_length=1)
+    part: Literal["0", "I", "II", "III", "IV", "V"]
+    force: Literal["signal", "estimator", "cost", "all"] = Field(description="Which of the three forces it is about.")
+    question: str = Field(min_length=1, description="The question the lesson answers.")
+    experiments: list[str] = Field(default_factory=list, description="Paired experiment files, relative to experiments/.")
+    metrics: list[str] = Field(default_factory=list, description="Metrics to chart beside the text.")
+    look_for: str = Field("", description="What the reader should see in the paired runs' charts.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in BY_NAME]
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r} (not in rlcore.metrics.CATALOGUE)")
+        return value
+
+
+@dataclass
+class Lesson:
+    meta: LessonMeta
+    body: str
+    path: Path
+
+
+def parse(path: Path) -> Lesson:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if not text.startswith("---\n") or "\n---" not in text[4:]:
+        raise ConfigError(f"{path}: missing front matter (a YAML block between '---' lines at the top)")
+    head, _, body = text[4:].partition("\n---")
+    try:
+        raw = yaml.safe_load(head)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid front matter YAML: {getattr(e, 'problem', e)}") from None
+    try:
+        meta = validate_model(LessonMeta, raw, "front matter")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return Lesson(meta, body.lstrip("\n"), path)
+
+
+def load_all(root: Path) -> list[Lesson]:
+    """Every lessons/NN-*.md in order."""
+    return [parse(p) for p in sorted((root / "lessons").glob("[0-9][0-9]*.md"))]
