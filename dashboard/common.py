@@ -86,9 +86,11 @@ def metric_help(key: str) -> str:
 
 
 def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: str = "", band: bool = True,
-               lo: str = "vmin", hi: str = "vmax") -> alt.Chart:
-    """One metric: a line per `color` value plus its band (min/max of the bucket, or mean +- std)."""
-    base = alt.Chart(frame).encode(x=alt.X(f"{x}:Q", title=x), color=alt.Color(f"{color}:N", title=None))
+               lo: str = "vmin", hi: str = "vmax", domain: list[str] | None = None) -> alt.Chart:
+    """One metric: a line per `color` value plus its band (min/max of the bucket, or mean +- std). `domain` fixes
+    the color of each series across charts (a run keeps its color even in a chart where another run is missing)."""
+    scale = alt.Scale(domain=domain) if domain else alt.Undefined
+    base = alt.Chart(frame).encode(x=alt.X(f"{x}:Q", title=x), color=alt.Color(f"{color}:N", title=None, scale=scale))
     line = base.mark_line().encode(y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
                                    tooltip=[color, x, alt.Tooltip("value:Q", format=".4g")])
     layers = [line]

@@ -63,7 +63,7 @@ if runs is not None:
                     part = h[h["key"] == key]
                     if part.empty:
                         continue
-                    cols[i % 2].altair_chart(common.line_chart(part, x=x, title=key), width="stretch")
+                    cols[i % 2].altair_chart(common.line_chart(part, x=x, title=key, domain=[names[r] for r in chosen]), width="stretch")
                 if live:
                     st.caption("live: refreshing every 5 s while a picked run is RUNNING")
 
