@@ -60,6 +60,8 @@ def run(
     set_: SetOpt = None,
     seeds: Annotated[str | None, typer.Option(help="Run once per seed, e.g. 0,1,2; the runs share an MLflow "
                                                    "`rlcore.group` tag so they can be drawn as mean +- band.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest checkpoint of this exact config "
+                                                          "(same MLflow run, same numbers as an uninterrupted run).")] = False,
 ) -> None:
     """Run an experiment YAML (RL, or `kind: sft` for a warm start)."""
     cfg = load_experiment(file, set_ or [])
@@ -89,7 +91,17 @@ def run(
         return
     from rlcore.controller import run as run_rl
 
-    _report(run_rl(cfg, root), str(file))
+    checkpoint_path = None
+    if resume:
+        from rlcore.checkpoint import find_latest
+
+        checkpoint_path = find_latest(root / cfg.logging.output_dir, cfg.config_hash())
+        if checkpoint_path is None:
+            raise ConfigError(f"--resume: no checkpoint of this config under {cfg.logging.output_dir}/ "
+                              "(the config must be identical, overrides included)")
+        if _is_main():
+            typer.echo(f"resuming from {checkpoint_path}")
+    _report(run_rl(cfg, root, resume=checkpoint_path), str(file))
 
 
 @app.command()

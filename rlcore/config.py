@@ -178,6 +178,15 @@ class TrainerConfig(_Section):
         128, gt=0, description="Sequences per forward/backward; the rollout batch is accumulated over micro-batches."
     )
     sft_batch_size: int = Field(128, gt=0, description="Examples per SFT step (`kind: sft` only).")
+    checkpoint_every: int = Field(
+        25, ge=0, description="Write a checkpoint every N steps (and when stopped by SIGTERM/Ctrl-C); 0 = never. "
+        "`rlcore run FILE --resume` continues the same MLflow run from the newest one.",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
+    max_nonfinite: int = Field(
+        3, ge=1, description="NaN/inf guard: a non-finite gradient skips the update; this many steps in a row stop the "
+        "run as FAILED.",
+    )
 
 
 class LoggingConfig(_Section):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from rlcore import checkpoint
 from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, gae_returns, lookup, overlong_penalty
 from rlcore.config import ConfigError, ExperimentConfig, flatten
 from rlcore.critic import explained_variance
@@ -177,15 +180,23 @@ def step(loop: Loop, problems: list[Problem],
     return batch, metrics
 
 
+class NonFiniteError(RuntimeError):
+    """Too many non-finite updates in a row: the run stops as FAILED with this message."""
+
+
 def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, str] | None = None,
         on_start: Callable[[str], None] | None = None,
-        on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> RunResult:
+        on_eval: Callable[[int, dict[str, float]], bool] | None = None,
+        resume: Path | None = None) -> RunResult:
     """The whole run. `on_start(run_id)` is called once the MLflow run exists; `on_eval(step, metrics)` after each
     periodic held-out eval, and a True return stops the run there (it still finishes normally: a pruned sweep trial).
+    `resume`: a checkpoint of this config to continue from, in the same MLflow run.
     """
     root = root or project_root()
     loop = build(cfg, root)
     acc = loop.acc
+    ckpt = checkpoint.load(resume) if resume is not None else None
+    start = restore(loop, ckpt) if ckpt is not None else 0
     tracker = Tracker(cfg.logging.experiment, root) if acc.is_main_process else None
     first_eval: dict[str, float] = {}
     last_eval: dict[str, float] = {}
@@ -196,24 +207,35 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                 "world_size": str(acc.num_processes), "rlcore.group": cfg.seed_group(), **cfg.logging.tags,
                 **(extra_tags or {})}
         managed = tracker.run(cfg.logging.run_name, tags, flatten(cfg.to_dict()),
-                              yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    steps_done, stop = 0, False
-    with managed:
+                              yaml.safe_dump(cfg.to_dict(), sort_keys=False), resume_id=ckpt and ckpt["run_id"])
+    steps_done, stop = start, False
+    with managed, StopRequest() as stop_request:
         if tracker is not None:
             if on_start is not None:
                 on_start(tracker.run_id)
-            first_eval = last_eval = evaluate(loop.engine, loop.task, cfg)
-            tracker.log(0, first_eval)
+            if start == 0:
+                first_eval = last_eval = evaluate(loop.engine, loop.task, cfg)
+                tracker.log(0, first_eval)
         stream = loop.task.stream(cfg.seed)
+        drawn = 0
+        for _ in range(ckpt["drawn"] if ckpt else 0):  # the prompt stream continues where the checkpoint left it
+            next(stream)
+            drawn += 1
 
         def draw() -> list[Problem]:
+            nonlocal drawn
+            drawn += cfg.rollout.prompts_per_step
             return [next(stream) for _ in range(cfg.rollout.prompts_per_step)]
 
-        bar = tqdm(range(1, cfg.trainer.steps + 1), desc="rl", unit="step", disable=not acc.is_main_process or bool(os.environ.get("RLCORE_NO_BAR")),
-                   dynamic_ncols=True, file=sys.stderr)
+        quiet = not acc.is_main_process or bool(os.environ.get("RLCORE_NO_BAR"))
+        bar = tqdm(range(start + 1, cfg.trainer.steps + 1), desc="rl", unit="step", disable=quiet,
+                   dynamic_ncols=True, file=sys.stderr, initial=start, total=cfg.trainer.steps)
         for i in bar:
             batch, metrics = step(loop, draw(), draw)
             steps_done = i
+            if loop.trainer.nonfinite_streak >= cfg.trainer.max_nonfinite:
+                raise NonFiniteError(f"non-finite loss/gradient for {loop.trainer.nonfinite_streak} steps in a row, "
+                                     f"last at step {i} (phase: {nonfinite_phase(batch)}); updates were skipped")
             if tracker is not None:
                 if i % cfg.logging.eval_every == 0 or i == cfg.trainer.steps:
                     last_eval = evaluate(loop.engine, loop.task, cfg)
@@ -226,7 +248,13 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/mean', 0.0):.4f}",
                                 s_per_step=f"{metrics['timing/step']:.2f}")
             if acc.num_processes > 1:  # every process stops at the same step
-                stop = bool(acc.reduce(torch.tensor([float(stop)], device=acc.device), reduction="sum").item())
+                flags = torch.tensor([float(stop), float(stop_request.requested)], device=acc.device)
+                stop, stop_request.requested = (bool(x) for x in acc.reduce(flags, reduction="sum").tolist())
+            every = cfg.trainer.checkpoint_every
+            if every and (i % every == 0 or stop_request.requested) and i < cfg.trainer.steps:
+                write_checkpoint(loop, root, tracker, i, drawn)
+            if stop_request.requested:
+                raise SystemExit(128 + stop_request.signum)  # the run closes as KILLED, resumable
             if stop:
                 if tracker is not None:
                     tracker.client.set_tag(tracker.run_id, "rlcore.stopped_at_step", str(i))
@@ -234,6 +262,77 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
         out_dir = save_policy(loop.trainer, loop.tokenizer, root, cfg, tracker, acc)
     return RunResult(tracker.run_id if tracker else None, tracker.where if tracker else None, first_eval, last_eval,
                      out_dir, steps_done, stop)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT finish the current step, write a checkpoint, then end the run as KILLED (a second signal
+    stops at once). Only in the main thread; elsewhere signals keep their default handling."""
+
+    def __init__(self) -> None:
+        self.requested, self.signum, self._old = False, 0, {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def nonfinite_phase(batch: RolloutBatch) -> str:
+    """The first phase whose output holds a NaN/inf (update when every input was finite)."""
+    for phase, t in (("reward", batch.rewards), ("reference", batch.ref_logp), ("old_logprob", batch.old_logp),
+                     ("values", batch.values), ("advantage", batch.adv)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return phase
+    return "update"
+
+
+def checkpoint_state(loop: Loop, step: int, run_id: str | None, drawn: int) -> dict:
+    t = loop.trainer
+    state = {"step": step, "run_id": run_id, "drawn": drawn, "config_hash": loop.cfg.config_hash(),
+             "reference": loop.cfg.model.warm_start or loop.cfg.model.name_or_path or "fresh",
+             "policy": t.unwrapped.state_dict(), "optimizer": t.optimizer.state_dict(),
+             "scheduler": t.scheduler.state_dict(), "nonfinite_streak": t.nonfinite_streak,
+             "rng": checkpoint.rng_state(loop.engine.generator)}
+    if t.critic is not None:
+        state["critic"] = loop.acc.unwrap_model(t.critic).state_dict()
+        state["critic_optimizer"] = t.critic_optimizer.state_dict()
+    return state
+
+
+def write_checkpoint(loop: Loop, root: Path, tracker: Tracker | None, step: int, drawn: int) -> None:
+    """Main process writes; every process waits so none runs ahead of a checkpoint."""
+    if tracker is not None:
+        tracker.drain()  # metrics up to this step are stored before the checkpoint exists: a resume misses none
+        d = root / loop.cfg.logging.output_dir / tracker.run_id / "checkpoints"
+        checkpoint.save(d, step, checkpoint_state(loop, step, tracker.run_id, drawn), loop.cfg.trainer.keep_checkpoints)
+    loop.acc.wait_for_everyone()
+
+
+def restore(loop: Loop, ckpt: dict) -> int:
+    """Load a checkpoint into a freshly built loop; returns its step."""
+    if ckpt["config_hash"] != loop.cfg.config_hash():
+        raise ConfigError("--resume: the checkpoint was written by a different config")
+    t = loop.trainer
+    t.unwrapped.load_state_dict(ckpt["policy"])
+    t.optimizer.load_state_dict(ckpt["optimizer"])
+    t.scheduler.load_state_dict(ckpt["scheduler"])
+    t.nonfinite_streak = ckpt["nonfinite_streak"]
+    if t.critic is not None:
+        loop.acc.unwrap_model(t.critic).load_state_dict(ckpt["critic"])
+        t.critic_optimizer.load_state_dict(ckpt["critic_optimizer"])
+    checkpoint.restore_rng(ckpt["rng"], loop.engine.generator)
+    loop.sync.push(t.unwrapped)  # a separate rollout engine gets the restored weights
+    return int(ckpt["step"])
 
 
 def batch_metrics(batch: RolloutBatch, acc: Accelerator, k: int) -> dict[str, float]:

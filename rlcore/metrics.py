@@ -40,6 +40,7 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("actor/ratio", "ratio", "token mean of pi_theta / pi_old", "10"),
     MetricDef("actor/ppo_kl", "nats", "token mean of k3(pi_old, pi_theta): how far the update moved", "10"),
     MetricDef("actor/grad_norm", "norm", "global L2 norm of the gradient before clipping (mean over optimizer steps)", "05"),
+    MetricDef("actor/nonfinite_skips", "updates", "optimizer steps skipped because the gradient was NaN/inf", "24"),
     MetricDef("actor/lr", "lr", "learning rate at this step", "05"),
     MetricDef("actor/sampler_logp_gap", "nats", "token mean of |log pi_sampler - log pi_trainer| (engine/trainer mismatch)", "24"),
     # critic (PPO with GAE)

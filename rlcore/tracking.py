@@ -92,6 +92,8 @@ class Tracker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._flush_lock = threading.Lock()
+        self._logged: dict[str, int] = {}  # metric -> last step already in the store (only when resuming)
 
     def _experiment(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -124,13 +126,26 @@ class Tracker:
         self._thread.start()
         return self.run_id
 
+    def resume(self, run_id: str) -> str:
+        """Reopen an existing run (a resumed checkpoint): RUNNING again, and every (metric, step) already stored is
+        skipped by `log`, so the steps replayed since the checkpoint are not logged twice."""
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        for key in self.client.get_run(run_id).data.metrics:
+            self._logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
+        self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
+        self._thread.start()
+        return run_id
+
     @contextmanager
-    def run(self, run_name: str | None, tags: dict[str, str], params: dict[str, Any], config_yaml: str) -> Iterator[str]:
-        """Start a run and yield its id; close it FINISHED, KILLED (Ctrl-C, or SIGTERM turned into SystemExit by the
-        CLI) or FAILED (any error, including one while starting), so no run is ever left RUNNING."""
+    def run(self, run_name: str | None, tags: dict[str, str], params: dict[str, Any], config_yaml: str,
+            resume_id: str | None = None) -> Iterator[str]:
+        """Start (or with `resume_id`, reopen) a run and yield its id; close it FINISHED, KILLED (Ctrl-C, or SIGTERM
+        turned into SystemExit by the CLI) or FAILED (any error, including one while starting), so no run is ever
+        left RUNNING."""
         status = "FAILED"
         try:
-            yield self.start(run_name, tags, params, config_yaml)
+            yield self.resume(resume_id) if resume_id else self.start(run_name, tags, params, config_yaml)
             status = "FINISHED"
         except (KeyboardInterrupt, SystemExit):
             status = "KILLED"
@@ -142,7 +157,9 @@ class Tracker:
         unknown = [k for k in metrics if k not in BY_NAME]
         if unknown:
             raise KeyError(f"metric {unknown[0]!r} is not in rlcore.metrics.CATALOGUE")
-        self._queue.put(("metrics", step, int(time.time() * 1000), dict(metrics)))
+        fresh = {k: v for k, v in metrics.items() if step > self._logged.get(k, -1)}
+        if fresh:
+            self._queue.put(("metrics", step, int(time.time() * 1000), fresh))
 
     def log_table(self, step: int, rows: list[dict[str, Any]], name: str = "samples") -> None:
         self._queue.put(("table", step, rows, name))
@@ -153,7 +170,15 @@ class Tracker:
             self._flush()
         self._flush()
 
+    def drain(self) -> None:
+        """Deliver everything queued now (before a checkpoint: the store then holds every step up to it)."""
+        self._flush()
+
     def _flush(self) -> None:
+        with self._flush_lock:  # the background thread and drain() never write concurrently (keeps the order)
+            self._flush_unlocked()
+
+    def _flush_unlocked(self) -> None:
         from mlflow.entities import Metric
 
         batch: list[Metric] = []

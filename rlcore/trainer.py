@@ -7,6 +7,7 @@ averages gradients. So 1 process x 4 micro-batches, 2 processes x 2 and 1 x 1 gi
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from contextlib import ExitStack
 
@@ -31,6 +32,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
         self.critic = self.critic_optimizer = None
+        self.nonfinite_streak = 0  # consecutive steps with a skipped (non-finite) update
         if with_critic:  # built from the policy *before* any update, so it starts from the same trunk
             critic = ValueModel(self.unwrapped)
             critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.algorithm.critic_lr, betas=t.betas)
@@ -72,6 +74,7 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)  # metric -> sum over tokens (all micro-batches)
         counts: dict[str, float] = defaultdict(float)
         grad_norms: list[float] = []
+        skipped = 0  # optimizer steps skipped by the NaN/inf guard
         loss_sum = 0.0  # each minibatch's loss is split over micro-batches and processes; their sum is the loss
         n_mini = a.minibatches
         size = -(-len(batch) // n_mini)
@@ -99,19 +102,33 @@ class Trainer:
                     for k, (s, c) in stats.items():
                         sums[k] += s
                         counts[k] += c
-                grad_norms.append(float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)))
+                norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip))
                 if self.critic is not None:
                     vnorm = float(self.acc.clip_grad_norm_(self.critic.parameters(), self.cfg.trainer.grad_clip))
-                    sums["critic/grad_norm"] += vnorm
-                    counts["critic/grad_norm"] += 1
+                    norm = norm if math.isfinite(vnorm) else vnorm
+                    if math.isfinite(vnorm):
+                        sums["critic/grad_norm"] += vnorm
+                        counts["critic/grad_norm"] += 1
+                # NaN/inf guard: the norm is global (all-reduced), so every process skips the same updates.
+                if not math.isfinite(norm):
+                    skipped += 1
+                    for opt in self._optimizers():
+                        opt.zero_grad(set_to_none=True)
+                    continue
+                grad_norms.append(norm)
                 for opt in self._optimizers():
                     opt.step()
                 self.scheduler.step()
         keys = sorted(sums)
         reduced = self._global_sum([sums[k] for k in keys] + [counts[k] for k in keys] + [loss_sum])
         out = {k: reduced[i] / max(reduced[len(keys) + i], 1e-12) for i, k in enumerate(keys)}
-        out["actor/loss"] = reduced[-1] / len(grad_norms)  # mean over optimizer steps
-        out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        n_steps = len(grad_norms) + skipped
+        out["actor/loss"] = reduced[-1] / n_steps  # mean over optimizer steps
+        if grad_norms:
+            out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out = {k: v for k, v in out.items() if math.isfinite(v)}  # a NaN loss is counted below, not charted
+        out["actor/nonfinite_skips"] = float(skipped)
+        self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
         return out
 

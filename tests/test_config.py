@@ -16,7 +16,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 BAD = [
     ("algorithm: {clip_eps: -0.2}", "algorithm.clip_eps: must be > 0.0, got -0.2"),
     ("algorithm: {clip_epss: 0.2}", "algorithm.clip_epss: unknown key (valid: name, advantage"),
-    ("algorithm: {advantage: foo}", "algorithm.advantage: unknown 'foo', valid: grpo"),
+    ("algorithm: {advantage: foo}", "algorithm.advantage: unknown 'foo', valid: gae, grpo"),
     ("algorithm: {loss_agg: mean}", "algorithm.loss_agg: unknown 'mean', valid:"),
     ("algorithm: {kl_estimator: k9}", "algorithm.kl_estimator: unknown 'k9', valid: k1, k2, k3"),
     ("algorithm: {kl_coef: -1}", "algorithm.kl_coef: must be >= 0.0, got -1"),

@@ -1,0 +1,129 @@
+"""Runs that survive: SIGKILL + --resume is bit-identical to an uninterrupted run, a kill during a checkpoint write
+leaves the previous one loadable, and the NaN guard skips updates then fails the run with where it happened."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from rlcore import checkpoint
+from rlcore.config import load_experiment
+from rlcore.tracking import tracking_settings
+
+CFG = ["trainer.steps=24", "trainer.checkpoint_every=4", "logging.eval_every=6", "logging.experiment=test-resume"]
+VOLATILE = ("timing/", "perf/")  # wall-clock measurements differ between any two runs
+
+
+def cli(lab: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "rlcore.cli", "run", "rl.yaml"]
+    for o in CFG:
+        args += ["--set", o]
+    return args + list(extra)
+
+
+def histories(c: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    out = {}
+    for key in c.get_run(run_id).data.metrics:
+        if key.startswith(VOLATILE):
+            continue
+        out[key] = sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
+    return out
+
+
+def test_sigkill_then_resume_is_bit_identical(lab: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(cli(lab, "--set", "logging.run_name=whole"), cwd=lab, capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref_id = ref.stdout.split("MLflow run id:")[1].split()[0]
+
+    victim = cli(lab, "--set", "logging.run_name=killed")
+    proc = subprocess.Popen(victim, cwd=lab, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg = load_experiment(lab / "rl.yaml", [*CFG, "logging.run_name=killed"])
+    deadline = time.time() + 300
+    while checkpoint.find_latest(lab / "outputs", cfg.config_hash()) is None:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 2.0))  # a random step after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = checkpoint.find_latest(lab / "outputs", cfg.config_hash())
+    killed_at = int(ckpt.stem.split("_")[1])
+    assert killed_at < 24  # really interrupted mid-run
+    resumed = subprocess.run([*victim, "--resume"], cwd=lab, capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {ckpt}" in resumed.stdout
+    run_id = resumed.stdout.split("MLflow run id:")[1].split()[0]
+    assert ckpt.parent.parent.name == run_id  # the same MLflow run continued
+
+    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
+    assert c.get_run(run_id).info.status == "FINISHED"
+    a, b = histories(c, ref_id), histories(c, run_id)
+    assert a.keys() == b.keys()
+    for key in a:
+        steps = [s for s, _ in b[key]]
+        assert len(steps) == len(set(steps)), f"{key}: a step logged twice"
+        assert a[key] == b[key], key  # every step present, values bit-identical
+    for key in (k for k in c.get_run(run_id).data.metrics if k.startswith(VOLATILE)):
+        steps = [m.step for m in c.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(1, 25)), key
+    w1 = load_file(lab / "outputs" / ref_id / "policy" / "model.safetensors")
+    w2 = load_file(lab / "outputs" / run_id / "policy" / "model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import time, torch
+        from rlcore import checkpoint
+        base = {{"run_id": "r", "config_hash": "h", "reference": "x"}}
+        checkpoint.save(__import__("pathlib").Path({str(tmp_path)!r}), 1, {{**base, "step": 1, "w": torch.ones(4)}}, keep=2)
+        real = torch.save
+        def slow(obj, f):  # write half a file, then hang: the test kills us here
+            f.write(b"partial" * 1000); f.flush(); print("writing", flush=True); time.sleep(60)
+        torch.save = slow
+        checkpoint.save(__import__("pathlib").Path({str(tmp_path)!r}), 2, {{**base, "step": 2, "w": torch.zeros(4)}}, keep=2)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert list(tmp_path.glob(".tmp-*.pt"))  # the half-written file exists ...
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "step_000002.pt").exists()  # ... but never under a checkpoint's name
+    latest = tmp_path / "step_000001.pt"
+    state = checkpoint.load(latest)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(4))
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000001.json", "step_000001.pt"]
+
+
+def test_nan_guard_skips_updates_then_fails_with_step_and_phase(lab: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlcore.algorithm import POLICY_LOSSES
+    from rlcore.controller import NonFiniteError, run
+
+    real = POLICY_LOSSES["ppo_clip"]
+
+    def poisoned(logp, old, adv, mask, cfg):
+        loss, metrics = real(logp, old, adv, mask, cfg)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setitem(POLICY_LOSSES, "ppo_clip", poisoned)
+    cfg = load_experiment(lab / "rl.yaml", ["trainer.steps=6", "trainer.max_nonfinite=3",
+                                            "logging.experiment=test-nan", "trainer.checkpoint_every=0"])
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row, last at step 3 \(phase: update\)"):
+        run(cfg, root=lab)
+    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
+    r = c.search_runs([c.get_experiment_by_name("test-nan").experiment_id])[0]
+    assert r.info.status == "FAILED"
+    skips = sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, "actor/nonfinite_skips"))
+    assert skips[:2] == [(1, 1.0), (2, 1.0)]  # counted (step 3's metrics were never logged: the run stopped)
