@@ -126,6 +126,20 @@ def sweep(
 
 
 @app.command()
+def replay(file: Annotated[Path, typer.Argument(help="A .jsonl file the tracker kept during an MLflow outage.")]) -> None:
+    """Deliver the metrics and final status that a run could not send while MLflow was unreachable."""
+    from rlcore.tracking import replay as replay_file
+
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such file")
+    try:
+        run_id, n, status = replay_file(file)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{file}: not a replay file ({e})") from None
+    typer.echo(f"delivered {n} metrics to run {run_id}; status {status}")
+
+
+@app.command()
 def dashboard(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",

@@ -8,9 +8,11 @@ and sets the run's final status (FINISHED, FAILED or KILLED, never left RUNNING)
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +24,8 @@ import yaml
 
 from rlcore.metrics import BY_NAME
 
-DEFAULTS = {"tracking_uri": "sqlite:///mlruns/mlflow.db", "artifact_location": "mlruns/artifacts", "flush_interval_s": 1.0}
+DEFAULTS = {"tracking_uri": "sqlite:///mlruns/mlflow.db", "artifact_location": "mlruns/artifacts", "flush_interval_s": 1.0,
+            "finish_timeout_s": 30.0}
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -85,6 +88,11 @@ class Tracker:
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # No mlflow.set_tracking_uri: it also sets MLFLOW_TRACKING_URI for the whole process, which would point every
         # later lookup (another project, the dashboard) at this store. The client carries the URI.
+        if uri.startswith(("http://", "https://")):
+            # MLflow's defaults retry a dead server for minutes inside each call; fail fast instead, and let the
+            # background writer buffer and retry (see _flush_unlocked).
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         self.client = MlflowClient(uri)
         self.experiment_id = self._experiment(experiment)
         self.run_id: str | None = None
@@ -93,6 +101,10 @@ class Tracker:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._flush_lock = threading.Lock()
+        self._tables: list = []  # sample tables not yet delivered
+        self.outage_since: float | None = None  # when the store stopped answering (None: it answers)
+        self._last_error: BaseException | None = None
+        self._spill_done = 0
         self._logged: dict[str, int] = {}  # metric -> last step already in the store (only when resuming)
 
     def _experiment(self, name: str) -> str:
@@ -125,6 +137,11 @@ class Tracker:
         self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
         self._thread.start()
         return self.run_id
+
+    @property
+    def _spill(self) -> Path:
+        """Where an outage's undelivered metrics wait: one JSON list of [key, value, timestamp, step] per line."""
+        return self.root / ".rlcore_cache" / "undelivered" / f"{self.run_id}.jsonl"
 
     def resume(self, run_id: str) -> str:
         """Reopen an existing run (a resumed checkpoint): RUNNING again, and every (metric, step) already stored is
@@ -179,10 +196,11 @@ class Tracker:
             self._flush_unlocked()
 
     def _flush_unlocked(self) -> None:
+        """Deliver, in order: first whatever an outage left on disk, then what is queued now. If the store cannot
+        be reached, everything not delivered goes to the spill file (a FIFO on disk) and training carries on."""
         from mlflow.entities import Metric
 
-        batch: list[Metric] = []
-        tables = []
+        fresh: list[list] = []  # [key, value, timestamp, step]
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -190,29 +208,83 @@ class Tracker:
                 break
             if item[0] == "metrics":
                 _, step, ts, metrics = item
-                batch.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+                fresh.extend([k, float(v), ts, step] for k, v in metrics.items())
             else:
-                tables.append(item)
+                self._tables.append(item)
         try:
-            for i in range(0, len(batch), 1000):  # MLflow's per-request limit
-                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=True)
-            for _, step, rows, name in tables:
+            if self._spill.is_file():  # an outage's backlog first, one line (one flush) at a time
+                lines = self._spill.read_text().splitlines()
+                for line in lines[self._spill_done :]:
+                    self._send([Metric(*r) for r in json.loads(line)])
+                    self._spill_done += 1
+                self._spill.unlink()
+                self._spill_done = 0
+            self._send([Metric(*r) for r in fresh])
+            while self._tables:
+                _, step, rows, name = self._tables[0]
                 columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
                 self.client.log_table(self.run_id, columns, f"{name}/step_{step:06d}.json")
-        except Exception as e:  # noqa: BLE001 - kept and re-raised on the training thread by finish()
-            self._error = e
+                self._tables.pop(0)
+            if self.outage_since is not None:
+                print(f"MLflow is reachable again after {time.time() - self.outage_since:.0f} s; "
+                      "buffered metrics delivered", file=sys.stderr)
+            self.outage_since = None
+        except Exception as e:  # noqa: BLE001 - any failure to reach the store is an outage, never a lost metric
+            if self.outage_since is None:
+                self.outage_since = time.time()
+                print(f"MLflow unreachable ({type(e).__name__}); training continues, metrics buffered in "
+                      f"{self._spill}", file=sys.stderr)
+            self._last_error = e
+            if fresh:
+                self._spill.parent.mkdir(parents=True, exist_ok=True)
+                with open(self._spill, "a") as f:
+                    f.write(json.dumps(fresh) + "\n")
+
+    def _send(self, metrics: list) -> None:
+        for i in range(0, len(metrics), 1000):  # MLflow's per-request limit
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000], synchronous=True)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Deliver everything queued, then mark the run FINISHED / FAILED / KILLED."""
+        """Deliver everything queued, then mark the run FINISHED / FAILED / KILLED. If the store is still
+        unreachable, the undelivered metrics and the final status stay in a file that `rlcore replay` delivers."""
         if self.run_id is None:
             return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._flush()
-        if self._error is not None and status == "FINISHED":
-            status = "FAILED"
-        self.client.set_terminated(self.run_id, status=status)
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError(f"MLflow logging failed: {err}") from err
+        deadline = time.time() + float(self.settings["finish_timeout_s"])
+        while True:
+            self._flush()
+            if self.outage_since is None or time.time() > deadline:
+                break
+            time.sleep(2.0)
+        try:
+            if self.outage_since is not None:
+                raise ConnectionError(self._last_error)
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as e:  # noqa: BLE001 - the store is down: keep the status with the metrics
+            self._spill.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._spill, "a") as f:
+                f.write(json.dumps({"run_id": self.run_id, "tracking_uri": self.where, "status": status}) + "\n")
+            print(f"MLflow at {self.where} is unreachable ({type(e).__name__}): the run's remaining metrics and its "
+                  f"final status are kept in {self._spill}\n  deliver them later with: rlcore replay {self._spill}",
+                  file=sys.stderr)
+
+
+def replay(path: Path) -> tuple[str, int, str | None]:
+    """Deliver a spill file left by an outage (`rlcore replay`): its metrics in order, then the run's final status.
+    Returns (run_id, metrics delivered, status set)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    footer = next((x for x in lines if isinstance(x, dict)), None)
+    if footer is None:
+        raise ValueError(f"{path}: no run id in this file (not written by rlcore's tracker?)")
+    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI", footer["tracking_uri"]))
+    rows = [Metric(*r) for x in lines if isinstance(x, list) for r in x]
+    for i in range(0, len(rows), 1000):
+        client.log_batch(footer["run_id"], metrics=rows[i : i + 1000], synchronous=True)
+    client.set_terminated(footer["run_id"], status=footer["status"])
+    path.unlink()
+    return footer["run_id"], len(rows), footer["status"]

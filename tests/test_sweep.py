@@ -119,16 +119,16 @@ def test_kill_9_midway_then_rerun_finishes_exactly_the_missing_trials(lab: Path)
     sw = load_sweep(path)
     study = make_study(sw, open_storage(sw, lab))
     deadline = time.time() + 300
-    while time.time() < deadline:  # wait for trial 1 to be running with its MLflow run
+    while time.time() < deadline:  # wait for trial 0 to be running with its MLflow run
         running = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
-        if any(t.number == 1 and "mlflow_run_id" in t.user_attrs for t in running):
+        if any(t.number == 0 and "mlflow_run_id" in t.user_attrs for t in running):
             break
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.5)
     time.sleep(2.0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed = next(t for t in study.get_trials() if t.number == 1)
+    killed = next(t for t in study.get_trials() if t.number == 0)
     assert killed.state.name == "RUNNING"  # left behind by kill -9
     assert client_for(lab).get_run(killed.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
     path.write_text(path.read_text().replace("trainer.steps=30", "trainer.steps=4"))  # finish quickly
@@ -138,8 +138,8 @@ def test_kill_9_midway_then_rerun_finishes_exactly_the_missing_trials(lab: Path)
     trials = study.get_trials()
     c = counts(study)
     assert c["COMPLETE"] == 3 and c["RUNNING"] == 0 and c["INTERRUPTED"] == 1 and c["FAIL"] == 0
-    interrupted = next(t for t in trials if t.number == 1)
-    retry = next(t for t in trials if t.user_attrs.get("retry_of") == 1)
+    interrupted = next(t for t in trials if t.number == 0)
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == 0)
     assert retry.params == interrupted.params and retry.state.name == "COMPLETE"  # the point was not lost
     assert client_for(lab).get_run(interrupted.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     assert len({tuple(sorted(t.params.items())) for t in trials if t.state.name == "COMPLETE"}) == 3  # no duplicate
