@@ -105,8 +105,25 @@ def run(
 
 
 @app.command()
-def validate(file: Annotated[Path, typer.Argument(help="Experiment YAML.")], set_: SetOpt = None) -> None:
-    """Check an experiment YAML against the schema without running it."""
+def validate(file: Annotated[Path, typer.Argument(help="Experiment or sweep YAML, or a lesson .md.")],
+             set_: SetOpt = None) -> None:
+    """Check an experiment, a sweep or a lesson's front matter against its schema without running anything."""
+    if file.suffix == ".md":
+        from rlcore.lessons import check, parse
+        from rlcore.tracking import project_root
+
+        lesson = parse(file)
+        check(lesson, project_root())
+        typer.echo(f"ok: {file} (lesson {lesson.meta.id}: {lesson.meta.title})")
+        return
+    from rlcore.config import load_yaml
+
+    if "space" in load_yaml(file):
+        from rlcore.sweep import load_sweep
+
+        sw = load_sweep(file)
+        typer.echo(f"ok: {file} (sweep {sw.name}, {sw.n_trials} trials over {', '.join(sw.space)})")
+        return
     cfg = load_experiment(file, set_ or [])
     typer.echo(f"ok: {file} ({cfg.kind}, algorithm={cfg.algorithm.name}, steps={cfg.trainer.steps})")
 

@@ -253,9 +253,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- loading
 
+_UNION_TAGS = {"float", "int", "categorical"}  # discriminator tags pydantic puts in a location (sweep params)
+
+
 def _describe(err: dict[str, Any]) -> str:
     """One pydantic error -> 'key.path: must be > 0, got -0.2'."""
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    loc = ".".join(str(p) for p in err["loc"]
+                   if not str(p).startswith("function-after") and str(p) not in _UNION_TAGS)
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     messages = {
         "greater_than": lambda: f"must be > {ctx.get('gt')}, got {got!r}",
@@ -338,14 +342,29 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     set_value(raw, key, value)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+MAX_FILE_BYTES = 1_000_000  # an experiment is a few hundred bytes; a megabyte is a wrong file, not a config
+
+
+def read_text_file(path: str | Path, what: str = "experiment file") -> str:
+    """The file's text, or a one-line ConfigError: missing, a directory, too large, binary."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{path}: no such experiment file")
+        raise ConfigError(f"{path}: no such {what}")
+    size = p.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: too large ({size / 1e6:.1f} MB; {what}s are at most {MAX_FILE_BYTES / 1e6:.0f} MB)")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise ConfigError(f"{path}: not a text file (binary content)")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file") from None
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(read_text_file(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -22,7 +22,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator
 
-from rlcore.config import ConfigError, _Section, validate_model
+from rlcore.config import ConfigError, _Section, load_experiment, read_text_file, validate_model
 from rlcore.metrics import BY_NAME
 
 PARTS = {"0": "Orientation", "I": "Part I — the framework", "II": "Part II — algorithms", "III": "Part III — production",
@@ -56,10 +56,7 @@ class Lesson:
 
 
 def parse(path: Path) -> Lesson:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file") from None
+    text = read_text_file(path, "lesson file")
     if not text.startswith("---\n") or "\n---" not in text[4:]:
         raise ConfigError(f"{path}: missing front matter (a YAML block between '---' lines at the top)")
     head, _, body = text[4:].partition("\n---")
@@ -77,3 +74,15 @@ def parse(path: Path) -> Lesson:
 def load_all(root: Path) -> list[Lesson]:
     """Every lessons/NN-*.md in order."""
     return [parse(p) for p in sorted((root / "lessons").glob("[0-9][0-9]*.md"))]
+
+
+def check(lesson: Lesson, root: Path) -> None:
+    """Every paired experiment exists under experiments/ and validates (a ConfigError names the first that fails)."""
+    for f in lesson.meta.experiments:
+        path = root / "experiments" / f
+        if not path.is_file():
+            raise ConfigError(f"{lesson.path}: experiments: no such file experiments/{f}")
+        try:
+            load_experiment(path)
+        except ConfigError as e:
+            raise ConfigError(f"{lesson.path}: experiments: {f}: {e}") from None

@@ -88,7 +88,7 @@ def test_server_down_for_20s_loses_nothing(lab: Path, tmp_path: Path) -> None:
             steps_seen = [m.step for m in hist]
             assert sorted(steps_seen) == list(range(1, steps + 1)), key  # every step, once
             by_step = sorted(hist, key=lambda m: m.step)
-            assert all(a.timestamp <= b.timestamp for a, b in zip(by_step, by_step[1:])), key  # in order
+            assert all(a.timestamp <= b.timestamp for a, b in zip(by_step, by_step[1:], strict=False)), key  # in order
         print(f"outage {outage:.0f} s; {steps} steps delivered")
     finally:
         stop_server(server)
