@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from rlcore.algorithm import ADVANTAGES, LOSS_AGG, POLICY_LOSSES, AggNorm
+from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, LOSS_AGG, POLICY_LOSSES, AggNorm
 from rlcore.config import AlgorithmConfig
 from rlcore.reference import KL_ESTIMATORS
 from rlcore.rollout import RolloutBatch
@@ -135,3 +135,141 @@ def aggregation_weights() -> None:
         rows.append({"aggregation": name, "short: weight per token": per_token.grad[0, 0].item(),
                      "long: weight per token": per_token.grad[1, 0].item()})
     st.dataframe(pd.DataFrame(rows).round(4), hide_index=True, key="c14_table")
+
+
+@control("01")
+def bandit() -> None:
+    """A 3-armed softmax policy trained by REINFORCE: rlcore's batch-mean advantage and its `pg` loss."""
+    lr = st.slider("Step size", 0.05, 2.0, 0.5, 0.05, key="c01_lr")
+    steps = st.slider("Updates", 0, 100, 20, key="c01_steps")
+    pay = torch.tensor([0.2, 0.5, 0.8])  # success probability of each arm
+    logits = torch.zeros(3, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(steps):
+        probs = logits.softmax(-1)
+        arms = torch.multinomial(probs.detach(), 16, replacement=True, generator=gen)  # [16] sampled actions
+        rewards = (torch.rand(16, generator=gen) < pay[arms]).float()
+        adv = ADVANTAGES["reinforce"](batch_of(rewards.tolist(), 16, T=1), AlgorithmConfig())  # [16, 1]
+        logp = probs.log()[arms][:, None]  # [16, 1]
+        loss, _ = POLICY_LOSSES["pg"](logp, logp.detach(), adv, torch.ones(16, 1), AlgorithmConfig())
+        logits.grad = None
+        loss.mean().backward()
+        with torch.no_grad():
+            logits -= lr * logits.grad
+        history.append(float(rewards.mean()))
+    probs = logits.detach().softmax(-1)
+    st.dataframe(pd.DataFrame({"arm": ["20 %", "50 %", "80 %"], "pi(arm)": probs.tolist()}).round(3),
+                 hide_index=True, key="c01_table")
+    if history:
+        st.line_chart(pd.Series(history, name="batch reward"), height=150)
+
+
+@control("05")
+def loss_assembly() -> None:
+    """The per-token loss, column by column, from rlcore's PPO loss and KL estimator."""
+    eps = st.slider("clip epsilon", 0.05, 0.5, 0.2, 0.05, key="c05_eps")
+    beta = st.slider("beta (KL coefficient)", 0.0, 0.5, 0.04, 0.01, key="c05_beta")
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    old = torch.tensor([[-1.2, -0.3, -2.0, 0.0]])
+    new = torch.tensor([[-0.9, -0.35, -2.6, 0.0]])
+    ref = torch.tensor([[-1.0, -0.4, -1.8, 0.0]])
+    adv = torch.tensor([[0.8, 0.8, 0.8, 0.0]])
+    cfg = AlgorithmConfig(clip_eps=eps, kl_coef=beta)
+    pg, m = POLICY_LOSSES["ppo_clip"](new, old, adv, mask, cfg)
+    kl = KL_ESTIMATORS["k3"](new, ref)
+    total = (pg + beta * kl) * mask
+    st.dataframe(pd.DataFrame({"mask": mask[0], "old logp": old[0], "ref logp": ref[0], "new logp": new[0],
+                               "A": adv[0], "ratio": m["actor/ratio"][0], "PG term": pg[0], "KL (k3)": kl[0],
+                               "loss": total[0]}).round(4), hide_index=True, key="c05_table")
+    st.caption(f"token-mean loss = {float(total.sum() / mask.sum()):.4f}; the masked 4th token contributes 0")
+
+
+@control("06")
+def stale_policy() -> None:
+    """Clip fraction when pi_old lags the policy by n updates (each update moves log-probs by ~delta)."""
+    interval = st.slider("Sync every n updates", 1, 16, 1, key="c06_n")
+    delta = st.slider("Per-update log-prob drift (std)", 0.01, 0.3, 0.08, 0.01, key="c06_d")
+    gen = torch.Generator().manual_seed(0)
+    log_ratio = torch.randn(4096, 1, generator=gen) * delta * interval ** 0.5  # drift accumulates like a random walk
+    adv = torch.where(torch.rand(4096, 1, generator=gen) < 0.5, 1.0, -1.0)
+    _, m = POLICY_LOSSES["ppo_clip"](log_ratio, torch.zeros_like(log_ratio), adv, torch.ones_like(adv),
+                                     AlgorithmConfig())
+    frac = float((m["actor/clipfrac_low"] + m["actor/clipfrac_high"]).mean())
+    st.metric("Clipped tokens", f"{frac:.1%}")
+    st.caption("Above ~30 % the update is mostly clipped: pi_old is too stale (lesson 28's canary).")
+
+
+@control("07")
+def step_through() -> None:
+    """One step, phase by phase: which fields of the RolloutBatch each role fills."""
+    from rlcore.timing import PHASES
+
+    fills = {"rollout": "input_ids, attention_mask, response_mask, group, sampler_logp, finished, completions",
+             "reward": "rewards (+ shaping)", "reference": "ref_logp (skipped when beta = 0)",
+             "old_logprob": "old_logp (when the batch is reused or KL is in the reward)",
+             "values": "values (only with a critic: advantage gae)", "advantage": "adv (+ returns for the critic)",
+             "update": "(the weights) via the policy loss over micro-batches",
+             "sync": "(the rollout engine's copy of the weights, when separate)"}
+    phase = st.select_slider("Phase", list(PHASES), value=PHASES[0], key="c07_phase")
+    done = PHASES[: PHASES.index(phase) + 1]
+    st.dataframe(pd.DataFrame({"phase": list(PHASES), "fills": [fills[p] for p in PHASES],
+                               "done": [p in done for p in PHASES]}), hide_index=True, key="c07_table")
+
+
+@control("08")
+def token_strip() -> None:
+    """A tool-use completion as tokens: which ones the loss sees (the tool's output is masked out)."""
+    from rlcore.tools import Calculator
+
+    masked = st.toggle("Mask the tool's tokens (as rlcore does)", value=True, key="c08_mask")
+    call, out, answer = Calculator().trace("12+345=", "357")
+    rows = [(c, "model") for c in call] + [(c, "tool") for c in out] + [(c, "model") for c in answer + "⏎"]
+    st.dataframe(pd.DataFrame({"token": [t for t, _ in rows], "from": [w for _, w in rows],
+                               "in loss/KL/entropy": [w == "model" or not masked for _, w in rows]}).T,
+                 key="c08_table")
+    n = sum(1 for _, w in rows if w == "model" or not masked)
+    st.caption(f"{n} of {len(rows)} tokens trained on" + ("" if masked else
+               " — unmasked, the policy would be trained to *predict the calculator*, not to call it"))
+
+
+@control("09")
+def reinforce_noise() -> None:
+    """Spread of the REINFORCE gradient estimate for a 2-armed bandit, with and without the batch-mean baseline."""
+    k = st.slider("Samples per estimate (K)", 2, 64, 8, key="c09_k")
+    p = torch.tensor([0.5, 0.5])  # the policy
+    pay = torch.tensor([0.9, 0.7])  # rewards are high for both arms: the no-baseline case pushes both up
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for baseline in ("none", "batch_mean"):
+        grads = []
+        for _ in range(400):
+            arms = torch.multinomial(p, k, replacement=True, generator=gen)
+            r = (torch.rand(k, generator=gen) < pay[arms]).float()
+            adv = ADVANTAGES["reinforce"](batch_of(r.tolist(), k, T=1), AlgorithmConfig(baseline=baseline))[:, 0]
+            score = torch.where(arms == 0, 1 - p[0], -p[0])  # d log pi(arm) / d logit_0
+            grads.append(float((adv * score).mean()))
+        g = torch.tensor(grads)
+        rows.append({"baseline": baseline, "mean gradient": float(g.mean()), "std of the estimate": float(g.std())})
+    st.dataframe(pd.DataFrame(rows).round(4), hide_index=True, key="c09_table")
+    st.caption("True gradient: 0.5 x 0.5 x (0.9 - 0.7) = 0.05. Same mean, smaller spread with the baseline.")
+
+
+@control("13")
+def dapo_fixes() -> None:
+    """DAPO's four fixes as config keys; dynamic sampling's effect on the share of informative groups."""
+    clip_higher = st.toggle("clip-higher (eps_high 0.28)", True, key="c13_clip")
+    dynamic = st.toggle("dynamic sampling", True, key="c13_dyn")
+    token_level = st.toggle("token-level loss", True, key="c13_tok")
+    overlong = st.toggle("overlong shaping", True, key="c13_long")
+    cfg = AlgorithmConfig(clip_eps_high=0.28 if clip_higher else None,
+                          group_filter="nonzero_std" if dynamic else "none",
+                          loss_agg="token_mean" if token_level else "seq_mean_token_mean",
+                          overlong_buffer=2 if overlong else 0)
+    diff = {k: v for k, v in cfg.model_dump().items() if v != AlgorithmConfig().model_dump()[k]}
+    st.code("\n".join(f"algorithm.{k}: {v}" for k, v in diff.items()) or "(the GRPO defaults)", language="yaml")
+    p, k = 0.55, 8
+    zero = p**k + (1 - p) ** k
+    keep = GROUP_FILTERS[cfg.group_filter](torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3)
+    st.metric("Informative groups in the update", "100 %" if dynamic else f"{1 - zero:.1%}",
+              help=f"at accuracy {p} and K={k}; filter on a toy batch keeps {keep.tolist()}")

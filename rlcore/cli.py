@@ -143,6 +143,35 @@ def sweep(
 
 
 @app.command()
+def lesson(
+    lesson_id: Annotated[str, typer.Argument(help="Lesson number, e.g. 03 (see lessons/).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the runs.")] = False,
+) -> None:
+    """Print a lesson's paired experiments and run them (variants x seeds), tagged so the dashboard finds them."""
+    from rlcore.controller import run as run_rl
+    from rlcore.lessons import check, load_all, planned_runs
+    from rlcore.tracking import project_root
+
+    root = project_root()
+    found = [x for x in load_all(root) if x.meta.id == lesson_id.zfill(2) or x.meta.id == lesson_id]
+    if not found:
+        raise ConfigError(f"lesson {lesson_id!r}: no lessons/{lesson_id}-*.md")
+    chosen = found[0]
+    check(chosen, root)
+    plan = planned_runs(chosen, root)
+    configs = [load_experiment(root / "experiments" / f, o) for f, o in plan]  # all validated before the first run
+    typer.echo(f"lesson {chosen.meta.id}: {chosen.meta.title}\n  {chosen.meta.question}")
+    for f, o in plan:
+        typer.echo(f"  experiments/{f}  {' '.join(x for x in o if not x.startswith('logging.tags'))}")
+    if dry_run or not plan:
+        return
+    for i, ((f, o), c) in enumerate(zip(plan, configs, strict=True), 1):
+        typer.echo(f"\n[{i}/{len(plan)}] experiments/{f} {' '.join(x for x in o if not x.startswith('logging.tags'))}")
+        _report(run_rl(c, root), f)
+    typer.echo(f"\nlook for: {chosen.meta.look_for}\n  rlcore dashboard  -> Lessons -> {chosen.meta.id}")
+
+
+@app.command()
 def replay(file: Annotated[Path, typer.Argument(help="A .jsonl file the tracker kept during an MLflow outage.")]) -> None:
     """Deliver the metrics and final status that a run could not send while MLflow was unreachable."""
     from rlcore.tracking import replay as replay_file

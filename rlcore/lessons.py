@@ -36,6 +36,12 @@ class LessonMeta(_Section):
     force: Literal["signal", "estimator", "cost", "all"] = Field(description="Which of the three forces it is about.")
     question: str = Field(min_length=1, description="The question the lesson answers.")
     experiments: list[str] = Field(default_factory=list, description="Paired experiment files, relative to experiments/.")
+    overrides: list[str] = Field(default_factory=list, description="`key=value` applied to every paired run (the "
+                                 "lesson's budget: short runs, so all of Parts I-II run in under 30 CPU minutes).")
+    variants: list[list[str]] = Field(default_factory=lambda: [[]], description="Override sets; each experiment runs "
+                                      "once per variant (e.g. beta = 0 / 0.04 / 0.2).")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds per (experiment, variant): >= 3 where the "
+                             "effect is small.")
     metrics: list[str] = Field(default_factory=list, description="Metrics to chart beside the text.")
     look_for: str = Field("", description="What the reader should see in the paired runs' charts.")
 
@@ -86,3 +92,15 @@ def check(lesson: Lesson, root: Path) -> None:
             load_experiment(path)
         except ConfigError as e:
             raise ConfigError(f"{lesson.path}: experiments: {f}: {e}") from None
+
+
+def planned_runs(lesson: Lesson, root: Path) -> list[tuple[str, list[str]]]:
+    """(experiment file, overrides) of every run `rlcore lesson NN` makes, tagged with the lesson and its variant."""
+    out = []
+    for f in lesson.meta.experiments:
+        for variant in lesson.meta.variants:
+            label = ",".join(variant) or "base"
+            for seed in lesson.meta.seeds:
+                tags = [f"logging.tags.lesson='{lesson.meta.id}'", f"logging.tags.variant='{label}'"]
+                out.append((f, [*lesson.meta.overrides, *variant, f"seed={seed}", *tags]))
+    return out
