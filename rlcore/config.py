@@ -226,9 +226,10 @@ class ExperimentConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def config_hash(self, sections: tuple[str, ...] | None = None) -> str:
-        """Hash of the resolved config, or of only its top-level `sections`."""
-        d = self.to_dict()
+    def config_hash(self, sections: tuple[str, ...] | None = None, changed_only: bool = False) -> str:
+        """Hash of the resolved config, or of only its top-level `sections`. `changed_only` hashes only the values
+        that differ from the schema's defaults, so adding a new option (with a default) keeps old hashes valid."""
+        d = self.model_dump(mode="json", exclude_defaults=True) if changed_only else self.to_dict()
         if sections is not None:
             d = {k: v for k, v in d.items() if k in sections}
         blob = json.dumps(d, sort_keys=True).encode()

@@ -41,9 +41,10 @@ def warm_start_dir(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> Pa
 
 def cache_dir(sft_cfg: ExperimentConfig, root: Path) -> Path:
     """Where the warm start of an SFT config lives: keyed by its resolved config and rlcore's version."""
-    # Only the sections SFT training reads are in the key: a new algorithm option or a renamed MLflow experiment
-    # must not invalidate every cached warm start.
-    key = sft_cfg.config_hash(sections=("kind", "seed", "model", "task", "trainer"))
+    # Only the sections SFT training reads, and only values that differ from the defaults, are in the key: a new
+    # option or a renamed MLflow experiment must not invalidate every cached warm start. (Changing a default that
+    # SFT uses is a new rlcore version, which is in the key.)
+    key = sft_cfg.config_hash(sections=("kind", "seed", "model", "task", "trainer"), changed_only=True)
     return root / ".rlcore_cache" / "warm_start" / f"{key}-v{rlcore.__version__}"
 
 

@@ -121,3 +121,13 @@ def test_warm_start_file_is_validated_too(tmp_path: Path) -> None:
     (tmp_path / "sft.yaml").write_text("kind: rl\n")
     with pytest.raises(ConfigError, match="is not a `kind: sft` experiment"):
         load_experiment(tmp_path / "rl.yaml")
+
+
+def test_warm_start_cache_key_ignores_defaults_and_logging(tmp_path) -> None:
+    from rlcore.sft import cache_dir
+
+    root = Path(__file__).resolve().parent.parent
+    sft = root / "experiments" / "sft.yaml"
+    base = cache_dir(load_experiment(sft), tmp_path)
+    assert cache_dir(load_experiment(sft, ["trainer.checkpoint_every=25", "logging.experiment=x"]), tmp_path) == base
+    assert cache_dir(load_experiment(sft, ["trainer.lr=1e-3"]), tmp_path) != base
