@@ -82,3 +82,42 @@ def test_interrupted_run_is_killed(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt), t.run("r", {}, {}, "a: 1\n"):
         raise KeyboardInterrupt
     assert MlflowClient(t.where).get_run(t.run_id).info.status == "KILLED"
+
+
+def test_store_down_at_exit_keeps_metrics_for_replay(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The store stops answering and is still down when the run ends: nothing is lost; `rlcore replay` delivers it
+    all, in order, and sets the final status."""
+    import sys
+
+    from rlcore import cli
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\nflush_interval_s: 0.05\n"
+                                         "finish_timeout_s: 0.5\n")
+    t = Tracker("unit-outage", tmp_path)
+    run_id = t.start("r", {}, {}, "a: 1\n")
+    t.log(1, {"reward/mean": 0.1})
+    t.drain()
+    real = t.client.log_batch
+
+    def down(*a, **k):
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(t.client, "log_batch", down)
+    monkeypatch.setattr(t.client, "set_terminated", down)
+    for step in range(2, 40):
+        t.log(step, {"reward/mean": step / 10})
+    t.finish("FINISHED")  # no exception: training's result is safe
+    err = capsys.readouterr().err
+    spill = tmp_path / ".rlcore_cache" / "undelivered" / f"{run_id}.jsonl"
+    assert "MLflow unreachable" in err and f"rlcore replay {spill}" in err and spill.is_file()
+    monkeypatch.setattr(t.client, "log_batch", real)
+    monkeypatch.setattr(sys, "argv", ["rlcore", "replay", str(spill)])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", t.where)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code in (0, None)
+    c = MlflowClient(t.where)
+    hist = sorted(c.get_metric_history(run_id, "reward/mean"), key=lambda m: m.step)
+    assert [m.step for m in hist] == list(range(1, 40))
+    assert c.get_run(run_id).info.status == "FINISHED" and not spill.exists()
