@@ -172,6 +172,10 @@ def step(loop: Loop, problems: list[Problem],
     with timer("sync"):
         moved = loop.sync.push(loop.trainer.unwrapped)
     metrics = stats | filtered | batch_metrics(batch, loop.acc, r.samples_per_prompt) | timer.metrics()
+    if batch.tool_mask is not None:  # agentic runs: how often the policy chose to call the tool
+        used = (batch.tool_mask.sum(-1) > 0).float()  # [B]
+        total, n = batch.reduce_sum(torch.stack([used.sum(), torch.tensor(float(len(batch)))]))
+        metrics["response/tool_call_frac"] = float(total / n)
     if batch.values is not None:
         metrics["critic/explained_var"] = explained_variance(batch)
     metrics["perf/tokens_per_s"] = metrics.pop("_gen_tokens") / metrics["timing/step"]

@@ -54,6 +54,7 @@ CATALOGUE: list[MetricDef] = [
     # response
     MetricDef("response/length_mean", "tokens", "mean completion length (tokens up to and including EOS)", "14"),
     MetricDef("response/length_max", "tokens", "longest completion in the batch", "14"),
+    MetricDef("response/tool_call_frac", "fraction", "completions that called the tool (agentic runs only)", "08"),
     MetricDef("response/clip_ratio", "fraction", "completions cut at max_new_tokens without EOS", "22b"),
     # eval (held-out, never trained on)
     MetricDef("eval/greedy_accuracy", "fraction", "held-out prompts whose greedy completion is exactly right", "01"),

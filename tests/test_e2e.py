@@ -153,6 +153,7 @@ def test_seeds_give_one_run_each_with_a_shared_group(lab: Path) -> None:
      "algorithm.overlong_buffer=2"],
     ["algorithm.advantage=gae", "algorithm.ppo_epochs=2", "algorithm.minibatches=2", "algorithm.lam=0.9"],
     ["algorithm.group_filter=nonzero_std", "algorithm.max_sample_rounds=3", "algorithm.clip_eps_high=0.28"],
+    ["task.tool=calculator", "rollout.max_new_tokens=12", "rollout.temperature=3.0"],
 ])
 def test_every_axis_trains_end_to_end(lab: Path, overrides: list[str]) -> None:
     """Each registry entry runs in the real loop: finite loss, weights move (TRL's smoke test, per preset)."""
@@ -178,3 +179,6 @@ def test_every_axis_trains_end_to_end(lab: Path, overrides: list[str]) -> None:
         # the batch is full of informative groups unless the cap forced fillers
         zero_var = [v for _, v in history(c, res.run_id, "reward/zero_var_group_frac")]
         assert all(z * 8 <= f + 1e-9 for z, f in zip(zero_var, filler, strict=True))
+    if cfg.task.tool != "none":
+        calls = [v for _, v in history(c, res.run_id, "response/tool_call_frac")]
+        assert len(calls) == 2 and all(0 <= v <= 1 for v in calls)
