@@ -267,3 +267,26 @@ def test_cat_repads_prompts_and_responses() -> None:
     assert torch.allclose(lc[:4, :ta] * a.response_mask, la * a.response_mask, atol=1e-5)
     assert torch.allclose(lc[4:] * b.response_mask, lb * b.response_mask, atol=1e-5)
     assert c.completions == a.completions + b.completions and (c.response_mask[:4, ta:] == 0).all()
+
+
+def test_group_properties_rloo_sums_to_zero_and_equal_rewards_give_zero() -> None:
+    gen = torch.Generator().manual_seed(0)
+    rewards = (torch.rand(32, generator=gen) < 0.5).float().tolist()
+    b = make_batch(rewards, [i // 8 for i in range(32)], [2] * 32)
+    rloo = ADVANTAGES["rloo"](b, AlgorithmConfig())[:, 0].view(4, 8)
+    assert torch.allclose(rloo.sum(1), torch.zeros(4), atol=1e-6)  # RLOO advantages sum to 0 in every group
+    same = make_batch([1.0] * 8 + [0.0] * 8, [0] * 8 + [1] * 8, [2] * 16)
+    for cfg in (AlgorithmConfig(advantage="grpo"), AlgorithmConfig(advantage="rloo"),
+                AlgorithmConfig(advantage="grpo", scale_by_std=False)):  # GRPO, RLOO, Dr.GRPO
+        assert torch.equal(ADVANTAGES[cfg.advantage](same, cfg), torch.zeros(16, 3))
+
+
+def test_k3_gradient_matches_the_formula() -> None:
+    """d k3 / d log pi = 1 - pi_ref / pi (from k3 = r - 1 - log r, r = pi_ref / pi); k3 >= 0 everywhere."""
+    gen = torch.Generator().manual_seed(1)
+    logp = (torch.randn(500, generator=gen) * 2).requires_grad_(True)
+    ref = torch.randn(500, generator=gen) * 2
+    k3 = KL_ESTIMATORS["k3"](logp, ref)
+    k3.sum().backward()
+    assert bool((k3 >= 0).all())
+    assert torch.allclose(logp.grad, 1 - (ref - logp.detach()).exp(), rtol=1e-5, atol=1e-6)
