@@ -33,7 +33,7 @@ logging: {experiment: test-rl, eval_every: 2, samples_every: 2, num_samples: 4}
 
 def write_lab(root: Path) -> Path:
     (root / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\nartifact_location: mlruns/artifacts\n"
-                                     "flush_interval_s: 0.2\n")
+                                     "flush_interval_s: 0.2\nfinish_timeout_s: 90\n")
     (root / "sft.yaml").write_text(SFT_YAML)
     (root / "rl.yaml").write_text(RL_YAML)
     return root

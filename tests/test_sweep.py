@@ -113,7 +113,7 @@ def test_crashing_trial_is_fail_and_the_sweep_goes_on(lab: Path, monkeypatch: py
 
 def test_kill_9_midway_then_rerun_finishes_exactly_the_missing_trials(lab: Path) -> None:
     path = write_sweep(lab, "sweep-kill", n=3)
-    path.write_text(path.read_text().replace("trainer.steps=4", "trainer.steps=30"))  # long enough to be killed
+    path.write_text(path.read_text().replace("trainer.steps=4", "trainer.steps=5000"))  # never done before the kill
     cmd = [sys.executable, "-m", "rlcore.cli", "sweep", str(path)]
     proc = subprocess.Popen(cmd, cwd=lab, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sw = load_sweep(path)
@@ -131,7 +131,7 @@ def test_kill_9_midway_then_rerun_finishes_exactly_the_missing_trials(lab: Path)
     killed = next(t for t in study.get_trials() if t.number == 0)
     assert killed.state.name == "RUNNING"  # left behind by kill -9
     assert client_for(lab).get_run(killed.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
-    path.write_text(path.read_text().replace("trainer.steps=30", "trainer.steps=4"))  # finish quickly
+    path.write_text(path.read_text().replace("trainer.steps=5000", "trainer.steps=4"))  # finish quickly
     rerun = subprocess.run(cmd, cwd=lab, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "1 interrupted and re-queued" in rerun.stdout
