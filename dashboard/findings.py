@@ -23,8 +23,9 @@ class Finding:
 
 
 def phase_shares(steps: pd.DataFrame) -> pd.Series:
-    """Share of the total step time spent in each phase, plus 'other' (step minus the phases)."""
-    total = steps["timing/step"].sum()
+    """Share of the total step time spent in each phase, plus 'other' (step minus the phases); empty without
+    step timings."""
+    total = steps["timing/step"].sum() if "timing/step" in steps else 0.0
     shares = {p: steps.get(f"timing/{p}", pd.Series(dtype=float)).sum() / total for p in PHASES} if total else {}
     if shares:
         shares["other"] = max(0.0, 1 - sum(shares.values()))
@@ -46,7 +47,7 @@ def _col(steps: pd.DataFrame, key: str) -> pd.Series:
 
 @rule
 def rollout_bound(params: dict, steps: pd.DataFrame) -> Finding | None:
-    share = phase_shares(steps).get("rollout", 0.0) if "timing/step" in steps else 0.0
+    share = phase_shares(steps).get("rollout", 0.0)
     if share >= 0.5:
         return Finding("rollout_bound", "warn", f"Rollout is {share:.0%} of the step (>= 50 %): generation dominates. "
                        "Larger batches per forward, a faster engine (KV cache, continuous batching) or shorter "
@@ -59,7 +60,7 @@ def reference_removable(params: dict, steps: pd.DataFrame) -> Finding | None:
     beta = float(params.get("algorithm.kl_coef", 0) or 0)
     kl = _col(steps, "kl/mean")
     if beta > 0 and len(kl) and kl.abs().mean() < 1e-3:
-        ref = phase_shares(steps).get("reference", 0.0) if "timing/step" in steps else 0.0
+        ref = phase_shares(steps).get("reference", 0.0)
         return Finding("reference_removable", "info", f"beta = {beta:g} but the KL stays below 1e-3 nats "
                        f"(mean {kl.abs().mean():.2e}): the anchor does almost nothing while the reference forward "
                        f"costs {ref:.0%} of the step. Try algorithm.kl_coef=0 (drops the reference model).", "03")
@@ -110,7 +111,7 @@ def kl_blowup(params: dict, steps: pd.DataFrame) -> Finding | None:
 
 @rule
 def logging_overhead(params: dict, steps: pd.DataFrame) -> Finding | None:
-    other = phase_shares(steps).get("other", 0.0) if "timing/step" in steps else 0.0
+    other = phase_shares(steps).get("other", 0.0)
     if other >= 0.15:
         return Finding("logging_overhead", "info", f"{other:.0%} of the step is outside every phase (>= 15 %): "
                        "metrics, logging and bookkeeping. Log less often or batch it.", "07")

@@ -334,13 +334,19 @@ def _reload_attr(study, key: str):
     return study._storage.get_study_user_attrs(study._study_id).get(key)
 
 
+def best_complete(study, direction: str):
+    """The best COMPLETE trial (None before any completes)."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    return (max if direction == "maximize" else min)(done, key=lambda t: t.value) if done else None
+
+
 def update_parent(client, parent: str, study, direction: str) -> None:
     """Best value and params so far on the parent run (metric sweep/best_value, tags best.*)."""
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if not finished:
+    best = best_complete(study, direction)
+    if best is None:
         return
-    best = (max if direction == "maximize" else min)(finished, key=lambda t: t.value)
-    client.log_metric(parent, "sweep/best_value", best.value, step=len(finished))
+    finished = sum(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
+    client.log_metric(parent, "sweep/best_value", best.value, step=finished)
     tags = {"best.trial": str(best.number), "best.value": f"{best.value:.6g}",
             "best.run_id": str(best.user_attrs.get("mlflow_run_id"))}
     tags |= {f"best.{k}": str(v) for k, v in best.params.items()}
@@ -497,11 +503,10 @@ def run_sweep(path: str | Path, trials: int | None = None, workers: int | None =
 
 def summary(sw: SweepConfig, study, parent: str) -> dict[str, Any]:
     c = counts(study)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    best = best_complete(study, sw.objective.direction)
     out: dict[str, Any] = {"study": sw.name, "parent_run_id": parent, "counts": c,
                            "trial_steps": sum(t.user_attrs.get("steps_done", 0) for t in study.get_trials(deepcopy=False))}
-    if done:
-        best = (max if sw.objective.direction == "maximize" else min)(done, key=lambda t: t.value)
+    if best is not None:
         out |= {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
                 "best_run_id": best.user_attrs.get("mlflow_run_id")}
     return out
