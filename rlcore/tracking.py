@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,19 @@ def git_commit(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def _store_init_lock(uri: str):
+    """Serialise the first touch of an embedded SQLite store across processes.
+
+    MLflow creates and migrates the schema on first use without a lock, so two runs started together on a fresh
+    store race (`duplicate column name: step`). A file lock beside the database lets the second wait for the first.
+    """
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    from filelock import FileLock
+
+    return FileLock(uri[len("sqlite:///"):] + ".init.lock", timeout=120)
+
+
 class Tracker:
     """An MLflow run with batched background logging. Use one per run, on the main process only."""
 
@@ -93,8 +106,9 @@ class Tracker:
             # background writer buffer and retry (see _flush_unlocked).
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        self.client = MlflowClient(uri)
-        self.experiment_id = self._experiment(experiment)
+        with _store_init_lock(uri):
+            self.client = MlflowClient(uri)
+            self.experiment_id = self._experiment(experiment)
         self.run_id: str | None = None
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +125,27 @@ def test_store_down_at_exit_keeps_metrics_for_replay(tmp_path: Path, monkeypatch
     hist = sorted(c.get_metric_history(run_id, "reward/mean"), key=lambda m: m.step)
     assert [m.step for m in hist] == list(range(1, 40))
     assert c.get_run(run_id).info.status == "FINISHED" and not spill.exists()
+
+
+def test_runs_started_together_on_a_fresh_store_all_succeed(tmp_path: Path) -> None:
+    """MLflow builds a new SQLite schema without a lock; concurrent first runs once crashed with
+    `duplicate column name: step`. Four processes released at the same instant must each log a FINISHED run."""
+    (tmp_path / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\n")
+    go = time.time() + 4.0  # every process imports mlflow first, then all touch the store at this instant
+    code = (
+        "import sys, time; from pathlib import Path; from rlcore.tracking import Tracker\n"
+        f"time.sleep(max(0.0, {go} - time.time()))\n"
+        "t = Tracker('race', Path(sys.argv[1]))\n"
+        "with t.run('r', {}, {'seed': 0}, 'seed: 0\\n'):\n"
+        "    t.log(1, {'reward/mean': 1.0})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-600:] for e in errors)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
