@@ -144,31 +144,41 @@ def sweep(
 
 @app.command()
 def lesson(
-    lesson_id: Annotated[str, typer.Argument(help="Lesson number, e.g. 03 (see lessons/).")],
+    lesson_id: Annotated[str, typer.Argument(help="Lesson number (03), a range (01-14), a comma list, or all.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the runs.")] = False,
 ) -> None:
-    """Print a lesson's paired experiments and run them (variants x seeds), tagged so the dashboard finds them."""
+    """Print lessons' paired experiments and run them (variants x seeds), tagged so the dashboard finds them.
+
+    Several lessons at once run each distinct config once and tag it with every lesson that pairs it."""
+    import time
+
     from rlcore.controller import run as run_rl
-    from rlcore.lessons import check, load_all, planned_runs
+    from rlcore.lessons import check, load_all, merged_plan, select
     from rlcore.tracking import project_root
 
     root = project_root()
-    found = [x for x in load_all(root) if x.meta.id == lesson_id.zfill(2) or x.meta.id == lesson_id]
-    if not found:
-        raise ConfigError(f"lesson {lesson_id!r}: no lessons/{lesson_id}-*.md")
-    chosen = found[0]
-    check(chosen, root)
-    plan = planned_runs(chosen, root)
-    configs = [load_experiment(root / "experiments" / f, o) for f, o in plan]  # all validated before the first run
-    typer.echo(f"lesson {chosen.meta.id}: {chosen.meta.title}\n  {chosen.meta.question}")
-    for f, o in plan:
-        typer.echo(f"  experiments/{f}  {' '.join(x for x in o if not x.startswith('logging.tags'))}")
+    chosen = select(load_all(root), lesson_id)
+    for x in chosen:
+        check(x, root)
+    plan = merged_plan(chosen, root)
+    configs = [load_experiment(root / "experiments" / r.file, [*r.overrides, f"logging.tags.lesson='{','.join(r.lessons)}'",
+                                                               f"logging.tags.variant='{r.variant}'"])
+               for r in plan]  # all validated before the first run
+    for x in chosen:
+        typer.echo(f"lesson {x.meta.id}: {x.meta.title}\n  {x.meta.question}")
+    typer.echo(f"{len(plan)} distinct runs:")
+    for r in plan:
+        typer.echo(f"  experiments/{r.file}  {' '.join(r.overrides)}  (lesson {', '.join(r.lessons)})")
     if dry_run or not plan:
         return
-    for i, ((f, o), c) in enumerate(zip(plan, configs, strict=True), 1):
-        typer.echo(f"\n[{i}/{len(plan)}] experiments/{f} {' '.join(x for x in o if not x.startswith('logging.tags'))}")
-        _report(run_rl(c, root), f)
-    typer.echo(f"\nlook for: {chosen.meta.look_for}\n  rlcore dashboard  -> Lessons -> {chosen.meta.id}")
+    cpu0 = time.process_time()
+    for i, (r, c) in enumerate(zip(plan, configs, strict=True), 1):
+        typer.echo(f"\n[{i}/{len(plan)}] experiments/{r.file} {' '.join(r.overrides)}")
+        _report(run_rl(c, root), r.file)
+    typer.echo(f"\n{len(plan)} runs in {time.process_time() - cpu0:.0f} CPU seconds (this process, all threads)")
+    for x in chosen:
+        typer.echo(f"lesson {x.meta.id} look for: {x.meta.look_for}")
+    typer.echo(f"  rlcore dashboard  -> Lessons -> {chosen[0].meta.id}")
 
 
 @app.command()

@@ -94,6 +94,53 @@ def check(lesson: Lesson, root: Path) -> None:
             raise ConfigError(f"{lesson.path}: experiments: {f}: {e}") from None
 
 
+@dataclass
+class SharedRun:
+    """One run of a multi-lesson plan: identical resolved configs from several lessons are run once."""
+
+    file: str
+    overrides: list[str]  # without the lesson tags
+    lessons: list[str]
+    variant: str
+
+
+def merged_plan(lessons: list[Lesson], root: Path) -> list[SharedRun]:
+    """The runs of several lessons, each distinct resolved config once, tagged with every lesson that pairs it.
+
+    Same config and seed give the same numbers (everything is seeded), so running lesson 01's GRPO run again for
+    lessons 04, 07 and 11 would only spend CPU. Configs are compared after resolution, so `algorithm.kl_coef=0.04`
+    (the default) and no override are the same run.
+    """
+    out: dict[str, SharedRun] = {}
+    for lesson in lessons:
+        for f, overrides in planned_runs(lesson, root):
+            plain = [o for o in overrides if not o.startswith("logging.tags.")]
+            key = f"{load_experiment(root / 'experiments' / f, plain).config_hash()}"
+            if key in out:
+                if lesson.meta.id not in out[key].lessons:
+                    out[key].lessons.append(lesson.meta.id)
+                continue
+            variant = next(o.split("=", 1)[1].strip("'") for o in overrides if o.startswith("logging.tags.variant="))
+            out[key] = SharedRun(f, plain, [lesson.meta.id], variant)
+    return list(out.values())
+
+
+def select(lessons: list[Lesson], spec: str) -> list[Lesson]:
+    """Lessons named by `spec`: an id (`3`, `03`), a range (`01-14`), a comma list of either, or `all`."""
+    ids = [x.meta.id for x in lessons]
+    if spec == "all":
+        return list(lessons)
+    chosen: list[str] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        lo, hi = lo.zfill(2), (hi or lo).zfill(2)
+        if lo not in ids or hi not in ids:
+            missing = lo if lo not in ids else hi
+            raise ConfigError(f"lesson {missing!r}: no lessons/{missing}-*.md")
+        chosen += [i for i in ids[ids.index(lo):ids.index(hi) + 1] if i not in chosen]
+    return [x for x in lessons if x.meta.id in chosen]
+
+
 def planned_runs(lesson: Lesson, root: Path) -> list[tuple[str, list[str]]]:
     """(experiment file, overrides) of every run `rlcore lesson NN` makes, tagged with the lesson and its variant."""
     out = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlcore.config import load_experiment
+from rlcore.config import ConfigError, load_experiment
 from rlcore.lessons import check, load_all, planned_runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,3 +89,22 @@ def test_control_renders_and_reacts(lesson_id: str) -> None:
         at.text_input[0].set_value("1, 0").run()
     assert not at.exception, [e.message for e in at.exception]
     assert snapshot(at) != before, f"lesson {lesson_id}: moving the control changed nothing"
+
+
+def test_several_lessons_run_each_distinct_config_once() -> None:
+    from rlcore.lessons import merged_plan, select
+
+    part_one_two = select(LESSONS, "01-14")
+    assert [x.meta.id for x in part_one_two] == [f"{i:02d}" for i in range(1, 15)]
+    assert [x.meta.id for x in select(LESSONS, "3,11-12")] == ["03", "11", "12"]
+    with pytest.raises(ConfigError, match="lesson '99'"):
+        select(LESSONS, "01-99")
+    plan = merged_plan(part_one_two, ROOT)
+    every = [run for x in part_one_two for run in planned_runs(x, ROOT)]
+    assert len(plan) < len(every)
+    configs = [load_experiment(ROOT / "experiments" / r.file, r.overrides).config_hash() for r in plan]
+    assert len(set(configs)) == len(plan)  # no config twice
+    served = {lid for r in plan for lid in r.lessons}
+    assert served == {x.meta.id for x in part_one_two}  # every lesson keeps its runs
+    grpo = next(r for r in plan if r.file == "grpo.yaml" and r.overrides[-1] == "seed=0")
+    assert {"01", "03", "11"} <= set(grpo.lessons)  # beta=0.04 of lesson 03 is the default: the same run

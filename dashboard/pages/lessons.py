@@ -60,7 +60,8 @@ else:
                 except ConfigError as e:
                     st.error(f"{f}: {e}")
             if runs is not None:
-                mine = runs[(runs["lesson"] == m.id) | runs["experiment"].isin(names.values())]
+                paired = runs["lesson"].fillna("").str.split(",").map(lambda ids: m.id in ids)  # a run may serve lessons
+                mine = runs[paired | runs["experiment"].isin(names.values())]
                 mine = mine[mine["rlcore.kind"] == "rl"]
                 if mine.empty:
                     st.caption("None of the paired experiments has been run yet.")
