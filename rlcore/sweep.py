@@ -166,17 +166,21 @@ def _optuna():
 
 def open_storage(sw: SweepConfig, root: Path):
     """An Optuna storage object for the sweep's `storage` setting."""
+    return storage_from_spec(sw.storage, root)
+
+
+def storage_from_spec(spec: str | None, root: Path):
+    """An Optuna storage for `None` (the default journal), `journal:PATH`, a bare journal path, or an RDB URL."""
     optuna = _optuna()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    spec = sw.storage
-    if spec is None or spec.startswith("journal:"):
-        path = default_journal(root) if spec is None else Path(spec[len("journal:"):])
-        path = path if path.is_absolute() else root / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    return optuna.storages.RDBStorage(spec)
+    if spec is not None and "://" in spec:
+        return optuna.storages.RDBStorage(spec)
+    path = default_journal(root) if spec is None else Path(spec.removeprefix("journal:"))
+    path = path if path.is_absolute() else root / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def default_journal(root: Path) -> Path:

@@ -183,6 +183,32 @@ def test_sweeps_page_without_a_study_says_so(dash: Path, monkeypatch: pytest.Mon
     assert any("No sweep has run yet" in i.value for i in at.info)
 
 
+def test_sweeps_page_draws_a_study(dash: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState
+
+    from rlcore.sweep import storage_from_spec
+
+    journal = tmp_path / "optuna.journal"
+    study = optuna.create_study(study_name="lr-beta", storage=storage_from_spec(str(journal), tmp_path),
+                                direction="maximize")
+    space = {"trainer.lr": FloatDistribution(1e-5, 1e-2, log=True), "algorithm.advantage": CategoricalDistribution(["grpo", "rloo"])}
+    for lr, adv, value in [(1e-4, "grpo", 0.40), (3e-4, "rloo", 0.47), (1e-3, "grpo", 0.42)]:
+        study.add_trial(optuna.trial.create_trial(params={"trainer.lr": lr, "algorithm.advantage": adv},
+                                                  distributions=space, value=value))
+    study.add_trial(optuna.trial.create_trial(params={"trainer.lr": 5e-3, "algorithm.advantage": "rloo"},
+                                              distributions=space, state=TrialState.PRUNED))
+    at = app(dash, monkeypatch, "sweeps")
+    at.text_input[0].set_value(str(journal)).run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("4 trials" in c.value and "pruned 1" in c.value for c in at.caption)
+    trials = frame(at, "param:trainer.lr")
+    assert len(trials) == 4 and trials["value"].max() == pytest.approx(0.47)
+    # history, importance, parallel coordinates and one slice per parameter
+    assert len(at.get("vega_lite_chart")) >= 5
+
+
 def test_launch_page_validates_and_refuses_paths_outside_experiments(dash: Path, monkeypatch) -> None:
     from dashboard import launcher
 

@@ -5,18 +5,12 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import common
-from rlcore.sweep import default_journal
+from rlcore.sweep import default_journal, storage_from_spec
 
 
 @st.cache_resource(ttl=common.TTL_S)
 def open_storage(spec: str):
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    if spec.startswith(("postgresql", "mysql", "sqlite")):
-        return optuna.storages.RDBStorage(spec)
-    return JournalStorage(JournalFileBackend(spec))
+    return storage_from_spec(spec, common.root())  # the same reading of a spec as `rlcore sweep`
 
 
 def trials_frame(study) -> pd.DataFrame:
@@ -36,7 +30,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 journal = default_journal(common.root())
 spec = st.text_input("Optuna storage", str(journal), help="The journal file beside the MLflow store (default), "
                      "or an RDB URL such as postgresql+psycopg://user@127.0.0.1/optuna")
-if not spec.startswith(("postgresql", "mysql", "sqlite")) and not __import__("pathlib").Path(spec).is_file():
+if "://" not in spec and not __import__("pathlib").Path(spec.removeprefix("journal:")).is_file():
     st.info(f"No sweep has run yet (no journal at {spec}). Start one: `rlcore sweep experiments/sweeps/grpo_lr_beta.yaml`.")
 else:
     try:
@@ -62,9 +56,12 @@ else:
             done = done.sort_values("trial")
             best = done["value"].cummax() if direction == "maximize" else done["value"].cummin()
             done["best so far"] = best
-            hist = alt.Chart(done).mark_circle(size=60).encode(x="trial:Q", y=alt.Y("value:Q", scale=alt.Scale(zero=False)),
-                                                                tooltip=["trial", "value", *params])
-            hist += alt.Chart(done).mark_line(color="firebrick", interpolate="step-after").encode(x="trial:Q", y="best so far:Q")
+            # Vega-Lite reads ':' as a type suffix and '.' as a nested field: chart a copy with plain column names.
+            safe = {p: p[len("param:"):].replace(".", "_") for p in params}
+            chart_df = done.rename(columns=safe)
+            hist = alt.Chart(chart_df).mark_circle(size=60).encode(
+                x="trial:Q", y=alt.Y("value:Q", scale=alt.Scale(zero=False)), tooltip=["trial", "value", *safe.values()])
+            hist += alt.Chart(chart_df).mark_line(color="firebrick", interpolate="step-after").encode(x="trial:Q", y="best so far:Q")
             c1, c2 = st.columns(2)
             c1.altair_chart(hist.properties(title="Optimisation history", height=260), width="stretch")
             if len(done) >= 2 and len(params) >= 1:
@@ -87,14 +84,15 @@ else:
                 span = num.max() - num.min()
                 pc[p] = (num - num.min()) / span if span else 0.5
             long = pc.melt(["trial", "value"], var_name="param", value_name="scaled")
+            long["param"] = long["param"].str.removeprefix("param:")
             st.altair_chart(alt.Chart(long).mark_line(opacity=0.6).encode(
                 x=alt.X("param:N", title=None), y=alt.Y("scaled:Q", title="scaled value"), detail="trial:N",
                 color=alt.Color("value:Q", scale=alt.Scale(scheme="viridis")), tooltip=["trial", "value"])
                 .properties(title="Parallel coordinates", height=260), width="stretch")
             cols = st.columns(max(1, min(3, len(params))))
             for i, p in enumerate(params):
-                cols[i % len(cols)].altair_chart(alt.Chart(done).mark_circle(size=60).encode(
-                    x=alt.X(f"{p}:{'Q' if pd.api.types.is_numeric_dtype(done[p]) else 'N'}", title=p[6:]),
+                cols[i % len(cols)].altair_chart(alt.Chart(chart_df).mark_circle(size=60).encode(
+                    x=alt.X(f"{safe[p]}:{'Q' if pd.api.types.is_numeric_dtype(done[p]) else 'N'}", title=p[6:]),
                     y=alt.Y("value:Q", scale=alt.Scale(zero=False)), tooltip=["trial", "value"])
                     .properties(title=f"Slice: {p[6:]}", height=200), width="stretch")
         st.subheader("Trials")
