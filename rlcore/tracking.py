@@ -271,6 +271,9 @@ class Tracker:
             self._flush()
             if self.outage_since is None or time.time() > deadline:
                 break
+            # A live line, so a pause at exit reads as waiting on the store, not as a hang.
+            print(f"\rMLflow at {self.where} is unreachable: retrying for {deadline - time.time():.0f} s more before "
+                  "keeping the metrics on disk", end="", file=sys.stderr, flush=True)
             time.sleep(2.0)
         try:
             if self.outage_since is not None:
