@@ -191,7 +191,7 @@ class TrainerConfig(_Section):
 
 class LoggingConfig(_Section):
     experiment: str = Field("rlcore", description="MLflow experiment name.")
-    run_name: str | None = Field(None, description="MLflow run name; None lets MLflow pick one.")
+    run_name: str | None = Field(None, description="MLflow run name; None: <algorithm>-s<seed>-<config hash>.")
     eval_every: int = Field(20, gt=0, description="Held-out evaluation every N steps (and at step 0 and the end).")
     samples_every: int = Field(20, gt=0, description="Log a table of sample completions every N steps.")
     num_samples: int = Field(16, ge=0, description="Completions per sample table.")

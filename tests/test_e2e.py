@@ -140,6 +140,9 @@ def test_seeds_give_one_run_each_with_a_shared_group(lab: Path) -> None:
     runs = c.search_runs([c.get_experiment_by_name("test-seeds").experiment_id])
     assert sorted(r.data.params["seed"] for r in runs) == ["3", "4"]
     assert len({r.data.tags["rlcore.group"] for r in runs}) == 1 and all(r.info.status == "FINISHED" for r in runs)
+    # Named from the config, not by MLflow's generator (which draws from the seeded `random` and repeats itself).
+    names = sorted(r.info.run_name for r in runs)
+    assert names[0].startswith("grpo-s3-") and names[1].startswith("grpo-s4-") and names[0][-6:] == names[1][-6:]
     bad = subprocess.run([sys.executable, "-m", "rlcore.cli", "run", "rl.yaml", "--seeds", "1,x"], cwd=lab,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--seeds: expected comma-separated integers" in bad.stderr
