@@ -8,6 +8,7 @@ process evaluates and logs.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import sys
@@ -197,6 +198,7 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     `resume`: a checkpoint of this config to continue from, in the same MLflow run.
     """
     root = root or project_root()
+    reset_peak_memory()  # a lesson, --seeds or a sweep worker runs many runs in one process
     loop = build(cfg, root)
     acc = loop.acc
     ckpt = checkpoint.load(resume) if resume is not None else None
@@ -364,10 +366,25 @@ def batch_metrics(batch: RolloutBatch, acc: Accelerator, k: int) -> dict[str, fl
     }
 
 
+def reset_peak_memory() -> None:
+    """Start a new high-water mark, so each run reports its own peak, not the process's."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass  # elsewhere the RSS peak is the process's lifetime peak (see peak_memory_mb)
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text()  # VmHWM honours reset_peak_memory
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def sample_rows(batch: RolloutBatch, n: int) -> list[dict]:

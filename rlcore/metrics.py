@@ -73,7 +73,7 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("timing/step", "s", "wall time of the whole step; step - sum(phases) is 'other' (logging, metrics)", "07"),
     # perf
     MetricDef("perf/tokens_per_s", "tokens/s", "generated response tokens (all processes) / timing/step", "22"),
-    MetricDef("perf/peak_mem_mb", "MB", "peak memory: CUDA max allocated, or process max RSS on CPU", "22"),
+    MetricDef("perf/peak_mem_mb", "MB", "peak memory of this run: CUDA max allocated, or on CPU the peak RSS since the run began (Linux)", "22"),
     # sweeps (the parent run of `rlcore sweep`)
     MetricDef("sweep/best_value", "objective", "best objective value among the trials completed so far", "26"),
     MetricDef("perf/sync_mb", "MB", "bytes pushed to the rollout engine this step", "06"),

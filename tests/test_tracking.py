@@ -149,3 +149,17 @@ def test_runs_started_together_on_a_fresh_store_all_succeed(tmp_path: Path) -> N
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
+
+
+def test_peak_memory_is_per_run_not_per_process() -> None:
+    """A lesson or --seeds runs many runs in one process; each must report its own peak, not the process's."""
+    from rlcore.controller import peak_memory_mb, reset_peak_memory
+
+    reset_peak_memory()
+    base = peak_memory_mb()
+    block = bytearray(256 * 2**20)  # touch 256 MB, then free it
+    block[:: 4096] = b"x" * len(block[:: 4096])
+    del block
+    assert peak_memory_mb() > base + 200
+    reset_peak_memory()
+    assert peak_memory_mb() < base + 100
