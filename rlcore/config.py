@@ -235,9 +235,14 @@ class ExperimentConfig(_Section):
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def training_hash(self) -> str:
+        """Hash of what decides the numbers apart from the seed: the config without `seed` and without `logging`
+        (names, tags, eval cadence and output paths do not change what is trained)."""
+        return self.model_copy(update={"seed": 0, "logging": LoggingConfig()}).config_hash()
+
     def seed_group(self) -> str:
-        """The MLflow tag `rlcore.group`: equal for runs whose configs differ only in their seed."""
-        return f"{self.logging.experiment}-{self.model_copy(update={'seed': 0}).config_hash()[:8]}"
+        """The MLflow tag `rlcore.group`: equal for runs whose configs differ only in their seed (or logging)."""
+        return f"{self.logging.experiment}-{self.training_hash()[:8]}"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -214,7 +214,7 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                 **(extra_tags or {})}
         # MLflow's random names come from the `random` module, which the run has seeded: every run would be called
         # the same. A name from the config is as stable and says what the run is.
-        name = cfg.logging.run_name or f"{cfg.algorithm.name}-s{cfg.seed}-{cfg.model_copy(update={'seed': 0}).config_hash()[:6]}"
+        name = cfg.logging.run_name or f"{cfg.algorithm.name}-s{cfg.seed}-{cfg.training_hash()[:6]}"
         managed = tracker.run(name, tags, flatten(cfg.to_dict()),
                               yaml.safe_dump(cfg.to_dict(), sort_keys=False), resume_id=ckpt and ckpt["run_id"])
     steps_done, stop = start, False

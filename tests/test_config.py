@@ -131,3 +131,13 @@ def test_warm_start_cache_key_ignores_defaults_and_logging(tmp_path) -> None:
     base = cache_dir(load_experiment(sft), tmp_path)
     assert cache_dir(load_experiment(sft, ["trainer.checkpoint_every=25", "logging.experiment=x"]), tmp_path) == base
     assert cache_dir(load_experiment(sft, ["trainer.lr=1e-3"]), tmp_path) != base
+
+
+def test_seed_group_ignores_seed_and_logging_but_not_training() -> None:
+    """Runs of one config across seeds share `rlcore.group` even when a lesson tags them differently."""
+    base = ExperimentConfig()
+    same = [base.model_copy(update={"seed": 3}),
+            ExperimentConfig.model_validate({"logging": {"tags": {"lesson": "12"}, "run_name": "x", "eval_every": 5}})]
+    assert {c.seed_group() for c in same} == {base.seed_group()}
+    other = ExperimentConfig.model_validate({"trainer": {"lr": 3e-4}})
+    assert other.seed_group() != base.seed_group()
