@@ -16,22 +16,19 @@ from pathlib import Path
 import torch
 
 from rlcore.config import load_experiment
+from rlcore.evaluation import heldout_rewards
 from rlcore.model import build_policy
 from rlcore.rollout import RolloutEngine
 from rlcore.sft import warm_start_dir
-from rlcore.tasks import make_task, score
+from rlcore.tasks import make_task
 
 
 def split(policy: Path | None, cfg) -> dict[int, tuple[int, float, float]]:
     """{longest operand's digits: (prompts, greedy accuracy, sampled reward)} plus key 0 for all prompts."""
     task = make_task(cfg.task)
     model, tokenizer = build_policy(cfg.model, policy)
-    engine = RolloutEngine(model, tokenizer, seed=cfg.seed)
-    engine.generator = torch.Generator().manual_seed(cfg.task.heldout_seed + 1)  # as rlcore.evaluation.evaluate
-    k = cfg.task.eval_samples
-    greedy = score(task, engine.generate(task.heldout, 1, cfg.rollout.max_new_tokens, greedy=True))  # [P]
-    sampled = score(task, engine.generate(task.heldout, k, cfg.rollout.max_new_tokens, temperature=1.0))  # [P*k]
-    sampled = sampled.view(len(task.heldout), k).mean(1)  # [P]
+    greedy, sampled = heldout_rewards(RolloutEngine(model, tokenizer, seed=cfg.seed), task, cfg)  # [P], [P*k]
+    sampled = sampled.view(len(task.heldout), cfg.task.eval_samples).mean(1)  # [P]
     groups: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(task.heldout):
         groups[max(len(x) for x in p.prompt.rstrip("=").split("+"))].append(i)

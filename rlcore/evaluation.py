@@ -10,8 +10,9 @@ from rlcore.tasks import AdditionTask, score
 
 
 @torch.no_grad()
-def evaluate(engine: RolloutEngine, task: AdditionTask, cfg: ExperimentConfig) -> dict[str, float]:
-    """eval/greedy_accuracy and eval/sampled_reward (k samples per prompt at T=1).
+def heldout_rewards(engine: RolloutEngine, task: AdditionTask, cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-completion rewards on the held-out set: greedy [P] and sampled [P * k] (k samples per prompt at T=1,
+    prompt-major).
 
     The sampling noise comes from its own generator seeded by the held-out set's seed, not the run's: every eval of
     every run draws the same uniforms, so before/after and run-vs-run comparisons are paired, and evaluating never
@@ -25,7 +26,10 @@ def evaluate(engine: RolloutEngine, task: AdditionTask, cfg: ExperimentConfig) -
         sampled = engine.generate(heldout, cfg.task.eval_samples, cfg.rollout.max_new_tokens, temperature=1.0)
     finally:
         engine.generator = train_gen
-    return {
-        "eval/greedy_accuracy": float(score(task, greedy).mean()),
-        "eval/sampled_reward": float(score(task, sampled).mean()),
-    }
+    return score(task, greedy), score(task, sampled)
+
+
+def evaluate(engine: RolloutEngine, task: AdditionTask, cfg: ExperimentConfig) -> dict[str, float]:
+    """eval/greedy_accuracy and eval/sampled_reward (k samples per prompt at T=1); see heldout_rewards."""
+    greedy, sampled = heldout_rewards(engine, task, cfg)
+    return {"eval/greedy_accuracy": float(greedy.mean()), "eval/sampled_reward": float(sampled.mean())}

@@ -115,7 +115,7 @@ def merged_plan(lessons: list[Lesson], root: Path) -> list[SharedRun]:
     for lesson in lessons:
         for f, overrides in planned_runs(lesson, root):
             plain = [o for o in overrides if not o.startswith("logging.tags.")]
-            key = f"{load_experiment(root / 'experiments' / f, plain).config_hash()}"
+            key = load_experiment(root / "experiments" / f, plain).config_hash()
             if key in out:
                 if lesson.meta.id not in out[key].lessons:
                     out[key].lessons.append(lesson.meta.id)
