@@ -178,6 +178,10 @@ class TrainerConfig(_Section):
         128, gt=0, description="Sequences per forward/backward; the rollout batch is accumulated over micro-batches."
     )
     sft_batch_size: int = Field(128, gt=0, description="Examples per SFT step (`kind: sft` only).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="SFT cross-entropy label smoothing (`kind: sft` only): this share of each target's "
+        "probability is spread over the vocabulary, so the warm start samples less surely than it answers greedily.",
+    )
     checkpoint_every: int = Field(
         25, ge=0, description="Write a checkpoint every N steps (and when stopped by SIGTERM/Ctrl-C); 0 = never. "
         "`rlcore run FILE --resume` continues the same MLflow run from the newest one.",

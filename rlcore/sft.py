@@ -78,6 +78,21 @@ def _encode(tokenizer, problems, tool: Calculator | None = None,
     return ids, mask, lab
 
 
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions, with label smoothing ε (Szegedy et al. 2016):
+
+        loss = (1 - ε) · (-log p(y)) + ε · mean_v(-log p(v))
+
+    ε = 0 is exactly Hugging Face's causal-LM loss. ε > 0 keeps the warm start from betting everything on its argmax,
+    so it samples less surely than it answers greedily: the room RL's sharpening has (lesson 01).
+    """
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1),  # [B*(L-1), V]: position t predicts token t+1
+        labels[:, 1:].flatten(),  # [B*(L-1)], -100 where not a target
+        ignore_index=-100, label_smoothing=label_smoothing,
+    )
+
+
 def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
     """Train the warm start, log it as its own MLflow run, and save it atomically to `out`."""
     import yaml
@@ -109,7 +124,7 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
             problems = [next(stream) for _ in range(t.sft_batch_size)]
             use_tool = [coin.random() < cfg.task.sft_tool_frac for _ in problems]
             ids, mask, labels = _encode(tokenizer, problems, tool, use_tool)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = sft_loss(model(input_ids=ids, attention_mask=mask).logits, labels, t.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -22,6 +22,7 @@ BAD = [
     ("algorithm: {kl_coef: -1}", "algorithm.kl_coef: must be >= 0.0, got -1"),
     ("trainer: {steps: abc}", "trainer.steps: input should be a valid integer"),
     ("trainer: {lr: 0}", "trainer.lr: must be > 0.0, got 0"),
+    ("trainer: {label_smoothing: 1}", "trainer.label_smoothing: must be < 1.0, got 1"),
     ("rollout: {engine: vllm}", "rollout.engine: must be one of 'shared' or 'separate', got 'vllm'"),
     ("rollout: {top_p: 1.5}", "rollout.top_p: must be <= 1.0, got 1.5"),
     ("rollout: {samples_per_prompt: 0}", "rollout.samples_per_prompt: must be > 0, got 0"),
