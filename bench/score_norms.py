@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from rlcore.config import load_experiment
+from rlcore.config import ExperimentConfig, load_experiment
 from rlcore.model import build_policy
 from rlcore.rollout import RolloutEngine, token_logprobs
 from rlcore.sft import warm_start_dir
 from rlcore.tasks import make_task, score
 
 
-def score_norms(cfg, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def score_norms(cfg: ExperimentConfig, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards [B] and per-sample score norms [B] on one seeded batch from the training stream."""
     model, tokenizer = build_policy(cfg.model, warm_start_dir(cfg, Path.cwd(), quiet=True))
     task = make_task(cfg.task)
@@ -35,8 +35,7 @@ def score_norms(cfg, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
     norms = []
     for i in range(len(rewards)):
-        grads = torch.autograd.grad(seq_logp[i], params, retain_graph=True)
-        norms.append(torch.sqrt(sum((g**2).sum() for g in grads)))
+        norms.append(torch.nn.utils.get_total_norm(torch.autograd.grad(seq_logp[i], params, retain_graph=True)))
     return rewards, torch.stack(norms)  # [B], [B]
 
 
