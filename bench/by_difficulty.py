@@ -27,8 +27,7 @@ def split(policy: Path | None, cfg) -> dict[int, tuple[int, float, float]]:
     """{longest operand's digits: (prompts, greedy accuracy, sampled reward)} plus key 0 for all prompts."""
     task = make_task(cfg.task)
     model, tokenizer = build_policy(cfg.model, policy)
-    greedy, sampled = heldout_rewards(RolloutEngine(model, tokenizer, seed=cfg.seed), task, cfg)  # [P], [P*k]
-    sampled = sampled.view(len(task.heldout), cfg.task.eval_samples).mean(1)  # [P]
+    greedy, sampled = heldout_rewards(RolloutEngine(model, tokenizer, seed=cfg.seed), task, cfg)  # [P], [P]
     groups: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(task.heldout):
         groups[max(len(x) for x in p.prompt.rstrip("=").split("+"))].append(i)

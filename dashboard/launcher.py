@@ -39,7 +39,10 @@ class Launch:
 
     def status(self, root: Path) -> str:
         code = self.exit_code(root)
+        stopped = (launches_dir(root) / f"{self.id}.stopped").is_file()
         if code is not None:
+            if stopped:
+                return f"stopped (exit {code})"
             return "finished" if code == 0 else f"exited {code}"
         try:
             os.kill(self.pid, 0)
@@ -86,7 +89,21 @@ def validate(root: Path, file: str, overrides: list[str]) -> str:
         sw = load_sweep(path)
         return f"sweep {sw.name}: {sw.n_trials} trials, {sw.workers} worker(s)"
     cfg = load_experiment(path, overrides)
+    inside_project(root, cfg)
     return f"{cfg.kind} experiment, algorithm={cfg.algorithm.name}, steps={cfg.trainer.steps}"
+
+
+def inside_project(root: Path, cfg) -> None:
+    """A launch from the page reads and writes only inside the project: its warm start is a file under
+    experiments/, its outputs go under the project root (the page is a door into this project, not the disk)."""
+    base = (root / "experiments").resolve()
+    if cfg.model.warm_start is not None and not cfg.resolve_path(cfg.model.warm_start).resolve().is_relative_to(base):
+        raise ConfigError(f"model.warm_start: {cfg.model.warm_start!r} is outside experiments/ (not allowed from the "
+                          "dashboard)")
+    out = (root / cfg.logging.output_dir).resolve()
+    if not out.is_relative_to(root.resolve()):
+        raise ConfigError(f"logging.output_dir: {cfg.logging.output_dir!r} is outside the project (not allowed from "
+                          "the dashboard)")
 
 
 def start(root: Path, file: str, overrides: list[str], extra: list[str] | None = None) -> Launch:
@@ -101,7 +118,9 @@ def start(root: Path, file: str, overrides: list[str], extra: list[str] | None =
     log = d / f"{launch_id}.log"
     rc = d / f"{launch_id}.rc"
     # The shell records the exit code, so the page can tell finished from failed after the process is gone.
-    shell = f'{" ".join(_quote(c) for c in cmd)}; echo $? > {_quote(str(rc))}'
+    # The shell ignores SIGTERM (rlcore sets its own handler), so Stop reaches the run, which closes cleanly, and the
+    # shell lives on to record its exit status.
+    shell = f'trap "" TERM; {" ".join(_quote(c) for c in cmd)}; echo $? > {_quote(str(rc))}'
     with open(log, "w") as out:
         proc = subprocess.Popen(["/bin/sh", "-c", shell], cwd=root, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -126,8 +145,10 @@ def all_launches(root: Path) -> list[Launch]:
     return out
 
 
-def stop(launch: Launch) -> None:
-    """SIGTERM to the launch's process group: the run closes as KILLED, a sweep re-queues its trial."""
+def stop(launch: Launch, root: Path) -> None:
+    """SIGTERM to the launch's process group: the run closes as KILLED, a sweep re-queues its trial; the exit status
+    is recorded when the run has closed (`status` then says `stopped (exit N)`)."""
+    (launches_dir(root) / f"{launch.id}.stopped").write_text(str(time.time()))
     try:
         os.killpg(launch.pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -42,6 +42,29 @@ def lookup(registry: dict, name: str, what: str):
     return registry[name]
 
 
+# ------------------------------------------------------------------------------------------ presets
+
+# What makes each preset the algorithm it is, over the axes (experiments/<name>.yaml sets the rest: KL, clip
+# ranges, epochs). Most specific first: an unnamed config is labelled with the first preset it matches.
+PRESETS: dict[str, dict[str, object]] = {
+    "dapo": {"advantage": "grpo", "policy_loss": "ppo_clip", "group_filter": "nonzero_std"},
+    "grpo": {"advantage": "grpo", "scale_by_std": True, "policy_loss": "ppo_clip", "group_filter": "none"},
+    "drgrpo": {"advantage": "grpo", "scale_by_std": False, "policy_loss": "ppo_clip", "group_filter": "none"},
+    "gspo": {"advantage": "grpo", "policy_loss": "gspo"},
+    "rloo": {"advantage": "rloo"},
+    "reinforce": {"advantage": "reinforce"},
+    "reinforce_pp": {"advantage": "reinforce_pp"},
+    "ppo": {"advantage": "gae", "policy_loss": "ppo_clip"},
+}
+
+
+def preset_mismatch(name: str, cfg: AlgorithmConfig) -> str:
+    """Which of preset `name`'s defining axes `cfg` sets differently ('' when it is that preset)."""
+    diff = [f"{axis} is {getattr(cfg, axis)!r} ({name} uses {want!r})"
+            for axis, want in PRESETS[name].items() if getattr(cfg, axis) != want]
+    return "; ".join(diff)
+
+
 # ------------------------------------------------------------------------------------------ reward shaping
 
 def overlong_penalty(batch: RolloutBatch, cfg: AlgorithmConfig, max_new_tokens: int) -> torch.Tensor:
@@ -97,9 +120,9 @@ def token_rewards(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # [B, T] the final counted token
     r = last.float() * batch.rewards[:, None]  # [B, T]
     if cfg.kl_placement == "reward" and batch.ref_logp is not None:
-        from rlcore.reference import KL_ESTIMATORS
+        from rlcore.reference import kl_estimate
 
-        r = r - cfg.kl_coef * KL_ESTIMATORS[cfg.kl_estimator](batch.old_logp, batch.ref_logp) * mask
+        r = r - cfg.kl_coef * kl_estimate(cfg.kl_estimator, batch.old_logp, batch.ref_logp, cfg.kl_clamp) * mask
     return r
 
 
@@ -124,6 +147,9 @@ def adv_grpo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     return adv[:, None] * batch.response_mask  # [B, T]
 
 
+adv_grpo.needs_group = True  # compares the K samples of one prompt: K = 1 gives all-zero advantages
+
+
 @_register(ADVANTAGES, "rloo")
 def adv_rloo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     """A_i = r_i - mean_{j != i} r_j = K/(K-1) (r_i - mean(r_group)). Ahmadian et al., "Back to Basics" (2024)."""
@@ -131,6 +157,9 @@ def adv_rloo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     mean, _, n = group_stats(returns, batch.group)  # [B]
     adv = (returns - mean) * n / (n - 1).clamp(min=1)  # [B]
     return adv[:, None] * batch.response_mask  # [B, T]
+
+
+adv_rloo.needs_group = True
 
 
 @_register(ADVANTAGES, "reinforce")
@@ -213,8 +242,14 @@ def loss_pg(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask:
 
     Williams, "Simple statistical gradient-following algorithms" (REINFORCE, 1992).
     """
-    ratio = (logp - old_logp).exp()  # [B, T]
+    ratio = clamp_log_ratio(logp - old_logp, cfg).exp()  # [B, T]
     return -adv * ratio, {"actor/ratio": ratio.detach()}
+
+
+def clamp_log_ratio(log_ratio: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor:
+    """log(pi/pi_old) held to [-c, c] (`log_ratio_clamp`) so exp cannot overflow. [B, T] -> [B, T]"""
+    c = cfg.log_ratio_clamp
+    return log_ratio if c is None else log_ratio.clamp(-c, c)
 
 
 def clipped_objective(log_ratio: torch.Tensor, adv: torch.Tensor, cfg: AlgorithmConfig):
@@ -222,6 +257,7 @@ def clipped_objective(log_ratio: torch.Tensor, adv: torch.Tensor, cfg: Algorithm
 
     Returns the per-token loss [B, T] and its metrics (per-token indicators and values, [B, T] each).
     """
+    log_ratio = clamp_log_ratio(log_ratio, cfg)  # [B, T]
     ratio = log_ratio.exp()  # [B, T]
     high = cfg.clip_eps_high if cfg.clip_eps_high is not None else cfg.clip_eps
     unclipped = -adv * ratio  # [B, T]

@@ -21,8 +21,21 @@ import numpy as np
 import torch
 
 
+def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> str:
+    """'' when every floating tensor is finite, else which are not: 'name (n of N values)', the first three."""
+    bad = []
+    for name, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)")
+    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+
+
 def save(path_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    for part in ("policy", "critic"):
+        if part in state and (bad := nonfinite_tensors(state[part])):
+            raise ValueError(f"refusing to write a checkpoint with non-finite weights: {part}: {bad}")
     path_dir.mkdir(parents=True, exist_ok=True)
+    clean_temp(path_dir)
     final = path_dir / f"step_{step:06d}.pt"
     fd, tmp = tempfile.mkstemp(dir=path_dir, prefix=".tmp-", suffix=".pt")
     try:
@@ -67,9 +80,19 @@ def load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def find_latest(outputs: Path, config_hash: str) -> Path | None:
-    """The newest checkpoint under outputs/*/checkpoints whose run had exactly this config."""
-    best: tuple[float, Path] | None = None
+def clean_temp(path_dir: Path) -> int:
+    """Remove the temp files of a save that was killed (kill -9) before its rename; only this run writes here."""
+    n = 0
+    for tmp in path_dir.glob(".tmp-*"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def candidates(outputs: Path, config_hash: str) -> list[tuple[Path, str]]:
+    """(checkpoint, run id) of every run under outputs/*/checkpoints whose config was exactly this one, newest
+    first. Which of them may be resumed (not a FINISHED run, not a truncated file) is the caller's question."""
+    found: list[tuple[float, Path, str]] = []
     for sidecar in outputs.glob("*/checkpoints/step_*.json"):
         try:
             meta = json.loads(sidecar.read_text())
@@ -77,7 +100,22 @@ def find_latest(outputs: Path, config_hash: str) -> Path | None:
             continue
         pt = sidecar.with_suffix(".pt")
         if meta.get("config_hash") == config_hash and pt.is_file():
-            key = pt.stat().st_mtime
-            if best is None or key > best[0]:
-                best = (key, pt)
-    return best[1] if best else None
+            found.append((pt.stat().st_mtime, pt, str(meta.get("run_id"))))
+    return [(pt, run_id) for _, pt, run_id in sorted(found, key=lambda x: (x[0], x[1].name), reverse=True)]
+
+
+def intact(path: Path) -> bool:
+    """Whether a checkpoint file is complete: torch.save writes a zip archive, whose CRCs a cut file fails."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
+
+
+def find_latest(outputs: Path, config_hash: str) -> Path | None:
+    """The newest checkpoint of this config (any run, intact or not); see `candidates`."""
+    found = candidates(outputs, config_hash)
+    return found[0][0] if found else None

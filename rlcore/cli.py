@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from rlcore.config import ConfigError, load_experiment
+from rlcore.config import ConfigError, RunFailed, load_experiment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training lab: run experiments (YAML) and track them in MLflow.")
@@ -44,6 +44,25 @@ def _report(result, label: str) -> None:
     typer.echo(f"  look at it: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
 
 
+def preflight(configs: list, root: Path) -> None:
+    """What can only be checked against this machine, before any MLflow run exists: the store answers, and every
+    run's output directory is (or can be made) a writable directory."""
+    from rlcore.tracking import check_store
+
+    check_store(root)
+    for cfg in configs:
+        out = (root / cfg.logging.output_dir).resolve()
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"logging.output_dir: {cfg.logging.output_dir!r} is a file, not a directory")
+        existing = out
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"logging.output_dir: {cfg.logging.output_dir!r}: {existing} is a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"logging.output_dir: {cfg.logging.output_dir!r}: {existing} is not writable")
+
+
 def _parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -62,17 +81,22 @@ def run(
                                                    "`rlcore.group` tag so they can be drawn as mean +- band.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the newest checkpoint of this exact config "
                                                           "(same MLflow run, same numbers as an uninterrupted run).")] = False,
+    ship_it: Annotated[bool, typer.Option("--ship", help="`kind: sft` only: copy the built warm start to "
+                                                         "warm_starts/<file stem>/ with its manifest, for committing.")] = False,
 ) -> None:
     """Run an experiment YAML (RL, or `kind: sft` for a warm start)."""
     cfg = load_experiment(file, set_ or [])
     from rlcore.tracking import project_root
 
+    if ship_it and (cfg.kind != "sft" or seeds is not None or resume):
+        raise ConfigError("--ship: only for a `kind: sft` experiment, without --seeds or --resume")
     if seeds is not None:
         seed_list = _parse_seeds(seeds)
         if cfg.kind != "rl":
             raise ConfigError("--seeds: only for `kind: rl` experiments")
         # Validate every seed's config before the first run starts, so a bad one cannot fail half-way.
         configs = [load_experiment(file, [*(set_ or []), f"seed={s}"]) for s in seed_list]
+        preflight(configs, project_root())
         from rlcore.controller import run as run_rl
 
         for c in configs:
@@ -82,26 +106,59 @@ def run(
         return
 
     root = project_root()
+    preflight([cfg], root)
     if cfg.kind == "sft":
-        from rlcore.sft import cache_dir, train_sft
+        from rlcore.sft import MANIFEST, cache_dir, find_shipped, sha256, ship, train_sft
 
-        out = cache_dir(cfg, root)  # the same place RL experiments naming this file look for it
-        train_sft(cfg, out, root)
-        typer.echo(f"warm start saved to {out}")
+        out = cache_dir(cfg, root)
+        metrics = train_sft(cfg, out, root)
+        typer.echo(f"warm start saved to {out}  (sha256 of its weights: {sha256(out / 'model.safetensors')[:16]})")
+        if ship_it:
+            dest = ship(cfg, out, root, file.stem, metrics)
+            typer.echo(f"shipped to {dest} (commit it: every machine then starts RL from these bits)")
+        elif (shipped := find_shipped(cfg, root, quiet=True)) is not None:
+            import json
+
+            meta = json.loads((shipped / MANIFEST).read_text())
+            same = meta["files"]["model.safetensors"] == sha256(out / "model.safetensors")
+            typer.echo(f"the shipped copy {shipped} ({meta['heldout']}) is what RL runs use; this rebuild is "
+                       + ("bit-identical to it" if same else "NOT bit-identical to it (another CPU, thread count or "
+                          "library version), see its MANIFEST.json"))
         return
     from rlcore.controller import run as run_rl
 
-    checkpoint_path = None
-    if resume:
-        from rlcore.checkpoint import find_latest
-
-        checkpoint_path = find_latest(root / cfg.logging.output_dir, cfg.config_hash())
-        if checkpoint_path is None:
-            raise ConfigError(f"--resume: no checkpoint of this config under {cfg.logging.output_dir}/ "
-                              "(the config must be identical, overrides included)")
-        if _is_main():
-            typer.echo(f"resuming from {checkpoint_path}")
+    checkpoint_path = choose_checkpoint(cfg, root) if resume else None
     _report(run_rl(cfg, root, resume=checkpoint_path), str(file))
+
+
+def choose_checkpoint(cfg, root: Path) -> Path:
+    """`--resume`: the newest intact checkpoint of a run of exactly this config that did not finish.
+
+    A FINISHED run is never reopened; a run whose process is still alive is not taken over; a truncated newest
+    checkpoint falls back to the previous one with a warning. Runs of this config left RUNNING by a process that
+    no longer exists (killed before their first checkpoint) are closed as KILLED on the way."""
+    from rlcore import checkpoint
+    from rlcore.tracking import reap_orphans, run_state
+
+    reaped = reap_orphans(root, cfg.logging.experiment, cfg.config_hash()) if _is_main() else []
+    for run_id in reaped:
+        typer.echo(f"run {run_id}: its process is gone and it left no checkpoint; closed as KILLED", err=True)
+    states: dict[str, tuple[str | None, bool]] = {}
+    for pt, run_id in checkpoint.candidates(root / cfg.logging.output_dir, cfg.config_hash()):
+        status, alive = states.setdefault(run_id, run_state(root, run_id))
+        if status in (None, "FINISHED"):  # deleted, or done: its checkpoints are history, not a place to resume
+            continue
+        if status == "RUNNING" and alive:
+            raise ConfigError(f"--resume: run {run_id} of this config is still running (its process is alive)")
+        if not checkpoint.intact(pt):
+            typer.echo(f"warning: {pt} is truncated or corrupt; trying the previous checkpoint", err=True)
+            continue
+        checkpoint.clean_temp(pt.parent)
+        if _is_main():
+            typer.echo(f"resuming from {pt}")
+        return pt
+    raise ConfigError(f"--resume: no checkpoint of an unfinished run of this config under {cfg.logging.output_dir}/ "
+                      "(the config must be identical, overrides included)")
 
 
 @app.command()
@@ -109,6 +166,8 @@ def validate(file: Annotated[Path, typer.Argument(help="Experiment or sweep YAML
              set_: SetOpt = None) -> None:
     """Check an experiment, a sweep or a lesson's front matter against its schema without running anything."""
     if file.suffix == ".md":
+        if set_:
+            raise ConfigError("--set: a lesson's front matter takes no overrides (validate the experiment it names)")
         from rlcore.lessons import check, parse
         from rlcore.tracking import project_root
 
@@ -121,6 +180,9 @@ def validate(file: Annotated[Path, typer.Argument(help="Experiment or sweep YAML
     if "space" in load_yaml(file):
         from rlcore.sweep import load_sweep
 
+        if set_:
+            raise ConfigError("--set: not applied to a sweep file; put the keys in its `overrides:` list, or "
+                              "validate the base experiment with --set")
         sw = load_sweep(file)
         typer.echo(f"ok: {file} (sweep {sw.name}, {sw.n_trials} trials over {', '.join(sw.space)})")
         return
@@ -136,8 +198,13 @@ def sweep(
 ) -> None:
     """Run (or continue) an Optuna sweep; every trial is an MLflow child run of the sweep's parent run."""
     from rlcore.sweep import format_summary, load_sweep, run_sweep
+    from rlcore.tracking import check_database_url, project_root
 
     sw = load_sweep(file, trials, workers)  # validate before anything starts
+    if sw.storage is not None and "://" in sw.storage:
+        check_database_url(sw.storage, "storage")
+    root = project_root()
+    preflight([load_experiment(sw.base_path, sw.overrides)], root)
     result = run_sweep(file, trials, workers)
     typer.echo("\n" + format_summary(result, sw.objective.metric))
 
@@ -164,6 +231,8 @@ def lesson(
     configs = [load_experiment(root / "experiments" / r.file, [*r.overrides, f"logging.tags.lesson='{','.join(r.lessons)}'",
                                                                f"logging.tags.variant='{r.variant}'"])
                for r in plan]  # all validated before the first run
+    if not dry_run:
+        preflight(configs, root)
     for x in chosen:
         typer.echo(f"lesson {x.meta.id}: {x.meta.title}\n  {x.meta.question}")
     typer.echo(f"{len(plan)} distinct runs:")
@@ -222,6 +291,7 @@ def quickstart(set_: SetOpt = None) -> None:
     if not path.is_file():
         _fail(f"{path}: not found (run quickstart from the rlcore project directory)")
     cfg = load_experiment(path, set_ or [])
+    preflight([cfg], root)
     from rlcore.controller import run as run_rl
 
     _report(run_rl(cfg, root), "quickstart")
@@ -234,9 +304,16 @@ def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+_HEAVY = {"run", "quickstart", "lesson", "sweep"}  # commands that train (the rest must start fast)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        if _HEAVY & set(sys.argv[1:2]) and "--help" not in sys.argv:
+            from rlcore import threads
+
+            threads.apply(quiet=not _is_main())
         app()
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
@@ -244,6 +321,9 @@ def main() -> None:
     except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except RunFailed as e:  # the run exists and is marked FAILED in MLflow with this reason
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

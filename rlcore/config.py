@@ -20,19 +20,31 @@ class ConfigError(ValueError):
     """A user mistake in an experiment file or override; the CLI prints it on one line and exits 2."""
 
 
+class RunFailed(RuntimeError):
+    """A run that started and could not go on (non-finite weights, too many non-finite updates): it is FAILED in
+    MLflow with this reason, and the CLI prints it on one line."""
+
+
 class _Section(BaseModel):
     # extra="forbid": a typo such as `algorithm.clip_epss` must fail, not be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf`/`.nan` are YAML floats, and no setting of this lab means anything at infinity.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Upper bounds that keep a typo (an extra three zeros) from reaching torch or the OS as an allocation or a loop that
+# never ends; each is orders of magnitude beyond what this lab runs.
+BIG = 10_000_000
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch and python accept it too
 
 
 class TinyModelConfig(_Section):
     """Shape of the default Llama-style model built from config (no download)."""
 
-    hidden_size: int = Field(128, gt=0, description="Width of the residual stream.")
-    num_layers: int = Field(4, gt=0, description="Number of transformer blocks.")
-    num_heads: int = Field(4, gt=0, description="Attention heads per block (must divide hidden_size).")
-    intermediate_size: int = Field(344, gt=0, description="Hidden width of the SwiGLU MLP.")
-    max_position_embeddings: int = Field(64, gt=0, description="Longest sequence (prompt + completion) the model sees.")
+    hidden_size: int = Field(128, gt=0, le=16384, description="Width of the residual stream.")
+    num_layers: int = Field(4, gt=0, le=256, description="Number of transformer blocks.")
+    num_heads: int = Field(4, gt=0, le=1024, description="Attention heads per block (must divide hidden_size).")
+    intermediate_size: int = Field(344, gt=0, le=65536, description="Hidden width of the SwiGLU MLP.")
+    max_position_embeddings: int = Field(64, gt=0, le=131072, description="Longest sequence (prompt + completion) the model sees.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
@@ -72,16 +84,22 @@ class TaskConfig(_Section):
     name: Literal["addition"] = Field("addition", description="Verifiable task: `A+B=` -> `C<eos>`, reward 1 iff exact.")
     min_digits: int = Field(1, ge=1, le=6, description="Fewest digits of an operand.")
     max_digits: int = Field(3, ge=1, le=6, description="Most digits of an operand.")
-    heldout_size: int = Field(512, gt=0, description="Prompts in the fixed held-out set (never in any training stream).")
-    heldout_seed: int = Field(1234, description="Seed of the held-out set; independent of the run seed so runs share it.")
+    heldout_size: int = Field(512, gt=0, le=1_000_000, description="Prompts in the fixed held-out set (never in any training stream).")
+    heldout_seed: int = Field(1234, ge=0, lt=SEED_MAX, description="Seed of the held-out set; independent of the run seed so runs share it.")
     eval_samples: int = Field(
-        8, gt=0, description="k samples per held-out prompt at T=1 for eval/sampled_reward (512 x 8: SE ~0.7 points)."
+        8, gt=0, le=1024, description="k samples per held-out prompt at T=1 for eval/sampled_reward when it is not exact (see "
+        "eval_exact; 512 x 8: SE ~0.7 points)."
+    )
+    eval_exact: bool = Field(
+        True, description="Compute eval/sampled_reward exactly, as pi(answer, EOS | prompt) by one teacher-forced "
+        "pass (and greedy accuracy from the same pass), where the reward has one rewarded token sequence: the "
+        "default character model without a tool. False, or a Hugging Face model or a tool: eval_samples samples.",
     )
     tool: Literal["none", "calculator"] = Field(
         "none", description="Agentic multi-turn (lesson 08): `calculator` lets the model write `[a+b]` mid-completion; "
         "the environment appends `(result)` as context the loss, KL and entropy never count.",
     )
-    max_tool_calls: int = Field(1, ge=1, description="Turn cap: tool calls honoured per completion (later ones are text).")
+    max_tool_calls: int = Field(1, ge=1, le=64, description="Turn cap: tool calls honoured per completion (later ones are text).")
     sft_tool_frac: float = Field(
         0.0, ge=0, le=1, description="Share of warm-start (SFT) examples written as a tool-use trace `[A+B](C)C`; the "
         "rest answer directly. Below 1 the warm start calls the tool only sometimes, which RL can then learn to do.",
@@ -91,13 +109,24 @@ class TaskConfig(_Section):
     def _digits_order(self) -> TaskConfig:
         if self.min_digits > self.max_digits:
             raise ValueError(f"min_digits must be <= max_digits, got {self.min_digits} > {self.max_digits}")
+        # The held-out set is drawn without repeats and the training stream skips it: a set as large as every pair
+        # there is would spin forever looking for one more (or leave nothing to train on).
+        pairs = self.distinct_pairs()
+        if self.heldout_size > pairs // 2:
+            raise ValueError(f"heldout_size must be at most half of the {pairs} distinct problems of "
+                             f"{self.min_digits}-{self.max_digits} digit operands, got {self.heldout_size}")
         return self
+
+    def distinct_pairs(self) -> int:
+        """How many different (A, B) problems the operand digits allow."""
+        numbers = 10**self.max_digits - (0 if self.min_digits == 1 else 10 ** (self.min_digits - 1))
+        return numbers * numbers
 
 
 class RolloutConfig(_Section):
-    prompts_per_step: int = Field(64, gt=0, description="Prompts per RL step (split across processes).")
-    samples_per_prompt: int = Field(8, gt=0, description="K completions per prompt: the group of GRPO/RLOO.")
-    max_new_tokens: int = Field(8, gt=0, description="Completion length cap; a completion that hits it is 'clipped'.")
+    prompts_per_step: int = Field(64, gt=0, le=1_000_000, description="Prompts per RL step (split across processes).")
+    samples_per_prompt: int = Field(8, gt=0, le=4096, description="K completions per prompt: the group of GRPO/RLOO.")
+    max_new_tokens: int = Field(8, gt=0, le=131072, description="Completion length cap; a completion that hits it is 'clipped'.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for training rollouts.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass for training rollouts (1 = off).")
     engine: Literal["shared", "separate"] = Field(
@@ -125,6 +154,16 @@ class AlgorithmConfig(_Section):
         None, gt=1, description="Dual-clip constant c > 1 (Ye et al. 2020): for A<0 the loss is capped at c|A|, so a "
         "huge ratio on a bad token cannot dominate the batch. None = off.",
     )
+    log_ratio_clamp: float | None = Field(
+        20.0, gt=0, description="log(pi/pi_old) is clamped to [-c, c] before exp in `pg`, `ppo_clip` and `gspo` (verl "
+        "uses 20): one token whose probability moved by e^90 would otherwise make the ratio inf and every gradient "
+        "NaN. Inside the range nothing changes, values or gradients. None = off.",
+    )
+    kl_clamp: float | None = Field(
+        10.0, gt=0, description="The per-token KL estimate is clamped to [-c, c] (verl clamps k3 to 10; k3's log-ratio "
+        "is also held to [-20, 20] before exp): k3 = e^x - 1 - x overflows for one token with pi_ref >> pi. "
+        "The clamped value is what kl/mean shows. None = off.",
+    )
     kl_coef: float = Field(0.04, ge=0, description="beta of the KL anchor to the reference; 0 drops the reference model.")
     kl_estimator: str = Field("k3", description="KL estimator, a key of rlcore.reference.KL_ESTIMATORS (k1, k2, k3).")
     kl_placement: Literal["loss", "reward"] = Field(
@@ -132,7 +171,7 @@ class AlgorithmConfig(_Section):
         "subtracts beta*KL from each token's reward before advantages (PPO-RLHF, REINFORCE++).",
     )
     overlong_buffer: int = Field(
-        0, ge=0, description="DAPO's soft overlong punishment (2025): within the last N tokens before "
+        0, ge=0, le=131072, description="DAPO's soft overlong punishment (2025): within the last N tokens before "
         "rollout.max_new_tokens the reward falls linearly to -overlong_penalty; a completion cut without EOS gets "
         "-overlong_penalty. 0 = off.",
     )
@@ -142,7 +181,7 @@ class AlgorithmConfig(_Section):
         "DAPO's dynamic sampling, resampling until the batch is full of groups with reward variance).",
     )
     max_sample_rounds: int = Field(
-        4, ge=1, description="Cap on rollout rounds per step for a group filter; if still short, filtered groups fill "
+        4, ge=1, le=1000, description="Cap on rollout rounds per step for a group filter; if still short, filtered groups fill "
         "the batch (counted in rollout/filler_groups).",
     )
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount (advantage `gae`); 1 for a reward at the end.")
@@ -151,8 +190,21 @@ class AlgorithmConfig(_Section):
     value_clip: float | None = Field(
         0.2, gt=0, description="PPO value clipping: V may move at most this far from V_old per update. None = off."
     )
-    ppo_epochs: int = Field(1, gt=0, description="Passes over each rollout batch; > 1 needs old log-probs.")
-    minibatches: int = Field(1, gt=0, description="Optimizer steps per pass over the rollout batch.")
+    ppo_epochs: int = Field(1, gt=0, le=1000, description="Passes over each rollout batch; > 1 needs old log-probs.")
+    minibatches: int = Field(1, gt=0, le=1_000_000, description="Optimizer steps per pass over the rollout batch.")
+
+    @model_validator(mode="after")
+    def _name_matches_axes(self) -> AlgorithmConfig:
+        """An unset name is the preset the axes match (or `custom`); a name that is a preset must match its axes."""
+        from rlcore.algorithm import PRESETS, preset_mismatch
+
+        if "name" not in self.model_fields_set:
+            match = next((n for n in PRESETS if not preset_mismatch(n, self)), "custom")
+            self.__dict__["name"] = match  # not setattr: validate_assignment would re-enter this validator
+        elif self.name in PRESETS and (diff := preset_mismatch(self.name, self)):
+            raise ValueError(f"name {self.name!r} is a preset, but the axes say otherwise: {diff} (set name to "
+                             "the preset the axes are, or to a label of your own)")
+        return self
 
     @field_validator("advantage", "policy_loss", "loss_agg", "kl_estimator", "group_filter")
     @classmethod
@@ -168,50 +220,69 @@ class AlgorithmConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    steps: int = Field(100, gt=0, description="RL steps (or SFT steps for `kind: sft`).")
+    steps: int = Field(100, gt=0, le=BIG, description="RL steps (or SFT steps for `kind: sft`).")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps, then constant.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    warmup_steps: int = Field(0, ge=0, le=BIG, description="Linear learning-rate warm-up steps, then constant.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     micro_batch_size: int = Field(
-        128, gt=0, description="Sequences per forward/backward; the rollout batch is accumulated over micro-batches."
+        128, gt=0, le=1_000_000, description="Sequences per forward/backward; the rollout batch is accumulated over micro-batches."
     )
-    sft_batch_size: int = Field(128, gt=0, description="Examples per SFT step (`kind: sft` only).")
+    sft_batch_size: int = Field(128, gt=0, le=1_000_000, description="Examples per SFT step (`kind: sft` only).")
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="SFT cross-entropy label smoothing (`kind: sft` only): this share of each target's "
         "probability is spread over the vocabulary, so the warm start samples less surely than it answers greedily.",
     )
     checkpoint_every: int = Field(
-        25, ge=0, description="Write a checkpoint every N steps (and when stopped by SIGTERM/Ctrl-C); 0 = never. "
+        25, ge=0, le=BIG, description="Write a checkpoint every N steps (and when stopped by SIGTERM/Ctrl-C); 0 = never. "
         "`rlcore run FILE --resume` continues the same MLflow run from the newest one.",
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Checkpoints kept per run (older ones are deleted).")
     max_nonfinite: int = Field(
-        3, ge=1, description="NaN/inf guard: a non-finite gradient skips the update; this many steps in a row stop the "
+        3, ge=1, le=BIG, description="NaN/inf guard: a non-finite gradient skips the update; this many steps in a row stop the "
         "run as FAILED.",
     )
 
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
+
+
 class LoggingConfig(_Section):
-    experiment: str = Field("rlcore", description="MLflow experiment name.")
-    run_name: str | None = Field(None, description="MLflow run name; None: <algorithm>-s<seed>-<config hash>.")
-    eval_every: int = Field(20, gt=0, description="Held-out evaluation every N steps (and at step 0 and the end).")
-    samples_every: int = Field(20, gt=0, description="Log a table of sample completions every N steps.")
-    num_samples: int = Field(16, ge=0, description="Completions per sample table.")
+    experiment: str = Field("rlcore", min_length=1, max_length=250, pattern=r"\S",
+                            description="MLflow experiment name.")
+    run_name: str | None = Field(None, min_length=1, max_length=250, pattern=r"\S", description="MLflow run name; None: <algorithm>-s<seed>-<config hash>.")
+    eval_every: int = Field(20, gt=0, le=BIG, description="Held-out evaluation every N steps (and at step 0 and the end).")
+    samples_every: int = Field(20, gt=0, le=BIG, description="Log a table of sample completions every N steps.")
+    num_samples: int = Field(16, ge=0, le=10_000, description="Completions per sample table.")
     output_dir: str = Field("outputs", description="Where final weights go (relative to the project root).")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags.")
 
 
 class ExperimentConfig(_Section):
     kind: Literal["rl", "sft"] = Field("rl", description="`rl`: the RL loop. `sft`: supervised warm start.")
-    seed: int = Field(0, description="Seeds python, numpy, torch and the sampler; same seed + config = same numbers.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds python, numpy, torch and the sampler; same seed + config = same numbers.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _groups_have_peers(self) -> ExperimentConfig:
+        from rlcore.algorithm import ADVANTAGES
+
+        if getattr(ADVANTAGES[self.algorithm.advantage], "needs_group", False) and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} compares the samples of one prompt: "
+                             f"rollout.samples_per_prompt must be >= 2 (with 1 every advantage is 0), got "
+                             f"{self.rollout.samples_per_prompt}")
+        return self
 
     @model_validator(mode="after")
     def _overlong_fits(self) -> ExperimentConfig:
@@ -279,6 +350,11 @@ def _describe(err: dict[str, Any]) -> str:
         "extra_forbidden": lambda: "unknown key",
         "literal_error": lambda: f"must be one of {ctx.get('expected')}, got {got!r}",
         "missing": lambda: "required key is missing",
+        "finite_number": lambda: f"must be a finite number, got {got!r}",
+        "string_too_short": lambda: "must not be empty",
+        "string_pattern_mismatch": lambda: (f"must not be blank, got {got!r}" if ctx.get("pattern") == r"\S"
+                                            else f"must match {ctx.get('pattern')!r}, got {got!r}"),
+        "string_too_long": lambda: f"must be at most {ctx.get('max_length')} characters",
     }
     if kind in messages:
         msg = messages[kind]()
@@ -372,35 +448,97 @@ def read_text_file(path: str | Path, what: str = "experiment file") -> str:
         raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+MAX_DEPTH = 32  # an experiment is 3 levels deep; far deeper is a generated or broken file (and PyYAML recurses)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently) and absurd nesting."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.YAMLError(f"a mapping key must be a plain value (line {key_node.start_mark.line + 1})") from None
+            if key in seen:
+                raise yaml.YAMLError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1}, first on line "
+                                     f"{seen[key]})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load's result (same types), with duplicate keys and runaway nesting refused as a ConfigError."""
     try:
-        raw = yaml.safe_load(read_text_file(path))
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML{line}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    raw = parse_yaml(read_text_file(path), str(path))
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a YAML mapping of sections, got {type(raw).__name__}")
-    return raw or {}
+    if not raw:  # empty, only comments, `null` or `{}`: almost always the wrong file, never a useful experiment
+        raise ConfigError(f"{path}: sets nothing (empty, only comments, or null); an experiment names at least "
+                          "what it changes from the defaults")
+    return raw
 
 
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                    values: dict[str, Any] | None = None) -> ExperimentConfig:
+                    values: dict[str, Any] | None = None, _chain: tuple[Path, ...] = ()) -> ExperimentConfig:
     """Load, apply `--set` overrides, then typed `values` by key path (a sweep's trial parameters), and validate."""
     raw = load_yaml(path)
     for o in overrides:
         apply_override(raw, o)
     for key, value in (values or {}).items():
         set_value(raw, key, value)
-    cfg = validate_dict(raw, base_dir=Path(path).resolve().parent)
+    here = Path(path).resolve()
+    cfg = validate_dict(raw, base_dir=here.parent)
+    check_model_source(cfg.model)
     if cfg.model.warm_start is not None:
         ws = cfg.resolve_path(cfg.model.warm_start)
         if not ws.is_file():
             raise ConfigError(f"model.warm_start: no such file {cfg.model.warm_start!r}")
+        chain = (*_chain, here)
+        if ws in chain:
+            loop = " -> ".join(p.name for p in (*chain, ws))
+            raise ConfigError(f"model.warm_start: a cycle of warm starts: {loop}")
         try:
-            sft = load_experiment(ws)
+            sft = load_experiment(ws, _chain=chain)
         except ConfigError as e:
             raise ConfigError(f"model.warm_start: {cfg.model.warm_start}: {e}") from None
         if sft.kind != "sft":
             raise ConfigError(f"model.warm_start: {cfg.model.warm_start!r} is not a `kind: sft` experiment")
     return cfg
+
+
+def check_model_source(m: ModelConfig) -> None:
+    """A local `name_or_path` must be a model directory (its config.json), caught here rather than as a tokenizer
+    error after the run has been set up."""
+    if m.name_or_path is None:
+        return
+    p = Path(m.name_or_path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is a file, not a model directory")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is not a model directory (no config.json)")
+    if not p.is_dir() and not m.allow_download:
+        raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is not a local directory "
+                          "(set model.allow_download=true to fetch it)")

@@ -26,18 +26,18 @@ from transformers import PreTrainedTokenizerBase
 
 from rlcore import checkpoint
 from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, gae_returns, lookup, overlong_penalty
-from rlcore.config import ConfigError, ExperimentConfig, flatten
+from rlcore.config import ConfigError, ExperimentConfig, RunFailed, flatten
 from rlcore.critic import explained_variance
 from rlcore.evaluation import evaluate
 from rlcore.model import build_policy
 from rlcore.reference import Reference
 from rlcore.rollout import RolloutBatch, RolloutEngine
 from rlcore.seeding import seed_everything
-from rlcore.sft import warm_start_dir
+from rlcore.sft import SHIPPED_DIR, sha256, warm_start_dir
 from rlcore.tasks import AdditionTask, Problem, make_task, score
 from rlcore.timing import PhaseTimer
 from rlcore.tools import make_tool
-from rlcore.tracking import Tracker, git_commit, project_root
+from rlcore.tracking import CONFIG_TAG, Tracker, git_commit, project_root
 from rlcore.trainer import Trainer
 from rlcore.weight_sync import WeightSync
 
@@ -69,6 +69,7 @@ class Loop:
     group_filter: Callable
     needs_old: bool  # compute pre-update log-probs (batch reuse, or KL in the reward)
     local: slice  # this process's share of each step's prompts
+    warm_start: Path | None = None  # the directory the policy was loaded from (shipped or built here)
 
 
 def build(cfg: ExperimentConfig, root: Path) -> Loop:
@@ -99,6 +100,7 @@ def build(cfg: ExperimentConfig, root: Path) -> Loop:
         needs_old=cfg.algorithm.ppo_epochs > 1 or cfg.algorithm.minibatches > 1
         or (cfg.algorithm.kl_placement == "reward" and reference is not None),
         local=slice(rank * n // world, (rank + 1) * n // world),
+        warm_start=ws,
     )
 
 
@@ -185,7 +187,7 @@ def step(loop: Loop, problems: list[Problem],
     return batch, metrics
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailed):
     """Too many non-finite updates in a row: the run stops as FAILED with this message."""
 
 
@@ -210,7 +212,9 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     if tracker is not None:
         tags = {"algorithm": cfg.algorithm.name, "task": cfg.task.name, "model": cfg.model.name_or_path or "tiny-llama",
                 "git_commit": git_commit(root), "rlcore.kind": "rl", "seed": str(cfg.seed),
-                "world_size": str(acc.num_processes), "rlcore.group": cfg.seed_group(), **cfg.logging.tags,
+                "world_size": str(acc.num_processes), "rlcore.group": cfg.seed_group(),
+                "torch_threads": str(torch.get_num_threads()), CONFIG_TAG: cfg.config_hash(),
+                **warm_start_tags(loop.warm_start), **cfg.logging.tags,
                 **(extra_tags or {})}
         # MLflow's random names come from the `random` module, which the run has seeded: every run would be called
         # the same. A name from the config is as stable and says what the run is.
@@ -242,6 +246,9 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
         for i in bar:
             batch, metrics = step(loop, draw(), draw)
             steps_done = i
+            if bad := checkpoint.nonfinite_tensors(loop.trainer.unwrapped.state_dict()):
+                raise NonFiniteError(f"non-finite weights after the update of step {i} (phase: update): {bad}; "
+                                     "no checkpoint was written with them")
             if loop.trainer.nonfinite_streak >= cfg.trainer.max_nonfinite:
                 raise NonFiniteError(f"non-finite loss/gradient for {loop.trainer.nonfinite_streak} steps in a row, "
                                      f"last at step {i} (phase: {nonfinite_phase(batch)}); updates were skipped")
@@ -271,6 +278,14 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
         out_dir = save_policy(loop.trainer, loop.tokenizer, root, cfg, tracker, acc)
     return RunResult(tracker.run_id if tracker else None, tracker.where if tracker else None, first_eval, last_eval,
                      out_dir, steps_done, stop)
+
+
+def warm_start_tags(ws: Path | None) -> dict[str, str]:
+    """Which weights the run started from: the shipped copy or one built here, and their digest."""
+    if ws is None or not (ws / "model.safetensors").is_file():
+        return {}
+    return {"warm_start.source": "shipped" if ws.parent.name == SHIPPED_DIR else "built here",
+            "warm_start.sha256": sha256(ws / "model.safetensors")[:16]}
 
 
 class StopRequest:

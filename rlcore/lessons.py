@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, field_validator
 
-from rlcore.config import ConfigError, _Section, load_experiment, read_text_file, validate_model
+from rlcore.config import ConfigError, _Section, load_experiment, parse_yaml, read_text_file, validate_model
 from rlcore.metrics import BY_NAME
 
 PARTS = {"0": "Orientation", "I": "Part I — the framework", "II": "Part II — algorithms", "III": "Part III — production",
@@ -66,10 +65,7 @@ def parse(path: Path) -> Lesson:
     if not text.startswith("---\n") or "\n---" not in text[4:]:
         raise ConfigError(f"{path}: missing front matter (a YAML block between '---' lines at the top)")
     head, _, body = text[4:].partition("\n---")
-    try:
-        raw = yaml.safe_load(head)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid front matter YAML: {getattr(e, 'problem', e)}") from None
+    raw = parse_yaml(head, f"{path}: front matter")
     try:
         meta = validate_model(LessonMeta, raw, "front matter")
     except ConfigError as e:
@@ -132,11 +128,15 @@ def select(lessons: list[Lesson], spec: str) -> list[Lesson]:
         return list(lessons)
     chosen: list[str] = []
     for part in spec.split(","):
-        lo, _, hi = part.strip().partition("-")
+        lo, dash, hi = (x.strip() for x in part.strip().partition("-"))
+        if not lo or (dash and not hi):
+            raise ConfigError(f"lesson {spec!r}: an empty lesson number (expected 03, 01-14, 01,03 or all)")
         lo, hi = lo.zfill(2), (hi or lo).zfill(2)
         if lo not in ids or hi not in ids:
             missing = lo if lo not in ids else hi
             raise ConfigError(f"lesson {missing!r}: no lessons/{missing}-*.md")
+        if ids.index(lo) > ids.index(hi):
+            raise ConfigError(f"lesson {part.strip()!r}: a reversed range (did you mean {hi}-{lo}?)")
         chosen += [i for i in ids[ids.index(lo):ids.index(hi) + 1] if i not in chosen]
     return [x for x in lessons if x.meta.id in chosen]
 

@@ -58,7 +58,8 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("response/clip_ratio", "fraction", "completions cut at max_new_tokens without EOS", "22b"),
     # eval (held-out, never trained on)
     MetricDef("eval/greedy_accuracy", "fraction", "held-out prompts whose greedy completion is exactly right", "01"),
-    MetricDef("eval/sampled_reward", "reward", "mean reward of k samples per held-out prompt at T=1", "01"),
+    MetricDef("eval/sampled_reward", "reward", "expected reward at T=1 per held-out prompt: pi(answer, EOS | prompt) "
+              "exactly (char model, no tool), else the mean of k samples", "01"),
     # sft warm start
     MetricDef("sft/loss", "nats", "token mean cross-entropy on the completion tokens", "01"),
     # timing: seconds per phase of one step (lesson 07 is this picture)

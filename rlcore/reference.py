@@ -44,10 +44,17 @@ def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 = r - 1 - log r with r = pi_ref / pi_theta. Unbiased, low variance, >= 0 (GRPO, DeepSeekMath 2024).
 
-    [B, T] -> [B, T]. No clamp: a huge value is a real signal (KL blow-up) that the metrics must show.
+    [B, T] -> [B, T]. The log-ratio is held to [-20, 20] before exp (as verl's `low_var_kl`), so one token with
+    pi_ref >> pi gives a large finite value (then `kl_clamp`), not inf and a NaN gradient.
     """
-    log_ratio = ref_logp - logp  # [B, T]
+    log_ratio = (ref_logp - logp).clamp(-20.0, 20.0)  # [B, T]
     return log_ratio.exp() - 1 - log_ratio
+
+
+def kl_estimate(name: str, logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float | None) -> torch.Tensor:
+    """The configured estimator's per-token KL, clamped to [-clamp, clamp] (`algorithm.kl_clamp`). [B, T] -> [B, T]"""
+    kl = KL_ESTIMATORS[name](logp, ref_logp)
+    return kl if clamp is None else kl.clamp(-clamp, clamp)
 
 
 class Reference:

@@ -228,7 +228,9 @@ class RolloutEngine:
         completions = []
         for row, m in zip(tokens.tolist(), alive.tolist(), strict=True):
             kept = [t for t, keep in zip(row, m, strict=True) if keep and t != eos]
-            completions.append(self.tokenizer.decode(kept, skip_special_tokens=True))
+            # Special tokens the model chose (a <pad> mid-answer) stay in the text: `12<pad>3` is not `123`. So the
+            # reward has one rewarded token sequence, the answer then EOS (what exact evaluation relies on).
+            completions.append(self.tokenizer.decode(kept, skip_special_tokens=False))
         used = tool_mask.sum(-1) > 0  # [B]
         answers = completions if self.tool is None else [
             self.tool.final_answer(c, bool(u)) for c, u in zip(completions, used.tolist(), strict=True)]

@@ -6,10 +6,13 @@ its output is built on first use and cached under `.rlcore_cache/warm_start/<con
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,10 +30,18 @@ from rlcore.tools import Calculator, make_tool
 
 
 def warm_start_dir(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> Path | None:
-    """Directory of the cached warm-start policy for an RL config (trained now if missing); None if unset."""
+    """Directory of the warm-start policy for an RL config; None if unset.
+
+    A shipped copy (`warm_starts/<name>/`, committed with its manifest) whose recipe key matches and whose files
+    hash to the manifest's digests is used as it is: every machine then starts from the same bits. Otherwise the
+    warm start is trained on first use and cached under .rlcore_cache/warm_start/<key>/.
+    """
     if cfg.model.warm_start is None:
         return None
     sft_cfg = load_experiment(cfg.resolve_path(cfg.model.warm_start))  # validated (kind: sft) by load_experiment
+    shipped = find_shipped(sft_cfg, root, quiet)
+    if shipped is not None:
+        return shipped
     out = cache_dir(sft_cfg, root)
     if not (out / "config.json").is_file():
         if not quiet:
@@ -39,13 +50,83 @@ def warm_start_dir(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> Pa
     return out
 
 
-def cache_dir(sft_cfg: ExperimentConfig, root: Path) -> Path:
-    """Where the warm start of an SFT config lives: keyed by its resolved config and rlcore's version."""
+def cache_key(sft_cfg: ExperimentConfig) -> str:
+    """What identifies a warm start: its resolved training settings and rlcore's version."""
     # Only the sections SFT training reads, and only values that differ from the defaults, are in the key: a new
     # option or a renamed MLflow experiment must not invalidate every cached warm start. (Changing a default that
     # SFT uses is a new rlcore version, which is in the key.)
     key = sft_cfg.config_hash(sections=("kind", "seed", "model", "task", "trainer"), changed_only=True)
-    return root / ".rlcore_cache" / "warm_start" / f"{key}-v{rlcore.__version__}"
+    return f"{key}-v{rlcore.__version__}"
+
+
+def cache_dir(sft_cfg: ExperimentConfig, root: Path) -> Path:
+    """Where a warm start built on this machine lives: keyed by `cache_key`."""
+    return root / ".rlcore_cache" / "warm_start" / cache_key(sft_cfg)
+
+
+SHIPPED_DIR = "warm_starts"
+MANIFEST = "MANIFEST.json"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def find_shipped(sft_cfg: ExperimentConfig, root: Path, quiet: bool = False) -> Path | None:
+    """The shipped warm start built from exactly this recipe, if its files are intact; else None."""
+    key = cache_key(sft_cfg)
+    for manifest in sorted((root / SHIPPED_DIR).glob(f"*/{MANIFEST}")):
+        try:
+            meta = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("cache_key") != key:
+            continue
+        d = manifest.parent
+        bad = [f for f, digest in meta.get("files", {}).items() if not (d / f).is_file() or sha256(d / f) != digest]
+        if bad or not meta.get("files"):
+            if not quiet:
+                print(f"warning: shipped warm start {d} does not match its manifest ({', '.join(bad) or 'no files'}); "
+                      "building it instead", file=sys.stderr)
+            return None
+        return d
+    return None
+
+
+def ship(sft_cfg: ExperimentConfig, built: Path, root: Path, name: str, metrics: dict[str, float]) -> Path:
+    """Copy a built warm start to warm_starts/<name>/ with a manifest: recipe key, file digests, how it was built."""
+    import platform
+
+    import transformers
+
+    dest = root / SHIPPED_DIR / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(built, dest)
+    files = {p.name: sha256(p) for p in sorted(dest.iterdir()) if p.is_file() and p.name != MANIFEST}
+    meta = {
+        "cache_key": cache_key(sft_cfg),
+        "recipe": sft_cfg.model_dump(mode="json", exclude_defaults=True),
+        "files": files,
+        "heldout": {k: round(v, 6) for k, v in metrics.items()},
+        "built_with": {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "python": platform.python_version(), "machine": platform.machine(),
+                       "cpu": _cpu_name(), "torch_threads": torch.get_num_threads()},
+    }
+    (dest / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
+    return dest
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def _encode(tokenizer, problems, tool: Calculator | None = None,

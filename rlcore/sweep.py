@@ -387,10 +387,18 @@ def worker(sweep_path: str, trials: int | None, worker_index: int, threads: int,
                 return
             trial = study.ask(dists)
             trial.set_user_attr("worker", f"{HOST}:{os.getpid()}")
-        beat = _heartbeat(study, trial)
         params = {k: trial.params[k] for k in sw.space}
-        cfg = load_experiment(sw.base_path, [*sw.overrides, f"logging.experiment={sw.mlflow_experiment or sw.name}"],
-                              params)
+        try:
+            cfg = load_experiment(sw.base_path,
+                                  [*sw.overrides, f"logging.experiment={sw.mlflow_experiment or sw.name}"], params)
+        except ConfigError as e:
+            # Each end of each range is valid (load_sweep checked), this combination is not: the trial FAILs with
+            # the reason, and is not re-queued (the same parameters would fail the same way).
+            trial.set_user_attr("error", f"invalid combination: {e}"[:500])
+            study.tell(trial, state=TrialState.FAIL)
+            print(f"trial {trial.number} failed: invalid combination {params}: {e}", flush=True)
+            continue
+        beat = _heartbeat(study, trial)
         tags = {"rlcore.study": sw.name, "rlcore.trial": str(trial.number), "rlcore.trial_state": "RUNNING"}
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -475,7 +483,9 @@ def run_sweep(path: str | Path, trials: int | None = None, workers: int | None =
     study = make_study(sw, open_storage(sw, root))
     parent = parent_run(sw, study, root)
     client, _ = mlflow_client(root)
-    threads = max(1, (os.cpu_count() or 1) // sw.workers)
+    import torch
+
+    threads = max(1, torch.get_num_threads() // sw.workers)  # the cores rlcore.threads left free, shared out
     args = (str(path), trials, 0, threads, str(root))
     status = "KILLED"
     procs: list = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -20,9 +21,10 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from rlcore.config import ConfigError, parse_yaml, read_text_file
 from rlcore.metrics import BY_NAME
+
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql")  # the stores this lab is tested with / MLflow supports
 
 DEFAULTS = {"tracking_uri": "sqlite:///mlruns/mlflow.db", "artifact_location": "mlruns/artifacts", "flush_interval_s": 1.0,
             "finish_timeout_s": 30.0}
@@ -43,14 +45,26 @@ def tracking_settings(root: Path | None = None) -> dict[str, Any]:
     settings = dict(DEFAULTS)
     path = root / "mlflow.yml"
     if path.is_file():
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = parse_yaml(read_text_file(path, "tracking config"), str(path)) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: must be a mapping")
+            raise ConfigError(f"{path}: must be a mapping of settings, got {type(loaded).__name__}")
         unknown = set(loaded) - set(DEFAULTS)
         if unknown:
-            raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r} (valid: {', '.join(DEFAULTS)})")
+            raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} (valid: {', '.join(DEFAULTS)})")
+        for key in ("tracking_uri", "artifact_location"):
+            if key in loaded and (not isinstance(loaded[key], str) or not loaded[key].strip()):
+                raise ConfigError(f"{path}: {key}: must be a non-empty string, got {loaded[key]!r}")
+        for key in ("flush_interval_s", "finish_timeout_s"):
+            v = loaded.get(key, DEFAULTS[key])
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 86400:
+                raise ConfigError(f"{path}: {key}: must be a number of seconds in (0, 86400), got {v!r}")
         settings.update(loaded)
     uri = os.environ.get("MLFLOW_TRACKING_URI", settings["tracking_uri"])
+    scheme = uri.partition(":")[0].partition("+")[0].lower()
+    if "://" not in uri or scheme not in SCHEMES:
+        where = "MLFLOW_TRACKING_URI" if "MLFLOW_TRACKING_URI" in os.environ else f"{path}: tracking_uri"
+        raise ConfigError(f"{where}: unsupported tracking URI {uri!r} (use one of: "
+                          f"{', '.join(s + '://' for s in SCHEMES)})")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         db = Path(uri[len("sqlite:///"):])
         if not db.is_absolute():
@@ -65,6 +79,147 @@ def tracking_settings(root: Path | None = None) -> dict[str, Any]:
         art = None  # a tracking server decides where artifacts go
     settings.update(tracking_uri=uri, artifact_location=art)
     return settings
+
+
+def check_store(root: Path | None = None, timeout_s: float = 5.0) -> str:
+    """Before any run exists: the store named by mlflow.yml / MLFLOW_TRACKING_URI can be used. Returns its URI.
+
+    An embedded SQLite file must be a SQLite database that is not locked by another writer, in a writable
+    directory; a server must answer its health check; a database URL needs its driver and must accept a connection.
+    (An outage *during* a run is not refused: the tracker buffers and retries, see `_flush_unlocked`.)
+    """
+    uri = tracking_settings(root)["tracking_uri"]
+    scheme = uri.partition(":")[0]
+    if scheme == "sqlite":
+        _check_sqlite(Path(uri[len("sqlite:///"):]), timeout_s)
+    elif scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:  # noqa: S310
+                r.read(64)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise ConfigError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); start it, "
+                              "or unset MLFLOW_TRACKING_URI to use the embedded store") from None
+    else:
+        check_database_url(uri, "tracking_uri", timeout_s)
+    return uri
+
+
+def _check_sqlite(db: Path, timeout_s: float) -> None:
+    import sqlite3
+
+    folder = db.parent
+    while not folder.exists():
+        folder = folder.parent
+    if db.exists():
+        if not db.is_file():
+            raise ConfigError(f"MLflow store {db}: not a file")
+        with open(db, "rb") as f:
+            head = f.read(16)
+        if head and head != b"SQLite format 3\x00":
+            raise ConfigError(f"MLflow store {db}: not a SQLite database (corrupt, or another file at that path); "
+                              "move it away and the store is created anew")
+        try:
+            con = sqlite3.connect(db, timeout=timeout_s)
+            try:
+                con.execute("BEGIN IMMEDIATE")  # waits for, then fails on, a writer that holds the database
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                con.rollback()
+            finally:
+                con.close()
+        except sqlite3.OperationalError as e:
+            what = "locked by another process" if "locked" in str(e) else f"unusable ({e})"
+            raise ConfigError(f"MLflow store {db}: {what}") from None
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"MLflow store {db}: corrupt ({e}); move it away and the store is created anew") from None
+        if not os.access(db, os.W_OK):
+            raise ConfigError(f"MLflow store {db}: not writable")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"MLflow store {db}: directory {folder} is not writable")
+
+
+def check_database_url(url: str, what: str, timeout_s: float = 5.0) -> None:
+    """A SQLAlchemy database URL is well formed, its driver is installed, and the server accepts a connection."""
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{what}: malformed database URL {url!r}") from None
+    try:
+        engine = sqlalchemy.create_engine(parsed, connect_args={"connect_timeout": int(max(timeout_s, 1))}
+                                          if parsed.get_backend_name() in ("postgresql", "mysql") else {})
+    except (NoSuchModuleError, ModuleNotFoundError, ImportError) as e:
+        extra = " (pip install -e '.[postgres]')" if parsed.get_backend_name() == "postgresql" else ""
+        raise ConfigError(f"{what}: the driver for {parsed.drivername!r} is not installed{extra}: {e}") from None
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as e:
+        first = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(getattr(e, "orig", e)).strip() else type(e).__name__
+        raise ConfigError(f"{what}: cannot connect to {parsed.render_as_string(hide_password=True)}: {first}") from None
+    finally:
+        engine.dispose()
+
+
+OWNER_TAG, CONFIG_TAG = "rlcore.owner", "rlcore.config_hash"
+HOST = socket.gethostname()
+
+
+def owner() -> str:
+    """host:pid of this process: who is running a RUNNING run (a dead owner means the run was killed)."""
+    return f"{HOST}:{os.getpid()}"
+
+
+def owner_alive(tag: str | None) -> bool:
+    """Whether the process named by an owner tag exists (on another host: assumed alive, we cannot tell)."""
+    if not tag:
+        return False
+    host, _, pid = tag.rpartition(":")
+    if host != HOST:
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != os.getpid()
+
+
+def run_state(root: Path, run_id: str) -> tuple[str | None, bool]:
+    """(MLflow status or None if the run is gone, whether its owning process is alive)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_settings(root)["tracking_uri"]).get_run(run_id)
+    except MlflowException:
+        return None, False
+    if run.info.lifecycle_stage == "deleted":
+        return None, False
+    return run.info.status, owner_alive(run.data.tags.get(OWNER_TAG))
+
+
+def reap_orphans(root: Path, experiment: str, config_hash: str) -> list[str]:
+    """Close as KILLED the RUNNING runs of this config whose owning process is gone (kill -9). Returns their ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_settings(root)["tracking_uri"])
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], f"tags.`{CONFIG_TAG}` = '{config_hash}' and attributes.status = 'RUNNING'")
+    out = []
+    for r in runs:
+        if not owner_alive(r.data.tags.get(OWNER_TAG)):
+            client.set_tag(r.info.run_id, "rlcore.failure", "process killed (no clean exit); closed by --resume")
+            client.set_terminated(r.info.run_id, status="KILLED")
+            out.append(r.info.run_id)
+    return out
 
 
 def git_commit(root: Path) -> str:
@@ -120,6 +275,7 @@ class Tracker:
         self._last_error: BaseException | None = None
         self._spill_done = 0
         self._logged: dict[str, int] = {}  # metric -> last step already in the store (only when resuming)
+        self.failure: str | None = None  # why the run failed, when it did
 
     def _experiment(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -142,7 +298,7 @@ class Tracker:
     def start(self, run_name: str | None, tags: dict[str, str], params: dict[str, Any], config_yaml: str) -> str:
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**tags, OWNER_TAG: owner()})
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
@@ -162,8 +318,20 @@ class Tracker:
         skipped by `log`, so the steps replayed since the checkpoint are not logged twice."""
         self.run_id = run_id
         self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, OWNER_TAG, owner())
         for key in self.client.get_run(run_id).data.metrics:
             self._logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
+        # A process killed during an outage left metrics in the spill file; this run delivers them first (same
+        # timestamps, so a line sent twice is stored once). The steps replayed since the checkpoint must not be
+        # logged again with new timestamps: count the spilled ones as logged.
+        if self._spill.is_file():
+            for line in self._spill.read_text().splitlines():
+                try:
+                    rows = json.loads(line)
+                except ValueError:  # a line cut by the kill: not delivered, so not counted
+                    continue
+                for key, _, _, step in rows if isinstance(rows, list) else ():
+                    self._logged[key] = max(self._logged.get(key, -1), int(step))
         self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
         self._thread.start()
         return run_id
@@ -180,6 +348,9 @@ class Tracker:
             status = "FINISHED"
         except (KeyboardInterrupt, SystemExit):
             status = "KILLED"
+            raise
+        except Exception as e:
+            self.failure = f"{type(e).__name__}: {e}"  # stored as the run's tag rlcore.failure by finish()
             raise
         finally:
             self.finish(status)
@@ -229,7 +400,12 @@ class Tracker:
             if self._spill.is_file():  # an outage's backlog first, one line (one flush) at a time
                 lines = self._spill.read_text().splitlines()
                 for line in lines[self._spill_done :]:
-                    self._send([Metric(*r) for r in json.loads(line)])
+                    try:
+                        rows = json.loads(line)
+                    except ValueError:  # the last line of a process killed while writing it
+                        rows = []
+                    if isinstance(rows, list):  # (a dict is a final-status footer: `rlcore replay`'s business)
+                        self._send([Metric(*r) for r in rows])
                     self._spill_done += 1
                 self._spill.unlink()
                 self._spill_done = 0
@@ -278,6 +454,8 @@ class Tracker:
         try:
             if self.outage_since is not None:
                 raise ConnectionError(self._last_error)
+            if self.failure:
+                self.client.set_tag(self.run_id, "rlcore.failure", self.failure[:5000])
             self.client.set_terminated(self.run_id, status=status)
         except Exception as e:  # noqa: BLE001 - the store is down: keep the status with the metrics
             self._spill.parent.mkdir(parents=True, exist_ok=True)

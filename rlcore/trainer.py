@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from rlcore.algorithm import LOSS_AGG, POLICY_LOSSES, AggNorm, lookup
 from rlcore.config import ExperimentConfig
 from rlcore.critic import ValueModel, value_loss
-from rlcore.reference import KL_ESTIMATORS
+from rlcore.reference import KL_ESTIMATORS, kl_estimate
 from rlcore.rollout import RolloutBatch, token_logprobs
 
 
@@ -40,7 +40,7 @@ class Trainer:
         a = cfg.algorithm
         self.policy_loss = lookup(POLICY_LOSSES, a.policy_loss, "policy_loss")
         self.loss_agg = lookup(LOSS_AGG, a.loss_agg, "loss_agg")
-        self.kl = lookup(KL_ESTIMATORS, a.kl_estimator, "kl_estimator")
+        lookup(KL_ESTIMATORS, a.kl_estimator, "kl_estimator")  # fails early on an unknown name
 
     @property
     def unwrapped(self) -> PreTrainedModel:
@@ -160,7 +160,7 @@ class Trainer:
         stats["actor/entropy"] = (float((entropy * mask).sum()), tok)
         stats["actor/sampler_logp_gap"] = (float(((logp.detach() - m.sampler_logp.to(dev)).abs() * mask).sum()), tok)
         if m.ref_logp is not None:
-            kl = self.kl(logp, m.ref_logp.to(dev))  # [b, T]
+            kl = kl_estimate(a.kl_estimator, logp, m.ref_logp.to(dev), a.kl_clamp)  # [b, T]
             if a.kl_placement == "loss":  # with `reward`, the anchor already shaped the advantages
                 per_token = per_token + a.kl_coef * kl
             stats["kl/mean"] = (float((kl.detach() * mask).sum()), tok)

@@ -44,7 +44,7 @@ def launches_panel() -> None:
             st.code(" ".join(launch.command[2:]), language="bash")
             st.text(launcher.tail(launch.log(root)) or "(no output yet)")
             if status == "running" and st.button("Stop", key=f"stop-{launch.id}"):
-                launcher.stop(launch)
+                launcher.stop(launch, root)
                 time.sleep(0.5)
                 st.rerun()
 
