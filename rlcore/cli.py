@@ -313,7 +313,7 @@ def main() -> None:
         if _HEAVY & set(sys.argv[1:2]) and "--help" not in sys.argv:
             from rlcore import threads
 
-            threads.apply(quiet=not _is_main())
+            threads.apply()  # before any torch work; each run prints the choice (threads.describe)
         app()
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)

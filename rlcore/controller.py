@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from rlcore import checkpoint
+from rlcore import checkpoint, threads
 from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, gae_returns, lookup, overlong_penalty
 from rlcore.config import ConfigError, ExperimentConfig, RunFailed, flatten
 from rlcore.critic import explained_variance
@@ -203,6 +203,8 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     reset_peak_memory()  # a lesson, --seeds or a sweep worker runs many runs in one process
     loop = build(cfg, root)
     acc = loop.acc
+    if acc.is_main_process and not os.environ.get("RLCORE_NO_BAR"):
+        print(threads.describe(), file=sys.stderr, flush=True)
     ckpt = checkpoint.load(resume) if resume is not None else None
     start = restore(loop, ckpt) if ckpt is not None else 0
     tracker = Tracker(cfg.logging.experiment, root) if acc.is_main_process else None

@@ -178,9 +178,11 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
     """Train the warm start, log it as its own MLflow run, and save it atomically to `out`."""
     import yaml
 
+    from rlcore import threads
     from rlcore.config import flatten
     from rlcore.tracking import Tracker, git_commit
 
+    print(threads.describe(), file=sys.stderr, flush=True)
     seed_everything(cfg.seed)
     task = make_task(cfg.task)
     tool = make_tool(cfg.task.tool)

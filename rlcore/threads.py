@@ -46,12 +46,22 @@ def choose(cores: int | None = None, load: float | None = None, env: dict[str, s
     return n, f"{cores} cores, load {load:.1f}"
 
 
-def apply(quiet: bool = False) -> int:
-    """Choose and set torch's thread count for this process; print the choice once (unless quiet)."""
+_chosen: str | None = None  # what apply() decided, for the run to say
+
+
+def apply() -> int:
+    """Choose and set torch's thread count for this process (once, before any work)."""
     import torch
 
+    global _chosen
     n, why = choose()
     torch.set_num_threads(n)
-    if not quiet:
-        print(f"torch threads: {n} ({why}; set RLCORE_THREADS to choose)", flush=True)
+    _chosen = f"torch threads: {n} ({why}; RLCORE_THREADS sets it)"
     return n
+
+
+def describe() -> str:
+    """The line a run prints about its threads."""
+    import torch
+
+    return _chosen or f"torch threads: {torch.get_num_threads()} (torch's default; RLCORE_THREADS sets it)"

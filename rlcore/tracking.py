@@ -147,8 +147,8 @@ def check_database_url(url: str, what: str, timeout_s: float = 5.0) -> None:
 
     try:
         parsed = sqlalchemy.engine.make_url(url)
-    except ArgumentError:
-        raise ConfigError(f"{what}: malformed database URL {url!r}") from None
+    except (ArgumentError, ValueError) as e:
+        raise ConfigError(f"{what}: malformed database URL {url!r} ({e})") from None
     try:
         engine = sqlalchemy.create_engine(parsed, connect_args={"connect_timeout": int(max(timeout_s, 1))}
                                           if parsed.get_backend_name() in ("postgresql", "mysql") else {})
@@ -412,8 +412,12 @@ class Tracker:
             self._send([Metric(*r) for r in fresh])
             while self._tables:
                 _, step, rows, name = self._tables[0]
-                columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
-                self.client.log_table(self.run_id, columns, f"{name}/step_{step:06d}.json")
+                # The table as a plain JSON artifact ({"columns", "data"}: what mlflow.log_table writes), not through
+                # log_table, which also appends each file to the run tag `mlflow.loggedArtifacts`: that tag has a size
+                # cap, so a long run's ~160th table failed (and looked like an outage forever).
+                columns = list(rows[0]) if rows else []
+                table = {"columns": columns, "data": [[r[c] for c in columns] for r in rows]}
+                self.client.log_text(self.run_id, json.dumps(table), f"{name}/step_{step:06d}.json")
                 self._tables.pop(0)
             if self.outage_since is not None:
                 print(f"MLflow is reachable again after {time.time() - self.outage_since:.0f} s; "

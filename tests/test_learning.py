@@ -26,7 +26,10 @@ def test_grpo_learns_a_verifiable_preference(lab: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(AdditionTask, "reward", staticmethod(lambda c, f, p: float(f and c.startswith("1"))))
     cfg = load_experiment(lab / "rl.yaml", ["trainer.steps=40", "rollout.prompts_per_step=16",
                                             "rollout.samples_per_prompt=8", "trainer.micro_batch_size=64",
-                                            "task.eval_samples=16", "logging.eval_every=40", "logging.num_samples=0"])
+                                            "task.eval_samples=16", "logging.eval_every=40", "logging.num_samples=0",
+                                            # exact eval scores the task's own reward (the answer, then EOS); this
+                                            # test swaps the reward, so it must sample
+                                            "task.eval_exact=false"])
     res = run(cfg, root=lab)
     before, after = res.first_eval["eval/sampled_reward"], res.last_eval["eval/sampled_reward"]
     assert after >= before + 0.15, (before, after)
