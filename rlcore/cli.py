@@ -18,6 +18,12 @@ from rlcore.config import ConfigError, RunFailed, load_experiment
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training lab: run experiments (YAML) and track them in MLflow.")
 
+# Typer (0.29+) ships its own copy of click; its usage errors are these classes, not the `click` package's.
+try:
+    from typer._click import exceptions as _click
+except ImportError:  # an older typer on plain click
+    from click import exceptions as _click
+
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set algorithm.lr=1e-4 (repeatable).")]
 
 
@@ -314,7 +320,16 @@ def main() -> None:
             from rlcore import threads
 
             threads.apply()  # before any torch work; each run prints the choice (threads.describe)
-        app()
+        code = app(standalone_mode=False, prog_name="rlcore")  # usage errors come back here, to be said on one line
+    except _click.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx else str(e))
+        sys.exit(0)
+    except _click.UsageError as e:  # unknown option, missing argument, a value of the wrong type
+        where = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
+        typer.echo(f"error: {e.format_message()}{where}".replace("\n", " "), err=True)
+        sys.exit(2)
+    except typer.Abort:  # Ctrl-C while click itself was prompting or parsing
+        sys.exit(130)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -324,6 +339,7 @@ def main() -> None:
     except RunFailed as e:  # the run exists and is marked FAILED in MLflow with this reason
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

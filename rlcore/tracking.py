@@ -9,6 +9,7 @@ and sets the run's final status (FINISHED, FAILED or KILLED, never left RUNNING)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import socket
@@ -25,6 +26,10 @@ from rlcore.config import ConfigError, parse_yaml, read_text_file
 from rlcore.metrics import BY_NAME
 
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql")  # the stores this lab is tested with / MLflow supports
+
+# MLflow announces its schema migrations at INFO on first use of a store; a run's output is not the place.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 DEFAULTS = {"tracking_uri": "sqlite:///mlruns/mlflow.db", "artifact_location": "mlruns/artifacts", "flush_interval_s": 1.0,
             "finish_timeout_s": 30.0}
