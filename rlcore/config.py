@@ -186,7 +186,7 @@ class AlgorithmConfig(_Section):
     )
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount (advantage `gae`); 1 for a reward at the end.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 1 = Monte-Carlo return minus V, 0 = one-step TD.")
-    critic_lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the value model (advantage `gae`).")
+    critic_lr: float = Field(5e-4, gt=0, le=1000, description="AdamW learning rate of the value model (advantage `gae`).")
     value_clip: float | None = Field(
         0.2, gt=0, description="PPO value clipping: V may move at most this far from V_old per update. None = off."
     )
@@ -221,7 +221,8 @@ class AlgorithmConfig(_Section):
 
 class TrainerConfig(_Section):
     steps: int = Field(100, gt=0, le=BIG, description="RL steps (or SFT steps for `kind: sft`).")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    lr: float = Field(1e-4, gt=0, le=1000, description="AdamW learning rate (at most 1000: beyond anything that trains, "
+                      "and near 1e39 float32 cannot hold the step at all).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     warmup_steps: int = Field(0, ge=0, le=BIG, description="Linear learning-rate warm-up steps, then constant.")

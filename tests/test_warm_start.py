@@ -1,0 +1,71 @@
+"""The shipped warm start: RL starts from its exact bits on every machine; a damaged copy is never used."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from rlcore.config import load_experiment
+from rlcore.evaluation import evaluate
+from rlcore.model import build_policy
+from rlcore.rollout import RolloutEngine
+from rlcore.sft import MANIFEST, cache_dir, find_shipped, sha256, warm_start_dir
+from rlcore.tasks import make_task
+from rlcore.tracking import tracking_settings
+from tests.conftest import write_lab
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_default_warm_start_ships_and_is_intact() -> None:
+    sft = load_experiment(REPO / "experiments" / "sft.yaml")
+    shipped = find_shipped(sft, REPO, quiet=True)
+    assert shipped is not None, "experiments/sft.yaml changed without `rlcore run experiments/sft.yaml --ship`"
+    meta = json.loads((shipped / MANIFEST).read_text())
+    # every RL experiment naming sft.yaml gets exactly these bits, whatever this machine would build
+    rl = load_experiment(REPO / "experiments" / "grpo.yaml")
+    assert warm_start_dir(rl, REPO, quiet=True) == shipped
+    # the figures in the manifest are what the shipped weights score now
+    model, tok = build_policy(rl.model, shipped)
+    got = evaluate(RolloutEngine(model, tok, seed=0), make_task(rl.task), rl)
+    assert got == meta["heldout"] or all(abs(got[k] - meta["heldout"][k]) < 1e-6 for k in got), (got, meta["heldout"])
+
+
+def test_a_shipped_copy_is_used_without_building_and_a_damaged_one_never(tmp_path: Path) -> None:
+    root = write_lab(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "rlcore.cli", "run", "sft.yaml", "--ship"], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shipped = root / "warm_starts" / "sft"
+    assert f"shipped to {shipped}" in out.stdout
+    meta = json.loads((shipped / MANIFEST).read_text())
+    assert meta["files"]["model.safetensors"] == sha256(shipped / "model.safetensors")
+    assert set(meta["heldout"]) == {"eval/greedy_accuracy", "eval/sampled_reward"}
+
+    sft = load_experiment(root / "sft.yaml")
+    shutil.rmtree(root / ".rlcore_cache" / "warm_start")  # a fresh clone: nothing built on this machine
+    rl = load_experiment(root / "rl.yaml")
+    assert warm_start_dir(rl, root, quiet=True) == shipped
+    assert not cache_dir(sft, root).exists()  # nothing was trained
+
+    weights = shipped / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    assert warm_start_dir(rl, root) == cache_dir(sft, root)  # built here instead, with a warning
+    assert (cache_dir(sft, root) / "model.safetensors").is_file()
+
+
+def test_an_rl_run_records_which_weights_it_started_from(lab: Path, tmp_path: Path) -> None:
+    from rlcore.controller import run
+
+    res = run(load_experiment(lab / "rl.yaml", ["trainer.steps=1", "logging.experiment=test-ws-tags"]), root=lab)
+    tags = MlflowClient(tracking_settings(lab)["tracking_uri"]).get_run(res.run_id).data.tags
+    ws = warm_start_dir(load_experiment(lab / "rl.yaml"), lab, quiet=True)
+    assert tags["warm_start.source"] == "built here"
+    assert tags["warm_start.sha256"] == sha256(ws / "model.safetensors")[:16]
