@@ -40,6 +40,28 @@ def test_unknown_key_in_mlflow_yml_is_named(tmp_path: Path) -> None:
         tracking_settings(tmp_path)
 
 
+def test_a_2000_step_run_keeps_every_sample_table(tmp_path: Path, monkeypatch) -> None:
+    """Samples every 10 steps for 2,000 steps: 200 tables. mlflow's log_table also appends each file to a size-capped
+    run tag, which failed at about the 160th table (and then looked like an outage forever)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\nflush_interval_s: 30\n")
+    t = Tracker("tables", tmp_path)
+    run_id = t.start("r", {}, {}, "a: 1\n")
+    rows = [{"prompt": "12+3=", "completion": "15", "answer": "15", "reward": 1.0}] * 16
+    for step in range(10, 2001, 10):
+        t.log_table(step, rows)
+    t.finish()
+    assert t.outage_since is None
+    c = MlflowClient(t.where)
+    assert c.get_run(run_id).info.status == "FINISHED"
+    files = [f.path for f in c.list_artifacts(run_id, "samples")]
+    assert len(files) == 200 and files[-1] == "samples/step_002000.json"
+    from dashboard.data import Store
+
+    tables = Store(t.where).samples(run_id)
+    assert len(tables) == 200 and list(tables[2000].columns) == ["prompt", "completion", "answer", "reward"]
+
+
 def test_catalogue_is_unique_and_covers_every_phase() -> None:
     assert len(BY_NAME) == len(CATALOGUE)
     for p in PHASES:
