@@ -61,9 +61,15 @@ def main() -> None:
     args = ap.parse_args()
     base = {k: v for k, v in os.environ.items() if k not in ("RLCORE_THREADS", "OMP_NUM_THREADS")}
     base["RLCORE_NO_BAR"] = "1"
-    cases = [("idle, rlcore's choice", base, 0), (f"{args.busy} busy, rlcore's choice", base, args.busy),
+    cases = [("idle, rlcore's choice", base, 0), ("idle, forced 1 thread", {**base, "RLCORE_THREADS": "1"}, 0),
+             ("idle, forced 2 threads", {**base, "RLCORE_THREADS": "2"}, 0),
+             (f"{args.busy} busy, rlcore's choice", base, args.busy),
              (f"{args.busy} busy, forced 2 threads", {**base, "RLCORE_THREADS": "2"}, args.busy)]
     results = []
+    deadline = time.time() + 300
+    while os.getloadavg()[0] > 0.5 and time.time() < deadline:  # "idle" means the load average says so
+        time.sleep(5)
+    print(f"load average at the start: {os.getloadavg()[0]:.2f}", flush=True)
     for name, env, busy in cases:
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
         if busy:

@@ -193,6 +193,9 @@ def validate(file: Annotated[Path, typer.Argument(help="Experiment or sweep YAML
         typer.echo(f"ok: {file} (sweep {sw.name}, {sw.n_trials} trials over {', '.join(sw.space)})")
         return
     cfg = load_experiment(file, set_ or [])
+    from rlcore.tracking import project_root
+
+    preflight([cfg], project_root())  # "will it run?" includes the store and the output directory
     typer.echo(f"ok: {file} ({cfg.kind}, algorithm={cfg.algorithm.name}, steps={cfg.trainer.steps})")
 
 

@@ -203,8 +203,8 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     reset_peak_memory()  # a lesson, --seeds or a sweep worker runs many runs in one process
     loop = build(cfg, root)
     acc = loop.acc
-    if acc.is_main_process and not os.environ.get("RLCORE_NO_BAR"):
-        print(threads.describe(), file=sys.stderr, flush=True)
+    if acc.is_main_process:
+        threads.say_once()
     ckpt = checkpoint.load(resume) if resume is not None else None
     start = restore(loop, ckpt) if ckpt is not None else 0
     tracker = Tracker(cfg.logging.experiment, root) if acc.is_main_process else None

@@ -182,7 +182,7 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
     from rlcore.config import flatten
     from rlcore.tracking import Tracker, git_commit
 
-    print(threads.describe(), file=sys.stderr, flush=True)
+    threads.say_once()
     seed_everything(cfg.seed)
     task = make_task(cfg.task)
     tool = make_tool(cfg.task.tool)

@@ -11,6 +11,7 @@ leaves free (at least one). The numbers do not depend on the choice: on CPU the 
 from __future__ import annotations
 
 import os
+import sys
 
 from rlcore.config import ConfigError
 
@@ -60,8 +61,19 @@ def apply() -> int:
     return n
 
 
+_said = False
+
+
 def describe() -> str:
     """The line a run prints about its threads."""
     import torch
 
     return _chosen or f"torch threads: {torch.get_num_threads()} (torch's default; RLCORE_THREADS sets it)"
+
+
+def say_once() -> None:
+    """Print `describe()` to stderr the first time a process starts a run (a lesson plan's later runs keep quiet)."""
+    global _said
+    if not _said:
+        print(describe(), file=sys.stderr, flush=True)
+        _said = True
