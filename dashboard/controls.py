@@ -9,10 +9,9 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, LOSS_AGG, POLICY_LOSSES, AggNorm
+from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm
+from rlcore.batch import RolloutBatch
 from rlcore.config import AlgorithmConfig
-from rlcore.reference import KL_ESTIMATORS
-from rlcore.rollout import RolloutBatch
 
 CONTROLS: dict[str, Callable[[], None]] = {}
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from rlcore.config import AlgorithmConfig
-from rlcore.rollout import RolloutBatch
+from rlcore.batch import RolloutBatch
+
+if TYPE_CHECKING:  # the schema imports these registries to validate names; a runtime import would be a cycle
+    from rlcore.config import AlgorithmConfig
 
 ADVANTAGES: dict[str, Callable[[RolloutBatch, AlgorithmConfig], torch.Tensor]] = {}
 POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
@@ -40,6 +43,54 @@ def lookup(registry: dict, name: str, what: str):
     if name not in registry:
         raise KeyError(f"unknown {what} {name!r}, valid: {', '.join(sorted(registry))}")
     return registry[name]
+
+
+# ------------------------------------------------------------------------------------------ KL estimators
+
+# Schulman, "Approximating KL Divergence" (2020): with r = pi_ref / pi_theta evaluated at tokens sampled from
+# pi_theta, each is an estimate of KL(pi_theta || pi_ref) per token.
+KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+KL_ESTIMATORS: dict[str, KLEstimator] = {}
+
+
+def register_kl(name: str) -> Callable[[KLEstimator], KLEstimator]:
+    def deco(fn: KLEstimator) -> KLEstimator:
+        if name in KL_ESTIMATORS:
+            raise ValueError(f"KL estimator {name!r} registered twice")
+        KL_ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_kl("k1")
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 = log pi_theta - log pi_ref. Unbiased, high variance, can be negative per token. [B, T] -> [B, T]"""
+    return logp - ref_logp
+
+
+@register_kl("k2")
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k2 = 0.5 (log pi_theta - log pi_ref)^2. Biased, low variance, >= 0. [B, T] -> [B, T]"""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+@register_kl("k3")
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 = r - 1 - log r with r = pi_ref / pi_theta. Unbiased, low variance, >= 0 (GRPO, DeepSeekMath 2024).
+
+    [B, T] -> [B, T]. The log-ratio is held to [-20, 20] before exp (as verl's `low_var_kl`), so one token with
+    pi_ref >> pi gives a large finite value (then `kl_clamp`), not inf and a NaN gradient.
+    """
+    log_ratio = (ref_logp - logp).clamp(-20.0, 20.0)  # [B, T]
+    return log_ratio.exp() - 1 - log_ratio
+
+
+def kl_estimate(name: str, logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float | None) -> torch.Tensor:
+    """The configured estimator's per-token KL, clamped to [-clamp, clamp] (`algorithm.kl_clamp`). [B, T] -> [B, T]"""
+    kl = KL_ESTIMATORS[name](logp, ref_logp)
+    return kl if clamp is None else kl.clamp(-clamp, clamp)
+
 
 
 # ------------------------------------------------------------------------------------------ presets
@@ -120,8 +171,6 @@ def token_rewards(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # [B, T] the final counted token
     r = last.float() * batch.rewards[:, None]  # [B, T]
     if cfg.kl_placement == "reward" and batch.ref_logp is not None:
-        from rlcore.reference import kl_estimate
-
         r = r - cfg.kl_coef * kl_estimate(cfg.kl_estimator, batch.old_logp, batch.ref_logp, cfg.kl_clamp) * mask
     return r
 

@@ -209,10 +209,10 @@ class AlgorithmConfig(_Section):
     @field_validator("advantage", "policy_loss", "loss_agg", "kl_estimator", "group_filter")
     @classmethod
     def _known_name(cls, value: str, info: ValidationInfo) -> str:
-        from rlcore import algorithm, reference  # late import: the registries import this module's types
+        from rlcore import algorithm  # late: importing it (and torch) is only needed to validate
 
         registry = {"advantage": algorithm.ADVANTAGES, "policy_loss": algorithm.POLICY_LOSSES,
-                    "loss_agg": algorithm.LOSS_AGG, "kl_estimator": reference.KL_ESTIMATORS,
+                    "loss_agg": algorithm.LOSS_AGG, "kl_estimator": algorithm.KL_ESTIMATORS,
                     "group_filter": algorithm.GROUP_FILTERS}[info.field_name]
         if value not in registry:
             raise ValueError(f"unknown {value!r}, valid: {', '.join(sorted(registry))}")

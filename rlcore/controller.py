@@ -26,15 +26,16 @@ from transformers import PreTrainedTokenizerBase
 
 from rlcore import checkpoint, threads
 from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, gae_returns, lookup, overlong_penalty
+from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import ConfigError, ExperimentConfig, RunFailed, flatten
 from rlcore.critic import explained_variance
 from rlcore.evaluation import evaluate
 from rlcore.model import build_policy
 from rlcore.reference import Reference
-from rlcore.rollout import RolloutBatch, RolloutEngine
+from rlcore.rollout import RolloutEngine
 from rlcore.seeding import seed_everything
 from rlcore.sft import SHIPPED_DIR, sha256, warm_start_dir
-from rlcore.tasks import AdditionTask, Problem, make_task, score
+from rlcore.tasks import AdditionTask, make_task, score
 from rlcore.timing import PhaseTimer
 from rlcore.tools import make_tool
 from rlcore.tracking import CONFIG_TAG, Tracker, git_commit, project_root

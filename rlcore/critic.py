@@ -13,7 +13,8 @@ import copy
 import torch
 from transformers import PreTrainedModel
 
-from rlcore.rollout import RolloutBatch, positions
+from rlcore.batch import RolloutBatch
+from rlcore.rollout import positions
 
 
 class ValueModel(torch.nn.Module):

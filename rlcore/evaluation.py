@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlcore.batch import Problem
 from rlcore.config import ExperimentConfig
 from rlcore.rollout import RolloutEngine, encode_prompts, positions
-from rlcore.tasks import AdditionTask, Problem, score
+from rlcore.tasks import AdditionTask, score
 
 
 def exact_applies(engine: RolloutEngine, cfg: ExperimentConfig) -> bool:

@@ -7,17 +7,11 @@ The default task is integer addition: prompt `A+B=`, target completion `C<eos>` 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
 
+from rlcore.batch import Problem
 from rlcore.config import TaskConfig
-
-
-@dataclass(frozen=True)
-class Problem:
-    prompt: str  # text the model is conditioned on, e.g. "12+345="
-    answer: str  # exact completion text that earns reward 1, e.g. "357"
 
 
 class AdditionTask:

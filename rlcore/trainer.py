@@ -15,11 +15,11 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from rlcore.algorithm import LOSS_AGG, POLICY_LOSSES, AggNorm, lookup
+from rlcore.algorithm import KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm, kl_estimate, lookup
+from rlcore.batch import RolloutBatch
 from rlcore.config import ExperimentConfig
 from rlcore.critic import ValueModel, value_loss
-from rlcore.reference import KL_ESTIMATORS, kl_estimate
-from rlcore.rollout import RolloutBatch, token_logprobs
+from rlcore.rollout import token_logprobs
 
 
 class Trainer:

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 
 import torch
 
+from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import AlgorithmConfig, ExperimentConfig
 from rlcore.model import char_tokenizer
-from rlcore.rollout import RolloutBatch, RolloutEngine
+from rlcore.rollout import RolloutEngine
 from rlcore.sft import _encode
-from rlcore.tasks import Problem, score
+from rlcore.tasks import score
 from rlcore.tools import Calculator
 
 

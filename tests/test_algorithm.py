@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, LOSS_AGG, POLICY_LOSSES, AggNorm, gae
+from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm, gae
+from rlcore.batch import RolloutBatch
 from rlcore.config import AlgorithmConfig
-from rlcore.reference import KL_ESTIMATORS
-from rlcore.rollout import RolloutBatch
 
 
 def make_batch(rewards, group, lengths, T=3) -> RolloutBatch:
@@ -247,10 +246,10 @@ def test_group_filters() -> None:
 
 def test_cat_repads_prompts_and_responses() -> None:
     """Batches of different prompt/response widths concatenate without changing any token's log-prob."""
+    from rlcore.batch import Problem
     from rlcore.config import ModelConfig, TinyModelConfig
     from rlcore.model import char_tokenizer, tiny_model
     from rlcore.rollout import RolloutEngine, token_logprobs
-    from rlcore.tasks import Problem
 
     torch.manual_seed(0)
     tok = char_tokenizer()

@@ -16,10 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rlcore import checkpoint, cli
-from rlcore.algorithm import POLICY_LOSSES
+from rlcore.algorithm import POLICY_LOSSES, kl_estimate
 from rlcore.config import AlgorithmConfig, ConfigError, load_experiment
 from rlcore.controller import run
-from rlcore.reference import kl_estimate
 from rlcore.tracking import Tracker, tracking_settings
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RLCORE_NO_BAR": "1"}

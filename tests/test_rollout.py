@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from rlcore.batch import Problem
 from rlcore.config import ModelConfig, TaskConfig, TinyModelConfig
 from rlcore.model import char_tokenizer, tiny_model
 from rlcore.rollout import RolloutEngine, encode_prompts, token_logprobs, top_p_filter
-from rlcore.tasks import AdditionTask, Problem
+from rlcore.tasks import AdditionTask
 
 
 def setup(seed: int = 0):

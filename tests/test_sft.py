@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from rlcore.batch import Problem
 from rlcore.config import ModelConfig
 from rlcore.model import build_policy
 from rlcore.sft import _encode, sft_loss
-from rlcore.tasks import Problem
 
 
 def _batch():
