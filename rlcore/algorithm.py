@@ -3,7 +3,7 @@
 An algorithm is a preset over these axes (see experiments/*.yaml); nothing outside this module branches on an
 algorithm's name. Every entry of a registry has that registry's one signature:
 
-- advantage:   fn(batch, cfg) -> adv [B, T]
+- advantage:   fn(batch, cfg) -> adv [B, T] (or (adv, returns) for an estimator that trains a critic)
 - policy loss: fn(logp, old_logp, adv, mask, cfg) -> (per-token loss [B, T], {metric: per-token value [B, T]})
 - group filter: fn(rewards [B], k) -> keep [B / k] bool, which groups of K samples the update may use.
 - aggregation: fn(per_token_loss, mask, norm) -> scalar, where `norm` holds *global* counts over the whole
@@ -29,14 +29,49 @@ LOSS_AGG: dict[str, Callable[..., torch.Tensor]] = {}
 GROUP_FILTERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {}
 
 
-def _register(registry: dict, name: str):
+def _register(registry: dict, name: str, needs: tuple[str, ...] = ()):
+    """Add `fn` to `registry` under `name`, with what it needs from the other roles (see `requirements`):
+    `values` (a critic), `group` (K >= 2 samples per prompt), `resample` (more rollout rounds), `old_logp`."""
     def deco(fn):
         if name in registry:
             raise ValueError(f"{name!r} registered twice")
+        fn.needs = frozenset(needs)
         registry[name] = fn
         return fn
 
     return deco
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The phases a configured algorithm needs, derived from what its registry entries declare."""
+
+    reference: bool  # a KL anchor (beta > 0): the reference model's log-probs
+    old_logp: bool  # pre-update log-probs: the batch is reused (epochs, minibatches) or KL sits in the reward
+    values: bool  # a critic's values (and its own update)
+    resample: bool  # a group filter that draws more rollout rounds
+    group: bool  # K >= 2 samples per prompt
+
+
+# Where the KL anchor acts, and what it needs: in the reward it is computed from the rollout-time log-probs.
+KL_PLACEMENTS: dict[str, frozenset[str]] = {"loss": frozenset(), "reward": frozenset({"old_logp"})}
+
+
+def requirements(cfg: AlgorithmConfig) -> Needs:
+    """What the configured axes need from the other roles: the one place phases are decided."""
+    declared = ADVANTAGES[cfg.advantage].needs | GROUP_FILTERS[cfg.group_filter].needs
+    anchored = cfg.kl_coef > 0
+    if anchored:
+        declared |= KL_PLACEMENTS[cfg.kl_placement]
+    reused = cfg.ppo_epochs > 1 or cfg.minibatches > 1  # a second pass needs the policy the batch came from
+    return Needs(reference=anchored, old_logp=reused or "old_logp" in declared, values="values" in declared,
+                 resample="resample" in declared, group="group" in declared)
+
+
+def advantages(batch: RolloutBatch, cfg: AlgorithmConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The configured estimator's advantages [B, T], and the critic's targets [B, T] when it makes them (GAE)."""
+    out = ADVANTAGES[cfg.advantage](batch, cfg)
+    return out if isinstance(out, tuple) else (out, None)
 
 
 def lookup(registry: dict, name: str, what: str):
@@ -140,7 +175,7 @@ def keep_all(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return torch.ones(len(rewards) // k, dtype=torch.bool)
 
 
-@_register(GROUP_FILTERS, "nonzero_std")
+@_register(GROUP_FILTERS, "nonzero_std", needs=("resample",))
 def keep_informative(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """DAPO's dynamic sampling (Yu et al., 2025): drop groups whose K rewards are all equal. [B] -> [B / k]
 
@@ -180,7 +215,7 @@ def sequence_returns(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     return token_rewards(batch, cfg).sum(-1)
 
 
-@_register(ADVANTAGES, "grpo")
+@_register(ADVANTAGES, "grpo", needs=("group",))
 def adv_grpo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the same for every token of completion i.
 
@@ -196,19 +231,13 @@ def adv_grpo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     return adv[:, None] * batch.response_mask  # [B, T]
 
 
-adv_grpo.needs_group = True  # compares the K samples of one prompt: K = 1 gives all-zero advantages
-
-
-@_register(ADVANTAGES, "rloo")
+@_register(ADVANTAGES, "rloo", needs=("group",))
 def adv_rloo(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     """A_i = r_i - mean_{j != i} r_j = K/(K-1) (r_i - mean(r_group)). Ahmadian et al., "Back to Basics" (2024)."""
     returns = sequence_returns(batch, cfg)  # [B]
     mean, _, n = group_stats(returns, batch.group)  # [B]
     adv = (returns - mean) * n / (n - 1).clamp(min=1)  # [B]
     return adv[:, None] * batch.response_mask  # [B, T]
-
-
-adv_rloo.needs_group = True
 
 
 @_register(ADVANTAGES, "reinforce")
@@ -261,26 +290,19 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-@_register(ADVANTAGES, "gae")
-def adv_gae(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
-    """GAE(gamma, lam) with the critic's values (PPO as in InstructGPT, 2022), whitened over the global batch.
+@_register(ADVANTAGES, "gae", needs=("values",))
+def adv_gae(batch: RolloutBatch, cfg: AlgorithmConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(gamma, lam) with the critic's values (PPO as in InstructGPT, 2022), whitened over the global batch, and
+    the critic's regression targets R_t = A_t + V_t (un-whitened), from the one recursion. -> ([B, T], [B, T])
 
-    Needs `batch.values` (the controller runs the critic when an estimator has `needs_critic`).
+    Needs `batch.values`: it declares `values`, so the controller runs the critic.
     """
     mask = batch.response_mask  # [B, T]
-    adv, _ = gae(token_rewards(batch, cfg), batch.values, mask, cfg.gamma, cfg.lam)  # [B, T]
+    adv, returns = gae(token_rewards(batch, cfg), batch.values, mask, cfg.gamma, cfg.lam)  # [B, T] each
     total, count = batch.reduce_sum(torch.stack([(adv * mask).sum(), mask.sum()]))
     mean = total / count
     (sq,) = batch.reduce_sum(torch.stack([((adv - mean) ** 2 * mask).sum()]))
-    return (adv - mean) / ((sq / count).sqrt() + 1e-8) * mask  # [B, T]
-
-
-adv_gae.needs_critic = True
-
-
-def gae_returns(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
-    """The critic's regression targets R_t = A_t + V_t (un-whitened GAE). -> [B, T]"""
-    return gae(token_rewards(batch, cfg), batch.values, batch.response_mask, cfg.gamma, cfg.lam)[1]
+    return (adv - mean) / ((sq / count).sqrt() + 1e-8) * mask, returns  # [B, T], [B, T]
 
 
 # ---------------------------------------------------------------------------------------- policy losses

@@ -277,9 +277,9 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _groups_have_peers(self) -> ExperimentConfig:
-        from rlcore.algorithm import ADVANTAGES
+        from rlcore.algorithm import requirements
 
-        if getattr(ADVANTAGES[self.algorithm.advantage], "needs_group", False) and self.rollout.samples_per_prompt < 2:
+        if requirements(self.algorithm).group and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} compares the samples of one prompt: "
                              f"rollout.samples_per_prompt must be >= 2 (with 1 every advantage is 0), got "
                              f"{self.rollout.samples_per_prompt}")

@@ -25,10 +25,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rlcore import checkpoint, threads
-from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, gae_returns, lookup, overlong_penalty
+from rlcore.algorithm import GROUP_FILTERS, Needs, advantages, lookup, overlong_penalty, requirements
 from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import ConfigError, ExperimentConfig, RunFailed, flatten
-from rlcore.critic import explained_variance
+from rlcore.critic import Critic, explained_variance
 from rlcore.evaluation import evaluate
 from rlcore.model import build_policy
 from rlcore.reference import Reference
@@ -66,9 +66,9 @@ class Loop:
     reference: Reference | None
     trainer: Trainer
     sync: WeightSync
-    advantage: Callable
+    critic: Critic | None
     group_filter: Callable
-    needs_old: bool  # compute pre-update log-probs (batch reuse, or KL in the reward)
+    needs: Needs  # the phases this algorithm runs, from what its axes declare
     local: slice  # this process's share of each step's prompts
     warm_start: Path | None = None  # the directory the policy was loaded from (shipped or built here)
 
@@ -87,19 +87,17 @@ def build(cfg: ExperimentConfig, root: Path) -> Loop:
     with acc.main_process_first():  # the main process builds the warm start once; the others then load it
         ws = warm_start_dir(cfg, root, quiet=not acc.is_main_process)
     policy, tokenizer = build_policy(cfg.model, ws)
-    reference = Reference(policy) if cfg.algorithm.kl_coef > 0 else None  # beta = 0: no reference at all
-    advantage = lookup(ADVANTAGES, cfg.algorithm.advantage, "advantage")
-    trainer = Trainer(policy, cfg, acc, with_critic=getattr(advantage, "needs_critic", False))
+    needs = requirements(cfg.algorithm)
+    reference = Reference(policy) if needs.reference else None  # beta = 0: no reference at all
+    critic = Critic(policy, cfg, acc) if needs.values else None
+    trainer = Trainer(policy, cfg, acc, critic)
     sync = WeightSync(cfg.rollout.engine, trainer.unwrapped)
     return Loop(
         cfg=cfg, acc=acc, task=make_task(cfg.task), tokenizer=tokenizer,
         engine=RolloutEngine(sync.engine_model, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template,
                              tool=make_tool(cfg.task.tool), max_tool_calls=cfg.task.max_tool_calls),
-        reference=reference, trainer=trainer, sync=sync,
-        advantage=advantage, group_filter=lookup(GROUP_FILTERS, cfg.algorithm.group_filter, "group_filter"),
-        # Pre-update log-probs are needed when a batch is reused, and for a KL penalty placed in the reward.
-        needs_old=cfg.algorithm.ppo_epochs > 1 or cfg.algorithm.minibatches > 1
-        or (cfg.algorithm.kl_placement == "reward" and reference is not None),
+        reference=reference, trainer=trainer, sync=sync, critic=critic,
+        group_filter=lookup(GROUP_FILTERS, cfg.algorithm.group_filter, "group_filter"), needs=needs,
         local=slice(rank * n // world, (rank + 1) * n // world),
         warm_start=ws,
     )
@@ -153,24 +151,22 @@ def fill_batch(loop: Loop, batch: RolloutBatch, draw: Callable[[], list[Problem]
 def step(loop: Loop, problems: list[Problem],
          draw: Callable[[], list[Problem]] | None = None) -> tuple[RolloutBatch, dict[str, float]]:
     """One RL step over the global list of `problems` (`draw` gives more, for a group filter's extra rounds)."""
-    cfg, r, timer = loop.cfg, loop.cfg.rollout, PhaseTimer()
+    cfg, r, timer, needs = loop.cfg, loop.cfg.rollout, PhaseTimer(), loop.needs
     batch = sample(loop, problems, timer)
     filtered: dict[str, float] = {}
-    if cfg.algorithm.group_filter != "none":
+    if needs.resample:  # a group filter that draws more rounds (DAPO's dynamic sampling)
         batch, filtered = fill_batch(loop, batch, draw, timer)
-    if loop.reference is not None:  # beta = 0: no reference model, no forward, timing/reference stays 0
+    if needs.reference:  # beta = 0: no reference model, no forward, timing/reference stays 0
         with timer("reference"):
             batch.ref_logp = loop.reference.logprobs(batch, cfg.trainer.micro_batch_size)
-    if loop.needs_old:  # otherwise the loss uses logp.detach(): on-policy ratio = 1
+    if needs.old_logp:  # otherwise the loss uses logp.detach(): on-policy ratio = 1
         with timer("old_logprob"):
             batch.old_logp = loop.trainer.logprobs(batch)
-    if loop.trainer.critic is not None:  # only estimators that need a critic (GAE) build one
+    if needs.values:  # only estimators that declare `values` (GAE) have a critic
         with timer("values"):
-            batch.values = loop.trainer.values(batch)  # [B, T] V_old
+            batch.values = loop.critic.values(loop.trainer.micro(batch))  # [B, T] V_old
     with timer("advantage"):
-        batch.adv = loop.advantage(batch, cfg.algorithm)  # [B, T]
-        if batch.values is not None:
-            batch.returns = gae_returns(batch, cfg.algorithm)  # [B, T] the critic's targets
+        batch.adv, batch.returns = advantages(batch, cfg.algorithm)  # [B, T], and the critic's targets or None
     with timer("update"):
         stats = loop.trainer.update(batch)
     with timer("sync"):
@@ -324,16 +320,9 @@ def nonfinite_phase(batch: RolloutBatch) -> str:
 
 
 def checkpoint_state(loop: Loop, step: int, run_id: str | None, drawn: int) -> dict:
-    t = loop.trainer
-    state = {"step": step, "run_id": run_id, "drawn": drawn, "config_hash": loop.cfg.config_hash(),
-             "reference": loop.cfg.model.warm_start or loop.cfg.model.name_or_path or "fresh",
-             "policy": t.unwrapped.state_dict(), "optimizer": t.optimizer.state_dict(),
-             "scheduler": t.scheduler.state_dict(), "nonfinite_streak": t.nonfinite_streak,
-             "rng": checkpoint.rng_state(loop.engine.generator)}
-    if t.critic is not None:
-        state["critic"] = loop.acc.unwrap_model(t.critic).state_dict()
-        state["critic_optimizer"] = t.critic_optimizer.state_dict()
-    return state
+    return {"step": step, "run_id": run_id, "drawn": drawn, "config_hash": loop.cfg.config_hash(),
+            "reference": loop.cfg.model.warm_start or loop.cfg.model.name_or_path or "fresh",
+            "rng": checkpoint.rng_state(loop.engine.generator), **loop.trainer.state_dict()}
 
 
 def write_checkpoint(loop: Loop, root: Path, tracker: Tracker | None, step: int, drawn: int) -> None:
@@ -349,16 +338,9 @@ def restore(loop: Loop, ckpt: dict) -> int:
     """Load a checkpoint into a freshly built loop; returns its step."""
     if ckpt["config_hash"] != loop.cfg.config_hash():
         raise ConfigError("--resume: the checkpoint was written by a different config")
-    t = loop.trainer
-    t.unwrapped.load_state_dict(ckpt["policy"])
-    t.optimizer.load_state_dict(ckpt["optimizer"])
-    t.scheduler.load_state_dict(ckpt["scheduler"])
-    t.nonfinite_streak = ckpt["nonfinite_streak"]
-    if t.critic is not None:
-        loop.acc.unwrap_model(t.critic).load_state_dict(ckpt["critic"])
-        t.critic_optimizer.load_state_dict(ckpt["critic_optimizer"])
+    loop.trainer.load_state_dict(ckpt)
     checkpoint.restore_rng(ckpt["rng"], loop.engine.generator)
-    loop.sync.push(t.unwrapped)  # a separate rollout engine gets the restored weights
+    loop.sync.push(loop.trainer.unwrapped)  # a separate rollout engine gets the restored weights
     return int(ckpt["step"])
 
 

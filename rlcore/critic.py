@@ -9,12 +9,18 @@ run, at the price of one more forward/backward per step, which the `timing/value
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
+from accelerate import Accelerator
 from transformers import PreTrainedModel
 
 from rlcore.batch import RolloutBatch
 from rlcore.rollout import positions
+
+if TYPE_CHECKING:
+    from rlcore.algorithm import AggNorm
+    from rlcore.config import ExperimentConfig
 
 
 class ValueModel(torch.nn.Module):
@@ -67,3 +73,41 @@ def explained_variance(batch: RolloutBatch) -> float:
     var_r = sr2 / n - (sr / n) ** 2
     var_d = sd2 / n - (sd / n) ** 2
     return float(1 - var_d / var_r) if var_r > 1e-12 else 0.0
+
+
+class Critic:
+    """The value role: its own model, optimizer and loss. The trainer steps it with the policy (one backward over
+    both disjoint graphs), without knowing what it is."""
+
+    name = "critic"
+
+    def __init__(self, policy: PreTrainedModel, cfg: ExperimentConfig, acc: Accelerator):
+        # Built from the policy *before* any update, so it starts from the same trunk.
+        model = ValueModel(policy)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.algorithm.critic_lr, betas=cfg.trainer.betas)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.cfg, self.acc = cfg, acc
+
+    @torch.no_grad()
+    def values(self, micro_batches: list[RolloutBatch]) -> torch.Tensor:
+        """V(s_t) before the update (V_old of value clipping), over the batch's micro-batches. -> [B, T]"""
+        model = self.acc.unwrap_model(self.model)
+        return torch.cat([model(m).cpu() for m in micro_batches])
+
+    def loss(self, m: RolloutBatch, norm: AggNorm) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+        """Clipped value loss of one micro-batch, token mean over the global token count, and its metrics."""
+        dev = self.acc.device
+        mask = m.response_mask.to(dev)  # [b, T]
+        values = self.model(m)  # [b, T]
+        per_token, metrics = value_loss(values, m.values.to(dev), m.returns.to(dev), self.cfg.algorithm.value_clip)
+        tok = float(mask.sum())
+        stats = {k: (float((v * mask).sum()), tok) for k, v in metrics.items()}
+        stats["critic/value_loss"] = (float((per_token.detach() * mask).sum()), tok)
+        return (per_token * mask).sum() / norm.tokens, stats
+
+    def state_dict(self) -> dict:
+        return {"critic": self.acc.unwrap_model(self.model).state_dict(), "critic_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.acc.unwrap_model(self.model).load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["critic_optimizer"])

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -18,25 +20,35 @@ from transformers import PreTrainedModel
 from rlcore.algorithm import KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm, kl_estimate, lookup
 from rlcore.batch import RolloutBatch
 from rlcore.config import ExperimentConfig
-from rlcore.critic import ValueModel, value_loss
+from rlcore.critic import Critic
 from rlcore.rollout import token_logprobs
+
+
+@dataclass
+class Learner:
+    """One model the update steps: its optimizer and the loss of a micro-batch. The policy is the first; a critic
+    (or, later, a reward model) is another, stepped in the same backward."""
+
+    name: str
+    model: torch.nn.Module  # prepared by Accelerate
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[RolloutBatch, AggNorm], tuple[torch.Tensor, dict[str, tuple[float, float]]]]
 
 
 class Trainer:
     def __init__(self, policy: PreTrainedModel, cfg: ExperimentConfig, accelerator: Accelerator,
-                 with_critic: bool = False):
+                 critic: Critic | None = None):
         self.cfg, self.acc = cfg, accelerator
         t = cfg.trainer
         optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         warmup = max(t.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
-        self.critic = self.critic_optimizer = None
+        self.critic = critic
+        self.learners = [Learner("actor", self.model, self.optimizer, self._loss)]
+        if critic is not None:
+            self.learners.append(Learner(critic.name, critic.model, critic.optimizer, critic.loss))
         self.nonfinite_streak = 0  # consecutive steps with a skipped (non-finite) update
-        if with_critic:  # built from the policy *before* any update, so it starts from the same trunk
-            critic = ValueModel(self.unwrapped)
-            critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.algorithm.critic_lr, betas=t.betas)
-            self.critic, self.critic_optimizer = accelerator.prepare(critic, critic_opt)
         a = cfg.algorithm
         self.policy_loss = lookup(POLICY_LOSSES, a.policy_loss, "policy_loss")
         self.loss_agg = lookup(LOSS_AGG, a.loss_agg, "loss_agg")
@@ -46,20 +58,14 @@ class Trainer:
     def unwrapped(self) -> PreTrainedModel:
         return self.acc.unwrap_model(self.model)
 
-    def _micro(self, batch: RolloutBatch) -> list[RolloutBatch]:
+    def micro(self, batch: RolloutBatch) -> list[RolloutBatch]:
         mb = self.cfg.trainer.micro_batch_size
         return [batch.rows(slice(i, i + mb)) for i in range(0, len(batch), mb)]
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """Policy log-probs before the update (the 'old' policy of the PPO ratio). -> [B, T]"""
-        return torch.cat([token_logprobs(self.unwrapped, m)[0].cpu() for m in self._micro(batch)])
-
-    @torch.no_grad()
-    def values(self, batch: RolloutBatch) -> torch.Tensor:
-        """The critic's V(s_t) before the update (V_old of value clipping). -> [B, T]"""
-        critic = self.acc.unwrap_model(self.critic)
-        return torch.cat([critic(m).cpu() for m in self._micro(batch)])
+        return torch.cat([token_logprobs(self.unwrapped, m)[0].cpu() for m in self.micro(batch)])
 
     def _global_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
@@ -83,41 +89,38 @@ class Trainer:
                 mini = batch.rows(slice(start, start + size))
                 tokens, seqs = self._global_sum([float(mini.response_mask.sum()), float(len(mini))])
                 norm = AggNorm(tokens=tokens, seqs=seqs, max_len=float(self.cfg.rollout.max_new_tokens))
-                micro = self._micro(mini)
-                models = [self.model] + ([self.critic] if self.critic is not None else [])
-                for opt in self._optimizers():
-                    opt.zero_grad(set_to_none=True)
+                micro = self.micro(mini)
+                for learner in self.learners:
+                    learner.optimizer.zero_grad(set_to_none=True)
                 for i, m in enumerate(micro):
                     with ExitStack() as stack:
                         if i < len(micro) - 1:  # only the last micro-batch all-reduces gradients
-                            for model in models:
-                                stack.enter_context(self.acc.no_sync(model))
-                        loss, stats = self._loss(m, norm)
-                        if self.critic is not None:  # disjoint graphs: one backward reaches both models
-                            vloss, vstats = self._value_loss(m, norm)
-                            stats |= vstats
-                            loss = loss + vloss
-                        self.acc.backward(loss * world)
-                    loss_sum += float(stats.pop("_policy_loss"))
-                    for k, (s, c) in stats.items():
-                        sums[k] += s
-                        counts[k] += c
-                norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip))
-                if self.critic is not None:
-                    vnorm = float(self.acc.clip_grad_norm_(self.critic.parameters(), self.cfg.trainer.grad_clip))
-                    norm = norm if math.isfinite(vnorm) else vnorm
-                    if math.isfinite(vnorm):
-                        sums["critic/grad_norm"] += vnorm
-                        counts["critic/grad_norm"] += 1
-                # NaN/inf guard: the norm is global (all-reduced), so every process skips the same updates.
-                if not math.isfinite(norm):
+                            for learner in self.learners:
+                                stack.enter_context(self.acc.no_sync(learner.model))
+                        losses = []
+                        for learner in self.learners:  # disjoint graphs: one backward reaches every model
+                            loss, stats = learner.loss(m, norm)
+                            losses.append(loss)
+                            loss_sum += float(stats.pop("_policy_loss", 0.0))  # the policy's, for actor/loss
+                            for k, (v, c) in stats.items():
+                                sums[k] += v
+                                counts[k] += c
+                        self.acc.backward(sum(losses[1:], losses[0]) * world)
+                norms = [float(self.acc.clip_grad_norm_(x.model.parameters(), self.cfg.trainer.grad_clip))
+                         for x in self.learners]
+                for learner, n in zip(self.learners[1:], norms[1:], strict=True):  # the policy's is below
+                    if math.isfinite(n):
+                        sums[f"{learner.name}/grad_norm"] += n
+                        counts[f"{learner.name}/grad_norm"] += 1
+                # NaN/inf guard: norms are global (all-reduced), so every process skips the same updates.
+                if not all(math.isfinite(n) for n in norms):
                     skipped += 1
-                    for opt in self._optimizers():
-                        opt.zero_grad(set_to_none=True)
+                    for learner in self.learners:
+                        learner.optimizer.zero_grad(set_to_none=True)
                     continue
-                grad_norms.append(norm)
-                for opt in self._optimizers():
-                    opt.step()
+                grad_norms.append(norms[0])
+                for learner in self.learners:
+                    learner.optimizer.step()
                 self.scheduler.step()
         keys = sorted(sums)
         reduced = self._global_sum([sums[k] for k in keys] + [counts[k] for k in keys] + [loss_sum])
@@ -132,19 +135,19 @@ class Trainer:
         out["actor/lr"] = self.scheduler.get_last_lr()[0]
         return out
 
-    def _optimizers(self) -> list:
-        return [self.optimizer] + ([self.critic_optimizer] if self.critic is not None else [])
+    def state_dict(self) -> dict:
+        """Everything the update needs to continue: weights, optimizers, schedule, the non-finite streak."""
+        state = {"policy": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
+        return state | (self.critic.state_dict() if self.critic is not None else {})
 
-    def _value_loss(self, m: RolloutBatch, norm: AggNorm) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
-        """Clipped value loss of one micro-batch, token mean over the global token count."""
-        dev = self.acc.device
-        mask = m.response_mask.to(dev)  # [b, T]
-        values = self.critic(m)  # [b, T]
-        per_token, metrics = value_loss(values, m.values.to(dev), m.returns.to(dev), self.cfg.algorithm.value_clip)
-        tok = float(mask.sum())
-        stats = {k: (float((v * mask).sum()), tok) for k, v in metrics.items()}
-        stats["critic/value_loss"] = (float((per_token.detach() * mask).sum()), tok)
-        return (per_token * mask).sum() / norm.tokens, stats
+    def load_state_dict(self, state: dict) -> None:
+        self.unwrapped.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.nonfinite_streak = state["nonfinite_streak"]
+        if self.critic is not None:
+            self.critic.load_state_dict(state)
 
     def _loss(self, m: RolloutBatch, norm: AggNorm) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
         """Loss of one micro-batch (already divided by the global normaliser) and its metric (sum, count) pairs."""

@@ -206,14 +206,11 @@ def test_gae_skips_masked_tool_tokens() -> None:
 
 
 def test_gae_estimator_is_whitened_and_returns_are_targets() -> None:
-    from rlcore.algorithm import gae_returns
-
     b = make_batch([1, 0, 1, 0], [0, 0, 1, 1], [3, 2, 1, 3])
     b.values = torch.full((4, 3), 0.25)
-    adv = ADVANTAGES["gae"](b, AlgorithmConfig(lam=1.0))
+    adv, ret = ADVANTAGES["gae"](b, AlgorithmConfig(lam=1.0))
     m = b.response_mask.bool()
     assert abs(float(adv[m].mean())) < 1e-5 and abs(float(adv[m].std(unbiased=False)) - 1) < 1e-4
-    ret = gae_returns(b, AlgorithmConfig(lam=1.0))
     assert torch.allclose(ret[0], torch.ones(3)) and torch.allclose(ret[1, :2], torch.zeros(2))
 
 
@@ -289,3 +286,16 @@ def test_k3_gradient_matches_the_formula() -> None:
     k3.sum().backward()
     assert bool((k3 >= 0).all())
     assert torch.allclose(logp.grad, 1 - (ref - logp.detach()).exp(), rtol=1e-5, atol=1e-6)
+
+
+def test_phases_come_from_what_the_axes_declare() -> None:
+    from rlcore.algorithm import requirements
+
+    grpo = requirements(AlgorithmConfig())
+    assert (grpo.reference, grpo.old_logp, grpo.values, grpo.resample, grpo.group) == (True, False, False, False, True)
+    ppo = requirements(AlgorithmConfig(advantage="gae", kl_placement="reward", name="ppo"))
+    assert ppo.values and ppo.old_logp and not ppo.group  # the critic, and KL from the rollout-time log-probs
+    assert requirements(AlgorithmConfig(ppo_epochs=2)).old_logp  # a reused batch needs the policy it came from
+    assert not requirements(AlgorithmConfig(kl_coef=0, kl_placement="reward")).old_logp  # no anchor, no need
+    dapo = requirements(AlgorithmConfig(group_filter="nonzero_std", kl_coef=0))
+    assert dapo.resample and not dapo.reference
