@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -27,6 +26,7 @@ from rlcore.rollout import RolloutEngine
 from rlcore.seeding import seed_everything
 from rlcore.tasks import make_task
 from rlcore.tools import Calculator, make_tool
+from rlcore.trainer import Learner, adamw, step_learners
 
 
 def warm_start_dir(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> Path | None:
@@ -189,12 +189,7 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
     coin = random.Random(cfg.seed)  # which examples are written as tool traces
     model, tokenizer = build_policy(cfg.model)
     t = cfg.trainer
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    warm = max(t.warmup_steps, 1)
-    # Warm-up then cosine decay to 10%: the usual recipe for a short supervised run.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / t.steps, 1.0))))
-    )
+    opt, sched = adamw(model.parameters(), t, cosine_over=t.steps)  # warm-up, then cosine decay to 10 %
     tracker = Tracker(cfg.logging.experiment, root)
     tags = {"rlcore.kind": "sft", "task": cfg.task.name, "model": cfg.model.name_or_path or "tiny-llama",
             "git_commit": git_commit(root)}
@@ -207,12 +202,17 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
             problems = [next(stream) for _ in range(t.sft_batch_size)]
             use_tool = [coin.random() < cfg.task.sft_tool_frac for _ in problems]
             ids, mask, labels = _encode(tokenizer, problems, tool, use_tool)
-            loss = sft_loss(model(input_ids=ids, attention_mask=mask).logits, labels, t.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
+            seen: list[torch.Tensor] = []
+
+            def loss_of(_m, _norm, ids=ids, mask=mask, labels=labels, seen=seen) -> tuple[torch.Tensor, dict]:
+                loss = sft_loss(model(input_ids=ids, attention_mask=mask).logits, labels, t.label_smoothing)
+                seen.append(loss.detach())
+                return loss, {}
+
+            # The same core as RL's update: one micro-batch (the whole SFT batch), clip, non-finite guard, step.
+            step_learners([Learner("sft", model, opt, loss_of)], [None], None, t.grad_clip)
             sched.step()
+            loss = seen[0]
             if step % 50 == 0 or step == t.steps:
                 tracker.log(step, {"sft/loss": float(loss.detach()), "actor/lr": sched.get_last_lr()[0]})
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")

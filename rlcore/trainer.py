@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from rlcore.algorithm import KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm, kl_estimate, lookup
 from rlcore.batch import RolloutBatch
-from rlcore.config import ExperimentConfig
+from rlcore.config import ExperimentConfig, TrainerConfig
 from rlcore.critic import Critic
 from rlcore.rollout import token_logprobs
 
@@ -35,14 +35,65 @@ class Learner:
     loss: Callable[[RolloutBatch, AggNorm], tuple[torch.Tensor, dict[str, tuple[float, float]]]]
 
 
+def adamw(params, t: TrainerConfig, lr: float | None = None,
+          cosine_over: int | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW and its schedule: linear warm-up over `t.warmup_steps`, then constant (RL), or with `cosine_over` a
+    cosine decay to 10 % of the peak at that step (the usual recipe of a short supervised run)."""
+    optimizer = torch.optim.AdamW(params, lr=t.lr if lr is None else lr, betas=t.betas, weight_decay=t.weight_decay)
+    warm = max(t.warmup_steps, 1)
+
+    def factor(s: int) -> float:
+        w = min(1.0, (s + 1) / warm)
+        if cosine_over is None:
+            return w
+        return w * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / cosine_over, 1.0))))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_learners(learners: list[Learner], micro: list, norm: AggNorm | None, grad_clip: float,
+                  acc: Accelerator | None = None,
+                  collect: Callable[[dict], None] | None = None) -> tuple[list[float], bool]:
+    """The trainer core, one optimizer step: zero -> accumulate every micro-batch (one backward over all learners'
+    graphs; only the last micro-batch all-reduces) -> clip each learner -> non-finite guard -> step.
+
+    Each learner's loss is already divided by a *global* normaliser (`norm`), so the split into micro-batches and
+    processes never changes the gradient; each process's loss is multiplied by the world size because DDP averages.
+    `collect` receives each loss's metrics. Returns the learners' gradient norms and whether it stepped (a
+    non-finite norm on any learner skips the step for all, on every process alike: the norms are all-reduced).
+    """
+    world = acc.num_processes if acc is not None else 1
+    for learner in learners:
+        learner.optimizer.zero_grad(set_to_none=True)
+    for i, m in enumerate(micro):
+        with ExitStack() as stack:
+            if acc is not None and i < len(micro) - 1:
+                for learner in learners:
+                    stack.enter_context(acc.no_sync(learner.model))
+            losses = []
+            for learner in learners:  # disjoint graphs: one backward reaches every model
+                loss, stats = learner.loss(m, norm)
+                losses.append(loss)
+                if collect is not None:
+                    collect(stats)
+            total = sum(losses[1:], losses[0]) * world
+            acc.backward(total) if acc is not None else total.backward()
+    clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
+    norms = [float(clip(x.model.parameters(), grad_clip)) for x in learners]
+    if not all(math.isfinite(n) for n in norms):
+        for learner in learners:
+            learner.optimizer.zero_grad(set_to_none=True)
+        return norms, False
+    for learner in learners:
+        learner.optimizer.step()
+    return norms, True
+
+
 class Trainer:
     def __init__(self, policy: PreTrainedModel, cfg: ExperimentConfig, accelerator: Accelerator,
                  critic: Critic | None = None):
         self.cfg, self.acc = cfg, accelerator
-        t = cfg.trainer
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        warmup = max(t.warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        optimizer, scheduler = adamw(policy.parameters(), cfg.trainer)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
         self.critic = critic
         self.learners = [Learner("actor", self.model, self.optimizer, self._loss)]
@@ -76,7 +127,6 @@ class Trainer:
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """ppo_epochs x minibatches optimizer steps on the rollout batch; returns the step's actor metrics."""
         a = self.cfg.algorithm
-        world = self.acc.num_processes
         sums: dict[str, float] = defaultdict(float)  # metric -> sum over tokens (all micro-batches)
         counts: dict[str, float] = defaultdict(float)
         grad_norms: list[float] = []
@@ -84,43 +134,28 @@ class Trainer:
         loss_sum = 0.0  # each minibatch's loss is split over micro-batches and processes; their sum is the loss
         n_mini = a.minibatches
         size = -(-len(batch) // n_mini)
+        def collect(stats: dict) -> None:
+            nonlocal loss_sum
+            loss_sum += float(stats.pop("_policy_loss", 0.0))  # the policy's, for actor/loss
+            for k, (v, c) in stats.items():
+                sums[k] += v
+                counts[k] += c
+
         for _ in range(a.ppo_epochs):
             for start in range(0, len(batch), size):
                 mini = batch.rows(slice(start, start + size))
                 tokens, seqs = self._global_sum([float(mini.response_mask.sum()), float(len(mini))])
                 norm = AggNorm(tokens=tokens, seqs=seqs, max_len=float(self.cfg.rollout.max_new_tokens))
-                micro = self.micro(mini)
-                for learner in self.learners:
-                    learner.optimizer.zero_grad(set_to_none=True)
-                for i, m in enumerate(micro):
-                    with ExitStack() as stack:
-                        if i < len(micro) - 1:  # only the last micro-batch all-reduces gradients
-                            for learner in self.learners:
-                                stack.enter_context(self.acc.no_sync(learner.model))
-                        losses = []
-                        for learner in self.learners:  # disjoint graphs: one backward reaches every model
-                            loss, stats = learner.loss(m, norm)
-                            losses.append(loss)
-                            loss_sum += float(stats.pop("_policy_loss", 0.0))  # the policy's, for actor/loss
-                            for k, (v, c) in stats.items():
-                                sums[k] += v
-                                counts[k] += c
-                        self.acc.backward(sum(losses[1:], losses[0]) * world)
-                norms = [float(self.acc.clip_grad_norm_(x.model.parameters(), self.cfg.trainer.grad_clip))
-                         for x in self.learners]
+                norms, stepped = step_learners(self.learners, self.micro(mini), norm, self.cfg.trainer.grad_clip,
+                                               self.acc, collect)
                 for learner, n in zip(self.learners[1:], norms[1:], strict=True):  # the policy's is below
                     if math.isfinite(n):
                         sums[f"{learner.name}/grad_norm"] += n
                         counts[f"{learner.name}/grad_norm"] += 1
-                # NaN/inf guard: norms are global (all-reduced), so every process skips the same updates.
-                if not all(math.isfinite(n) for n in norms):
+                if not stepped:
                     skipped += 1
-                    for learner in self.learners:
-                        learner.optimizer.zero_grad(set_to_none=True)
                     continue
                 grad_norms.append(norms[0])
-                for learner in self.learners:
-                    learner.optimizer.step()
                 self.scheduler.step()
         keys = sorted(sums)
         reduced = self._global_sum([sums[k] for k in keys] + [counts[k] for k in keys] + [loss_sum])
