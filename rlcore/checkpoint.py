@@ -58,21 +58,23 @@ def save(path_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     return final
 
 
-def rng_state(sampler: torch.Generator) -> dict[str, Any]:
+def rng_state(sampler: torch.Tensor) -> dict[str, Any]:
+    """Every RNG of this process, with the rollout engine's (`sampler`, from `engine.rng_state()`)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "sampler": sampler.get_state()}
+             "sampler": sampler}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: dict[str, Any], sampler: torch.Generator) -> None:
+def restore_rng(state: dict[str, Any]) -> torch.Tensor:
+    """Restore this process's RNGs; returns the engine's state, for `engine.set_rng_state`."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    sampler.set_state(state["sampler"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    return state["sampler"]
 
 
 def load(path: Path) -> dict[str, Any]:

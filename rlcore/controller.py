@@ -32,7 +32,7 @@ from rlcore.critic import Critic, explained_variance
 from rlcore.evaluation import evaluate
 from rlcore.model import build_policy
 from rlcore.reference import Reference
-from rlcore.rollout import RolloutEngine
+from rlcore.rollout import ENGINES, RolloutEngine, Sampling
 from rlcore.seeding import seed_everything
 from rlcore.sft import SHIPPED_DIR, sha256, warm_start_dir
 from rlcore.tasks import AdditionTask, make_task, score
@@ -40,7 +40,6 @@ from rlcore.timing import PhaseTimer
 from rlcore.tools import make_tool
 from rlcore.tracking import CONFIG_TAG, Tracker, git_commit, project_root
 from rlcore.trainer import Trainer
-from rlcore.weight_sync import WeightSync
 
 
 @dataclass
@@ -65,7 +64,6 @@ class Loop:
     engine: RolloutEngine
     reference: Reference | None
     trainer: Trainer
-    sync: WeightSync
     critic: Critic | None
     group_filter: Callable
     needs: Needs  # the phases this algorithm runs, from what its axes declare
@@ -91,12 +89,11 @@ def build(cfg: ExperimentConfig, root: Path) -> Loop:
     reference = Reference(policy) if needs.reference else None  # beta = 0: no reference at all
     critic = Critic(policy, cfg, acc) if needs.values else None
     trainer = Trainer(policy, cfg, acc, critic)
-    sync = WeightSync(cfg.rollout.engine, trainer.unwrapped)
     return Loop(
         cfg=cfg, acc=acc, task=make_task(cfg.task), tokenizer=tokenizer,
-        engine=RolloutEngine(sync.engine_model, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template,
+        engine=ENGINES[cfg.rollout.engine](trainer.unwrapped, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template,
                              tool=make_tool(cfg.task.tool), max_tool_calls=cfg.task.max_tool_calls),
-        reference=reference, trainer=trainer, sync=sync, critic=critic,
+        reference=reference, trainer=trainer, critic=critic,
         group_filter=lookup(GROUP_FILTERS, cfg.algorithm.group_filter, "group_filter"), needs=needs,
         local=slice(rank * n // world, (rank + 1) * n // world),
         warm_start=ws,
@@ -107,7 +104,7 @@ def sample(loop: Loop, problems: list[Problem], timer: PhaseTimer, round_: int =
     """Rollout and reward for this process's share of `problems` (round_ keeps group ids unique across rounds)."""
     cfg, r = loop.cfg, loop.cfg.rollout
     with timer("rollout"):
-        batch = loop.engine.generate(problems, r.samples_per_prompt, r.max_new_tokens, r.temperature, r.top_p,
+        batch = loop.engine.generate(problems, r.samples_per_prompt, Sampling(r.max_new_tokens, r.temperature, r.top_p),
                                      rows=loop.local, group_offset=round_ * len(problems))
         if loop.acc.num_processes > 1:
             batch.reduce_sum = lambda t: loop.acc.reduce(t.to(loop.acc.device), reduction="sum").cpu()
@@ -170,7 +167,7 @@ def step(loop: Loop, problems: list[Problem],
     with timer("update"):
         stats = loop.trainer.update(batch)
     with timer("sync"):
-        moved = loop.sync.push(loop.trainer.unwrapped)
+        moved = loop.engine.load_weights(loop.trainer.unwrapped)  # weight-sync: 0 bytes when shared
     metrics = stats | filtered | batch_metrics(batch, loop.acc, r.samples_per_prompt) | timer.metrics()
     if batch.tool_mask is not None:  # agentic runs: how often the policy chose to call the tool
         used = (batch.tool_mask.sum(-1) > 0).float()  # [B]
@@ -322,7 +319,7 @@ def nonfinite_phase(batch: RolloutBatch) -> str:
 def checkpoint_state(loop: Loop, step: int, run_id: str | None, drawn: int) -> dict:
     return {"step": step, "run_id": run_id, "drawn": drawn, "config_hash": loop.cfg.config_hash(),
             "reference": loop.cfg.model.warm_start or loop.cfg.model.name_or_path or "fresh",
-            "rng": checkpoint.rng_state(loop.engine.generator), **loop.trainer.state_dict()}
+            "rng": checkpoint.rng_state(loop.engine.rng_state()), **loop.trainer.state_dict()}
 
 
 def write_checkpoint(loop: Loop, root: Path, tracker: Tracker | None, step: int, drawn: int) -> None:
@@ -339,8 +336,8 @@ def restore(loop: Loop, ckpt: dict) -> int:
     if ckpt["config_hash"] != loop.cfg.config_hash():
         raise ConfigError("--resume: the checkpoint was written by a different config")
     loop.trainer.load_state_dict(ckpt)
-    checkpoint.restore_rng(ckpt["rng"], loop.engine.generator)
-    loop.sync.push(loop.trainer.unwrapped)  # a separate rollout engine gets the restored weights
+    loop.engine.set_rng_state(checkpoint.restore_rng(ckpt["rng"]))
+    loop.engine.load_weights(loop.trainer.unwrapped)  # a separate rollout engine gets the restored weights
     return int(ckpt["step"])
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from rlcore.batch import Problem
 from rlcore.config import ExperimentConfig
-from rlcore.rollout import RolloutEngine, encode_prompts, positions
+from rlcore.rollout import RolloutEngine, Sampling, encode_prompts, positions
 from rlcore.tasks import AdditionTask, score
 
 
@@ -72,13 +72,9 @@ def heldout_rewards(engine: RolloutEngine, task: AdditionTask, cfg: ExperimentCo
     heldout, T = task.heldout, cfg.rollout.max_new_tokens
     if exact_applies(engine, cfg):
         return answer_scores(engine, heldout, T, chunk=cfg.trainer.micro_batch_size)
-    train_gen = engine.generator
-    engine.generator = torch.Generator().manual_seed(cfg.task.heldout_seed + 1)
-    try:
-        greedy = engine.generate(heldout, 1, T, greedy=True)
-        sampled = engine.generate(heldout, cfg.task.eval_samples, T, temperature=1.0)
-    finally:
-        engine.generator = train_gen
+    noise = torch.Generator().manual_seed(cfg.task.heldout_seed + 1)  # its own: the training stream never moves
+    greedy = engine.generate(heldout, 1, Sampling(T, greedy=True), generator=noise)
+    sampled = engine.generate(heldout, cfg.task.eval_samples, Sampling(T, temperature=1.0), generator=noise)
     return score(task, greedy), score(task, sampled).view(len(heldout), cfg.task.eval_samples).mean(1)
 
 

@@ -1,4 +1,10 @@
-"""Rollout: batched sampling with a KV cache, K samples per prompt, and the batch that flows between roles.
+"""Rollout: the engine interface and its implementations: batched sampling with a KV cache, K samples per prompt.
+
+An engine is anything with `generate(problems, k, sampling) -> RolloutBatch`, `load_weights(policy)` (weight-sync:
+returns the bytes it moved) and `rng_state()` / `set_rng_state()` (what a checkpoint keeps). `RolloutEngine`
+samples with the policy module itself (`rollout.engine: shared`, sync is free); `SeparateEngine` holds its own copy
+fed by weight-sync, as an inference server (vLLM, SGLang) does (`separate`). Later engines (another precision, another
+process, an async queue) implement the same three methods.
 
 Sampling uses inverse-CDF draws from one uniform per (row, position), taken from a seeded generator over the
 *global* batch and sliced to this process's rows. So a prompt's completions do not depend on how prompts are
@@ -6,6 +12,10 @@ split across processes: one process and two processes sample the same tokens.
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +59,31 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: the length cap, temperature and nucleus mass, or greedy (argmax)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+
+
+class Engine(Protocol):
+    """The rollout role's interface: what the controller, evaluation and checkpoints use of an engine."""
+
+    def generate(self, problems: list[Problem], k: int, sampling: Sampling, rows: slice | None = None,
+                 group_offset: int = 0, generator: torch.Generator | None = None) -> RolloutBatch: ...
+
+    def load_weights(self, policy: torch.nn.Module) -> int: ...
+
+    def rng_state(self) -> torch.Tensor: ...
+
+    def set_rng_state(self, state: torch.Tensor) -> None: ...
+
+
 class RolloutEngine:
-    """Samples completions from `model` (the policy itself, or a separate copy fed by weight-sync)."""
+    """The first engine: samples completions from `model`, the policy module itself (weight-sync is free)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, chat: bool = False,
                  tool: Calculator | None = None, max_tool_calls: int = 1):
@@ -62,22 +95,26 @@ class RolloutEngine:
         if tool is not None:
             self._open, self._close = (tokenizer.convert_tokens_to_ids(c) for c in (tool.open, tool.close))
 
+    def load_weights(self, policy: torch.nn.Module) -> int:
+        """Weight-sync: nothing to move, the engine samples with the policy's own weights. Returns 0 bytes."""
+        return 0
+
+    def rng_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
     @torch.no_grad()
-    def generate(
-        self,
-        problems: list[Problem],
-        k: int,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        greedy: bool = False,
-        rows: slice | None = None,
-        group_offset: int = 0,
-    ) -> RolloutBatch:
-        """Sample k completions for each problem; `rows` selects this process's problems from the global list."""
+    def generate(self, problems: list[Problem], k: int, sampling: Sampling, rows: slice | None = None,
+                 group_offset: int = 0, generator: torch.Generator | None = None) -> RolloutBatch:
+        """Sample k completions for each problem; `rows` selects this process's problems from the global list.
+        `generator`: draw the noise from it instead of the engine's own (evaluation's paired noise)."""
+        max_new_tokens, temperature, top_p, greedy = (sampling.max_new_tokens, sampling.temperature, sampling.top_p,
+                                                      sampling.greedy)
         n_global = len(problems)
         # One uniform per (global row, position), drawn even for rows other processes own (see module doc).
-        noise = torch.rand((n_global * k, max_new_tokens), generator=self.generator)  # [B_global, T]
+        noise = torch.rand((n_global * k, max_new_tokens), generator=generator or self.generator)  # [B_global, T]
         width = None
         if rows is not None:
             width = encode_prompts(self.tokenizer, [p.prompt for p in problems], chat=self.chat)[0].shape[1]
@@ -174,6 +211,29 @@ class RolloutEngine:
             start = max((j for j, tok in enumerate(row) if tok == self._open), default=-1) + 1
             call = self.tokenizer.decode(row[start:], skip_special_tokens=True) if start > 0 else ""
             forced[i] = self.tokenizer(self.tool.respond(call), add_special_tokens=False)["input_ids"]
+
+
+class SeparateEngine(RolloutEngine):
+    """An engine with its own copy of the weights, refreshed by weight-sync after every update (how vLLM/SGLang
+    engines are fed); the copy is what `timing/sync` and `perf/sync_mb` measure (lesson 06)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, chat: bool = False,
+                 tool: Calculator | None = None, max_tool_calls: int = 1):
+        copy_ = copy.deepcopy(model).eval()
+        copy_.requires_grad_(False)
+        super().__init__(copy_, tokenizer, seed, chat, tool, max_tool_calls)
+
+    @torch.no_grad()
+    def load_weights(self, policy: torch.nn.Module) -> int:
+        """Copy the policy's weights into the engine's model; returns the bytes moved."""
+        moved = 0
+        for dst, src in zip(self.model.state_dict().values(), policy.state_dict().values(), strict=True):
+            dst.copy_(src)
+            moved += src.numel() * src.element_size()
+        return moved
+
+
+ENGINES: dict[str, type[RolloutEngine]] = {"shared": RolloutEngine, "separate": SeparateEngine}
 
 
 def token_logprobs(

@@ -9,7 +9,7 @@ import torch
 from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import AlgorithmConfig, ExperimentConfig
 from rlcore.model import char_tokenizer
-from rlcore.rollout import RolloutEngine
+from rlcore.rollout import RolloutEngine, Sampling
 from rlcore.sft import _encode
 from rlcore.tasks import score
 from rlcore.tools import Calculator
@@ -47,7 +47,7 @@ class Scripted(torch.nn.Module):
 def run(scripts: list[str], problems: list[Problem], max_calls: int = 1) -> RolloutBatch:
     tok = char_tokenizer()
     engine = RolloutEngine(Scripted(tok, scripts), tok, seed=0, tool=Calculator(), max_tool_calls=max_calls)
-    return engine.generate(problems, k=1, max_new_tokens=24)
+    return engine.generate(problems, 1, Sampling(24))
 
 
 def test_tool_tokens_are_context_but_masked_exactly() -> None:

@@ -246,15 +246,15 @@ def test_cat_repads_prompts_and_responses() -> None:
     from rlcore.batch import Problem
     from rlcore.config import ModelConfig, TinyModelConfig
     from rlcore.model import char_tokenizer, tiny_model
-    from rlcore.rollout import RolloutEngine, token_logprobs
+    from rlcore.rollout import RolloutEngine, Sampling, token_logprobs
 
     torch.manual_seed(0)
     tok = char_tokenizer()
     model = tiny_model(ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2,
                                                         intermediate_size=64)), tok)
     e = RolloutEngine(model, tok, seed=0)
-    a = e.generate([Problem("1+2=", "3")] * 2, k=2, max_new_tokens=3, temperature=3.0)
-    b = e.generate([Problem("123+456=", "579")], k=2, max_new_tokens=6, temperature=3.0, group_offset=2)
+    a = e.generate([Problem("1+2=", "3")] * 2, 2, Sampling(3, temperature=3.0))
+    b = e.generate([Problem("123+456=", "579")], 2, Sampling(6, temperature=3.0), group_offset=2)
     c = RolloutBatch.cat([a, b], tok.pad_token_id)
     assert len(c) == 6 and c.prompt_len == b.prompt_len and c.group.tolist() == [0, 0, 1, 1, 2, 2]
     with torch.no_grad():

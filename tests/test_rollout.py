@@ -7,7 +7,7 @@ import torch
 from rlcore.batch import Problem
 from rlcore.config import ModelConfig, TaskConfig, TinyModelConfig
 from rlcore.model import char_tokenizer, tiny_model
-from rlcore.rollout import RolloutEngine, encode_prompts, token_logprobs, top_p_filter
+from rlcore.rollout import RolloutEngine, Sampling, encode_prompts, token_logprobs, top_p_filter
 from rlcore.tasks import AdditionTask
 
 
@@ -31,7 +31,7 @@ def test_prompts_are_left_padded() -> None:
 def test_masks_with_eos_and_padding() -> None:
     tok, model, problems = setup()
     engine = RolloutEngine(model, tok, seed=0)
-    b = engine.generate(problems * 16, k=4, max_new_tokens=8, temperature=2.0)
+    b = engine.generate(problems * 16, 4, Sampling(8, temperature=2.0))
     resp, m = b.responses, b.response_mask
     eos, pad = tok.eos_token_id, tok.pad_token_id
     assert b.finished.any() and (~b.finished).any()  # both kinds of rows are covered
@@ -53,7 +53,7 @@ def test_masks_with_eos_and_padding() -> None:
 def test_sampler_logprobs_match_a_full_forward() -> None:
     """KV-cached decoding with left padding gives the same log-probs as one forward of the whole sequence."""
     tok, model, problems = setup()
-    b = RolloutEngine(model, tok, seed=1).generate(problems * 4, k=2, max_new_tokens=6, temperature=1.0)
+    b = RolloutEngine(model, tok, seed=1).generate(problems * 4, 2, Sampling(6, temperature=1.0))
     with torch.no_grad():
         logp, ent = token_logprobs(model, b, with_entropy=True)
     m = b.response_mask.bool()
@@ -63,8 +63,8 @@ def test_sampler_logprobs_match_a_full_forward() -> None:
 
 def test_sampling_does_not_depend_on_the_process_split() -> None:
     tok, model, problems = setup()
-    whole = RolloutEngine(model, tok, seed=5).generate(problems, k=3, max_new_tokens=5)
-    parts = [RolloutEngine(model, tok, seed=5).generate(problems, k=3, max_new_tokens=5, rows=slice(a, a + 2))
+    whole = RolloutEngine(model, tok, seed=5).generate(problems, 3, Sampling(5))
+    parts = [RolloutEngine(model, tok, seed=5).generate(problems, 3, Sampling(5), rows=slice(a, a + 2))
              for a in (0, 2)]
     T = min(whole.responses.shape[1], *(p.responses.shape[1] for p in parts))
     joined = torch.cat([p.responses[:, :T] for p in parts])
@@ -75,8 +75,8 @@ def test_sampling_does_not_depend_on_the_process_split() -> None:
 def test_greedy_is_deterministic_and_top_p_keeps_the_head() -> None:
     tok, model, problems = setup()
     e = RolloutEngine(model, tok, seed=0)
-    a = e.generate(problems, 1, 5, greedy=True).responses
-    assert torch.equal(a, e.generate(problems, 1, 5, greedy=True).responses)
+    a = e.generate(problems, 1, Sampling(5, greedy=True)).responses
+    assert torch.equal(a, e.generate(problems, 1, Sampling(5, greedy=True)).responses)
     p = top_p_filter(torch.tensor([[0.5, 0.3, 0.15, 0.05]]), 0.7)
     assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
 
