@@ -342,7 +342,17 @@ def main() -> None:
     except RunFailed as e:  # the run exists and is marked FAILED in MLflow with this reason
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
+    finally:
+        _leave_process_group()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _leave_process_group() -> None:
+    """Tear down a torch.distributed process group before the interpreter exits: left to the interpreter's own
+    shutdown, gloo's threads can abort a rank ("terminate called without an active exception") after a clean run."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
