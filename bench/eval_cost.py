@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from rlcore.config import load_experiment
-from rlcore.controller import build, step
+from rlcore.controller import build_for, step
 from rlcore.evaluation import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_experiment(REPO / "experiments" / "grpo.yaml")
     sampled_cfg = load_experiment(REPO / "experiments" / "grpo.yaml", ["task.eval_exact=false"])
-    loop = build(cfg, REPO)
+    loop = build_for(cfg, REPO)
     stream = loop.task.stream(cfg.seed)
 
     def one_step() -> None:

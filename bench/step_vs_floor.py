@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rlcore.config import ExperimentConfig  # noqa: E402
-from rlcore.controller import build, step  # noqa: E402
+from rlcore.controller import build_for, step  # noqa: E402
 from rlcore.rollout import encode_prompts, positions  # noqa: E402
 from rlcore.tasks import AdditionTask  # noqa: E402
 from rlcore.timing import PHASES  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="rlcore-bench-"))
     (tmp / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\n")
     torch.manual_seed(0)
-    loop = build(cfg, tmp)
+    loop = build_for(cfg, tmp)
     floor = Floor(loop.trainer.unwrapped, loop.tokenizer, cfg.algorithm.kl_coef, cfg.trainer.lr, 8, 8)
     tracker = Tracker("bench", tmp)
     tracker.start("step-vs-floor", {}, {}, "")

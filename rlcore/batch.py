@@ -51,6 +51,14 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def first_nonfinite(self) -> str:
+        """The first phase whose output holds a NaN/inf ('update' when every input was finite)."""
+        for phase, t in (("reward", self.rewards), ("reference", self.ref_logp), ("old_logprob", self.old_logp),
+                         ("values", self.values), ("advantage", self.adv)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                return phase
+        return "update"
+
     def rows(self, idx: slice | torch.Tensor) -> RolloutBatch:
         """A micro-batch: tensors and lists taken on the batch dimension by a slice or a LongTensor of rows."""
         out = {}

@@ -13,12 +13,50 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from rlcore.config import ExperimentConfig
+
+
+def capture(trainer, engine, cfg, step: int, run_id: str | None, stream) -> dict[str, Any]:
+    """Everything the run needs to continue: the trainer's state (weights, optimizers, schedule), every RNG and
+    the engine's, the prompt stream's state, the step and the MLflow run."""
+    return {"step": step, "run_id": run_id, "drawn": stream.position, "stream": stream.state_dict(),
+            "config_hash": cfg.config_hash(),
+            "reference": cfg.model.warm_start or cfg.model.name_or_path or "fresh",
+            "rng": rng_state(engine.rng_state()), **trainer.state_dict()}
+
+
+def write(trainer, engine, cfg, root: Path, tracker, acc, step: int, stream) -> None:
+    """The main process writes (after the tracker has stored every metric up to this step, so a resume misses
+    none); every process waits, so none runs ahead of a checkpoint."""
+    if tracker is not None:
+        tracker.drain()
+        d = root / cfg.logging.output_dir / tracker.run_id / "checkpoints"
+        save(d, step, capture(trainer, engine, cfg, step, tracker.run_id, stream), cfg.trainer.keep_checkpoints)
+    acc.wait_for_everyone()
+
+
+def restore(trainer, engine, cfg, ckpt: dict[str, Any]) -> int:
+    """Load a checkpoint into a freshly built trainer and engine; returns its step."""
+    from rlcore.config import ConfigError
+
+    if ckpt["config_hash"] != cfg.config_hash():
+        raise ConfigError("--resume: the checkpoint was written by a different config")
+    trainer.load_state_dict(ckpt)
+    engine.set_rng_state(restore_rng(ckpt["rng"]))
+    engine.load_weights(trainer.unwrapped)  # a separate rollout engine gets the restored weights
+    return int(ckpt["step"])
 
 
 def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> str:
@@ -121,3 +159,37 @@ def find_latest(outputs: Path, config_hash: str) -> Path | None:
     """The newest checkpoint of this config (any run, intact or not); see `candidates`."""
     found = candidates(outputs, config_hash)
     return found[0][0] if found else None
+
+
+class StopRequest:
+    """SIGTERM/SIGINT finish the current step, write a checkpoint, then end the run as KILLED (a second signal
+    stops at once). Only in the main thread; elsewhere signals keep their default handling."""
+
+    def __init__(self) -> None:
+        self.requested, self.signum, self._old = False, 0, {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def save_policy(trainer, tokenizer, root: Path, cfg: ExperimentConfig, tracker, acc: Accelerator) -> Path | None:
+    """Final weights to <output_dir>/<run_id>/policy (main process)."""
+    acc.wait_for_everyone()
+    if tracker is None:
+        return None
+    out = root / cfg.logging.output_dir / tracker.run_id / "policy"
+    trainer.unwrapped.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

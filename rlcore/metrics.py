@@ -1,12 +1,23 @@
-"""The metric catalogue: every metric rlcore logs, with its unit, formula and the lesson that explains it.
+"""The metric catalogue: every metric rlcore logs, with its unit, formula and the lesson that explains it; and the
+functions that compute the batch's statistics and probe memory.
 
 The tracker refuses to log a key that is not here (a test enforces it), and the dashboard reads this table for
-its tooltips, so any number on screen is one hop from its definition.
+its tooltips, so any number on screen is one hop from its definition. (torch is imported inside the functions that
+use it: the tracker and the dashboard read the catalogue without loading torch.)
 """
 
 from __future__ import annotations
 
+import re
+import resource
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from rlcore.batch import RolloutBatch
 
 
 @dataclass(frozen=True)
@@ -81,3 +92,70 @@ CATALOGUE: list[MetricDef] = [
 ]
 
 BY_NAME: dict[str, MetricDef] = {m.name: m for m in CATALOGUE}
+
+
+# ------------------------------------------------------------------------------------------ computed
+
+def batch_metrics(batch: RolloutBatch, acc: Accelerator, k: int) -> dict[str, float]:
+    """Reward and response statistics over the global batch (gathered from every process)."""
+    import torch
+
+    lengths = batch.response_mask.sum(-1)  # [B]
+    local = torch.stack([batch.rewards.float(), lengths, (~batch.finished).float(), batch.shaping.float()], 1)  # [B, 4]
+    g = acc.gather(local.to(acc.device)).cpu() if acc.num_processes > 1 else local  # [B_global, 4]
+    rewards, lengths, clipped, shaping = g[:, 0], g[:, 1], g[:, 2], g[:, 3]
+    groups = rewards.view(-1, k)  # rows are prompt-major, so each row of this view is one group
+    mask = batch.response_mask
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "reward/overlong_penalty": float(shaping.mean()),
+        "reward/zero_var_group_frac": float((groups.max(1).values == groups.min(1).values).float().mean()),
+        "adv/mean": float((batch.adv * mask).sum() / mask.sum().clamp(min=1)),
+        "adv/abs_mean": float((batch.adv.abs() * mask).sum() / mask.sum().clamp(min=1)),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/clip_ratio": float(clipped.mean()),
+        "_gen_tokens": float(lengths.sum()),
+    } | tool_metrics(batch)
+
+
+def tool_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """Agentic runs: how often the policy chose to call the tool (over every process's rows); {} without a tool."""
+    import torch
+
+    if batch.tool_mask is None:
+        return {}
+    used = (batch.tool_mask.sum(-1) > 0).float()  # [B]
+    total, n = batch.reduce_sum(torch.stack([used.sum(), torch.tensor(float(len(batch)))]))
+    return {"response/tool_call_frac": float(total / n)}
+
+
+def reset_peak_memory() -> None:
+    """Start a new high-water mark, so each run reports its own peak, not the process's."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass  # elsewhere the RSS peak is the process's lifetime peak (see peak_memory_mb)
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()  # VmHWM honours reset_peak_memory
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def sample_rows(batch: RolloutBatch, n: int) -> list[dict]:
+    return [{"prompt": batch.problems[i].prompt, "completion": batch.completions[i],
+             "answer": batch.problems[i].answer, "reward": float(batch.rewards[i])} for i in range(min(n, len(batch)))]

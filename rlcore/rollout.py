@@ -14,6 +14,7 @@ split across processes: one process and two processes sample the same tokens.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -255,3 +256,35 @@ def token_logprobs(
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, T]
     return logp, entropy
+
+
+def fill_groups(batch: RolloutBatch, k: int, keep_groups: Callable[[torch.Tensor, int], torch.Tensor],
+                next_round: Callable[[int], RolloutBatch] | None, max_rounds: int,
+                pad_id: int) -> tuple[RolloutBatch, dict[str, float]]:
+    """Group filtering with resampling (DAPO's dynamic sampling): draw rounds (`next_round(i)`: the i-th extra
+    round, rolled out and rewarded) until every process has as many kept groups as it started with, or `max_rounds`;
+    then fill any shortfall with filtered-out groups.
+
+    Every process runs the same number of rounds (they agree on 'done' by a sum over processes), so the prompt
+    stream stays in step and DDP sees equal batch sizes.
+    """
+    need = len(batch) // k
+    kept: list[RolloutBatch] = []
+    dropped: list[RolloutBatch] = []
+    rounds = drawn = n_kept = 0
+    while True:
+        keep = keep_groups(batch.rewards, k)  # [G] bool per group
+        rows = keep.repeat_interleave(k)  # [B]
+        kept.append(batch.rows(rows.nonzero().flatten()))
+        dropped.append(batch.rows((~rows).nonzero().flatten()))
+        rounds, drawn, n_kept = rounds + 1, drawn + len(keep), n_kept + int(keep.sum())
+        short = torch.tensor([float(n_kept < need)])
+        if float(batch.reduce_sum(short)) == 0 or rounds >= max_rounds or next_round is None:
+            break
+        batch = next_round(rounds)
+    pool = RolloutBatch.cat(kept + dropped, pad_id)  # kept groups first
+    totals = batch.reduce_sum(torch.tensor([float(drawn), float(n_kept), float(max(need - n_kept, 0))]))
+    out = pool.rows(slice(0, need * k))
+    out.reduce_sum = batch.reduce_sum
+    return out, {"rollout/rounds": float(rounds), "rollout/kept_group_frac": float(totals[1] / totals[0]),
+                 "rollout/filler_groups": float(totals[2])}

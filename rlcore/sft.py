@@ -117,6 +117,14 @@ def ship(sft_cfg: ExperimentConfig, built: Path, root: Path, name: str, metrics:
     return dest
 
 
+def warm_start_tags(ws: Path | None) -> dict[str, str]:
+    """Which weights the run started from: the shipped copy or one built here, and their digest."""
+    if ws is None or not (ws / "model.safetensors").is_file():
+        return {}
+    return {"warm_start.source": "shipped" if ws.parent.name == SHIPPED_DIR else "built here",
+            "warm_start.sha256": sha256(ws / "model.safetensors")[:16]}
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

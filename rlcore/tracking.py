@@ -371,6 +371,10 @@ class Tracker:
     def log_table(self, step: int, rows: list[dict[str, Any]], name: str = "samples") -> None:
         self._queue.put(("table", step, rows, name))
 
+    def set_tag(self, key: str, value: str) -> None:
+        """A tag, written in order with the metrics by the background writer (and kept through an outage)."""
+        self._queue.put(("tag", key, value))
+
     def _worker(self) -> None:
         interval = float(self.settings["flush_interval_s"])
         while not self._stop.wait(interval):
@@ -399,7 +403,7 @@ class Tracker:
             if item[0] == "metrics":
                 _, step, ts, metrics = item
                 fresh.extend([k, float(v), ts, step] for k, v in metrics.items())
-            else:
+            else:  # tables and tags: delivered after the metrics, retried until the store answers
                 self._tables.append(item)
         try:
             if self._spill.is_file():  # an outage's backlog first, one line (one flush) at a time
@@ -416,6 +420,11 @@ class Tracker:
                 self._spill_done = 0
             self._send([Metric(*r) for r in fresh])
             while self._tables:
+                if self._tables[0][0] == "tag":
+                    _, key, value = self._tables[0]
+                    self.client.set_tag(self.run_id, key, value)
+                    self._tables.pop(0)
+                    continue
                 _, step, rows, name = self._tables[0]
                 # The table as a plain JSON artifact ({"columns", "data"}: what mlflow.log_table writes), not through
                 # log_table, which also appends each file to the run tag `mlflow.loggedArtifacts`: that tag has a size

@@ -8,6 +8,7 @@ averages gradients. So 1 process x 4 micro-batches, 2 processes x 2 and 1 x 1 gi
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -19,7 +20,7 @@ from transformers import PreTrainedModel
 
 from rlcore.algorithm import KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm, kl_estimate, lookup
 from rlcore.batch import RolloutBatch
-from rlcore.config import ExperimentConfig, TrainerConfig
+from rlcore.config import ConfigError, ExperimentConfig, TrainerConfig
 from rlcore.critic import Critic
 from rlcore.rollout import token_logprobs
 
@@ -33,6 +34,20 @@ class Learner:
     model: torch.nn.Module  # prepared by Accelerate
     optimizer: torch.optim.Optimizer
     loss: Callable[[RolloutBatch, AggNorm], tuple[torch.Tensor, dict[str, tuple[float, float]]]]
+
+
+def accelerator(cfg: ExperimentConfig) -> Accelerator:
+    """The process group of this run (one process, or N under torchrun / `accelerate launch`)."""
+    # cpu=True on a machine without CUDA is what makes Accelerate join a torchrun/`accelerate launch` process
+    # group over gloo; without it every process silently trains alone.
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    world = acc.num_processes
+    if world != int(os.environ.get("WORLD_SIZE", "1")):
+        raise RuntimeError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but Accelerate joined {world} process(es)")
+    if cfg.rollout.prompts_per_step % world:
+        raise ConfigError(f"rollout.prompts_per_step: must be divisible by the {world} processes, got "
+                          f"{cfg.rollout.prompts_per_step}")
+    return acc
 
 
 def adamw(params, t: TrainerConfig, lr: float | None = None,

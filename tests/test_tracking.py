@@ -175,7 +175,7 @@ def test_runs_started_together_on_a_fresh_store_all_succeed(tmp_path: Path) -> N
 
 def test_peak_memory_is_per_run_not_per_process() -> None:
     """A lesson or --seeds runs many runs in one process; each must report its own peak, not the process's."""
-    from rlcore.controller import peak_memory_mb, reset_peak_memory
+    from rlcore.metrics import peak_memory_mb, reset_peak_memory
 
     reset_peak_memory()
     base = peak_memory_mb()
