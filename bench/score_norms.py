@@ -17,9 +17,10 @@ import torch
 
 from rlcore.config import ExperimentConfig, load_experiment
 from rlcore.model import build_policy
+from rlcore.reward import score
 from rlcore.rollout import RolloutEngine, token_logprobs
 from rlcore.sft import warm_start_dir
-from rlcore.tasks import make_task, score
+from rlcore.tasks import make_task
 
 
 def score_norms(cfg: ExperimentConfig, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:

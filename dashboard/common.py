@@ -10,7 +10,6 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.data import Store, StoreError
-from rlcore.metrics import BY_NAME
 from rlcore.tracking import project_root
 
 # RL defaults pinned first in every metric picker.
@@ -78,11 +77,6 @@ def pick_runs(runs: pd.DataFrame, key: str = "runs", default_n: int = 2, help: s
     chosen = st.multiselect("Runs", list(labels), default=kept, format_func=labels.get, key=key, help=help)
     st.session_state["selected_runs"] = chosen
     return chosen
-
-
-def metric_help(key: str) -> str:
-    m = BY_NAME.get(key)
-    return f"{key} [{m.unit}]: {m.formula} (lesson {m.lesson})" if m else key
 
 
 def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: str = "", band: bool = True,

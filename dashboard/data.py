@@ -102,20 +102,6 @@ class Store:
         return sorted(self._sql(f"SELECT DISTINCT key FROM latest_metrics WHERE run_uuid IN ({marks})",
                                 tuple(run_ids))["key"])
 
-    def latest(self, run_ids: list[str]) -> pd.DataFrame:
-        """Last logged value of every metric: one row per run, one column per metric."""
-        if not run_ids:
-            return pd.DataFrame()
-        if self.sqlite_path is None:
-            client = self._client()
-            return pd.DataFrame([{"run_id": r, **client.get_run(r).data.metrics} for r in run_ids]).set_index("run_id")
-        marks = ",".join("?" * len(run_ids))
-        long = self._sql(f"SELECT run_uuid AS run_id, key, value FROM latest_metrics WHERE run_uuid IN ({marks})",
-                         tuple(run_ids))
-        return long.pivot(index="run_id", columns="key", values="value").reindex(run_ids)
-
-    # ---------------------------------------------------------------------------------------- histories
-
     def history(self, run_ids: list[str], keys: list[str], max_points: int = 400) -> pd.DataFrame:
         """Long frame run_id, key, step, value, vmin, vmax, time_s (seconds since the run's first point),
         downsampled to at most `max_points` buckets per (run, key)."""

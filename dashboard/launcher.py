@@ -27,9 +27,6 @@ class Launch:
     started: float
     command: list[str]
 
-    def dir(self, root: Path) -> Path:
-        return launches_dir(root)
-
     def log(self, root: Path) -> Path:
         return launches_dir(root) / f"{self.id}.log"
 

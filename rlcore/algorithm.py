@@ -151,22 +151,6 @@ def preset_mismatch(name: str, cfg: AlgorithmConfig) -> str:
     return "; ".join(diff)
 
 
-# ------------------------------------------------------------------------------------------ reward shaping
-
-def overlong_penalty(batch: RolloutBatch, cfg: AlgorithmConfig, max_new_tokens: int) -> torch.Tensor:
-    """DAPO's soft overlong punishment (Yu et al., 2025), added to the task reward. -> [B]
-
-    With L = max_new_tokens and buffer C: 0 for |y| <= L - C; ((L - C) - |y|) / C inside the buffer; -1 for a
-    completion cut at L without EOS. Scaled by `overlong_penalty`; all zeros when `overlong_buffer` is 0.
-    """
-    if cfg.overlong_buffer == 0:
-        return torch.zeros(len(batch))
-    length = batch.response_mask.sum(-1)  # [B]
-    free = max_new_tokens - cfg.overlong_buffer
-    soft = ((free - length) / cfg.overlong_buffer).clamp(max=0.0)  # [B] 0 until the buffer, then down to -1
-    return cfg.overlong_penalty * torch.where(batch.finished, soft, torch.full_like(soft, -1.0))
-
-
 # ------------------------------------------------------------------------------------------ group filters
 
 @_register(GROUP_FILTERS, "none")

@@ -24,7 +24,7 @@ try:
 except ImportError:  # an older typer on plain click
     from click import exceptions as _click
 
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set algorithm.lr=1e-4 (repeatable).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set trainer.lr=1e-4 (repeatable).")]
 
 
 def _fail(msg: str) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rlcore import checkpoint, threads
-from rlcore.algorithm import GROUP_FILTERS, Needs, advantages, lookup, overlong_penalty, requirements
+from rlcore.algorithm import GROUP_FILTERS, Needs, advantages, lookup, requirements
 from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import ExperimentConfig, RunFailed, flatten
 from rlcore.critic import Critic, explained_variance
@@ -28,10 +28,11 @@ from rlcore.evaluation import evaluate
 from rlcore.metrics import batch_metrics, peak_memory_mb, reset_peak_memory, sample_rows
 from rlcore.model import build_policy
 from rlcore.reference import Reference
+from rlcore.reward import overlong_penalty, score
 from rlcore.rollout import ENGINES, RolloutEngine, Sampling, fill_groups
 from rlcore.seeding import seed_everything
 from rlcore.sft import warm_start_dir, warm_start_tags
-from rlcore.tasks import AdditionTask, make_task, score
+from rlcore.tasks import AdditionTask, make_task
 from rlcore.timing import PhaseTimer
 from rlcore.tools import make_tool
 from rlcore.tracking import CONFIG_TAG, Tracker, git_commit, project_root

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from rlcore.batch import Problem
 from rlcore.config import ExperimentConfig
+from rlcore.reward import score
 from rlcore.rollout import RolloutEngine, Sampling, encode_prompts, positions
-from rlcore.tasks import AdditionTask, score
+from rlcore.tasks import AdditionTask
 
 
 def exact_applies(engine: RolloutEngine, cfg: ExperimentConfig) -> bool:

@@ -109,7 +109,7 @@ def merged_plan(lessons: list[Lesson], root: Path) -> list[SharedRun]:
     """
     out: dict[str, SharedRun] = {}
     for lesson in lessons:
-        for f, overrides in planned_runs(lesson, root):
+        for f, overrides in planned_runs(lesson):
             plain = [o for o in overrides if not o.startswith("logging.tags.")]
             key = load_experiment(root / "experiments" / f, plain).config_hash()
             if key in out:
@@ -141,7 +141,7 @@ def select(lessons: list[Lesson], spec: str) -> list[Lesson]:
     return [x for x in lessons if x.meta.id in chosen]
 
 
-def planned_runs(lesson: Lesson, root: Path) -> list[tuple[str, list[str]]]:
+def planned_runs(lesson: Lesson) -> list[tuple[str, list[str]]]:
     """(experiment file, overrides) of every run `rlcore lesson NN` makes, tagged with the lesson and its variant."""
     out = []
     for f in lesson.meta.experiments:

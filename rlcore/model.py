@@ -81,7 +81,3 @@ def build_policy(cfg: ModelConfig, warm_start_dir: Path | None = None) -> tuple[
         return load_pretrained(warm_start_dir, cfg.model_copy(update={"allow_download": False}))
     tokenizer = char_tokenizer()
     return tiny_model(cfg, tokenizer), tokenizer
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

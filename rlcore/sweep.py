@@ -164,11 +164,6 @@ def _optuna():
     return optuna
 
 
-def open_storage(sw: SweepConfig, root: Path):
-    """An Optuna storage object for the sweep's `storage` setting."""
-    return storage_from_spec(sw.storage, root)
-
-
 def storage_from_spec(spec: str | None, root: Path):
     """An Optuna storage for `None` (the default journal), `journal:PATH`, a bare journal path, or an RDB URL."""
     optuna = _optuna()
@@ -371,7 +366,7 @@ def worker(sweep_path: str, trials: int | None, worker_index: int, threads: int,
     TrialState = optuna.trial.TrialState
     rootp = Path(root)
     sw = load_sweep(sweep_path, trials=trials)
-    study = make_study(sw, open_storage(sw, rootp), worker_index)
+    study = make_study(sw, storage_from_spec(sw.storage, rootp), worker_index)
     client, _ = mlflow_client(rootp)
     parent = _reload_attr(study, "mlflow_parent_run_id")
     dists = distributions(sw)
@@ -480,7 +475,7 @@ def run_sweep(path: str | Path, trials: int | None = None, workers: int | None =
 
     sw = load_sweep(path, trials, workers)
     root = root or project_root()
-    study = make_study(sw, open_storage(sw, root))
+    study = make_study(sw, storage_from_spec(sw.storage, root))
     parent = parent_run(sw, study, root)
     client, _ = mlflow_client(root)
     import torch

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import random
 
-import torch
-
 from rlcore.batch import Problem
 from rlcore.config import TaskConfig
 
@@ -83,12 +81,6 @@ class PromptStream:
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
         self.rng.setstate(state["rng"])
-
-
-def score(task: AdditionTask, batch) -> torch.Tensor:
-    """The reward role: sequence rewards [B] for a RolloutBatch's decoded completions."""
-    triples = zip(batch.answers, batch.finished.tolist(), batch.problems, strict=True)
-    return torch.tensor([task.reward(c, f, p) for c, f, p in triples])
 
 
 def make_task(cfg: TaskConfig) -> AdditionTask:

@@ -9,9 +9,9 @@ import torch
 from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import AlgorithmConfig, ExperimentConfig
 from rlcore.model import char_tokenizer
+from rlcore.reward import score
 from rlcore.rollout import RolloutEngine, Sampling
 from rlcore.sft import _encode
-from rlcore.tasks import score
 from rlcore.tools import Calculator
 
 

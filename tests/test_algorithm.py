@@ -176,7 +176,7 @@ def test_reinforce_pp_returns_to_go_are_batch_normalised() -> None:
 
 def test_overlong_penalty_hand_computed() -> None:
     """L = 8, buffer 4: lengths 3, 4 free; 6 -> (4-6)/4 = -0.5; 8 with EOS -> -1; cut without EOS -> -1."""
-    from rlcore.algorithm import overlong_penalty
+    from rlcore.reward import overlong_penalty
 
     b = make_batch([1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [3, 4, 6, 8, 8], T=8)
     b.finished = torch.tensor([True, True, True, True, False])

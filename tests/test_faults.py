@@ -170,7 +170,7 @@ def test_outage_kill_resume_delivers_each_point_exactly_once(lab: Path, monkeypa
 def test_an_invalid_sweep_point_fails_with_its_reason_and_is_not_requeued(lab: Path) -> None:
     import optuna
 
-    from rlcore.sweep import load_sweep, open_storage, run_sweep
+    from rlcore.sweep import load_sweep, run_sweep, storage_from_spec
 
     # Each end of each range is valid (min_digits=2 with max_digits 2, max_digits=1 with min_digits 1); together not.
     path = lab / "sweep_invalid_pair.yaml"
@@ -181,7 +181,7 @@ def test_an_invalid_sweep_point_fails_with_its_reason_and_is_not_requeued(lab: P
     summary = run_sweep(path, root=lab)
     assert summary["counts"]["FAIL"] == 2 and summary["counts"]["COMPLETE"] == 0
     sw = load_sweep(path)
-    study = optuna.load_study(study_name=sw.name, storage=open_storage(sw, lab))
+    study = optuna.load_study(study_name=sw.name, storage=storage_from_spec(sw.storage, lab))
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 2  # nothing re-queued: a re-run would fail the same way
     for t in trials:

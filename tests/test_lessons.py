@@ -31,7 +31,7 @@ def test_fifteen_lessons_in_order() -> None:
 def test_paired_experiments_exist_and_validate(lesson) -> None:
     check(lesson, ROOT)
     assert lesson.meta.experiments, "every lesson names at least one experiment"
-    for f, overrides in planned_runs(lesson, ROOT):
+    for f, overrides in planned_runs(lesson):
         cfg = load_experiment(ROOT / "experiments" / f, overrides)
         assert cfg.logging.tags["lesson"] == lesson.meta.id
 
@@ -100,7 +100,7 @@ def test_several_lessons_run_each_distinct_config_once() -> None:
     with pytest.raises(ConfigError, match="lesson '99'"):
         select(LESSONS, "01-99")
     plan = merged_plan(part_one_two, ROOT)
-    every = [run for x in part_one_two for run in planned_runs(x, ROOT)]
+    every = [run for x in part_one_two for run in planned_runs(x)]
     assert len(plan) < len(every)
     configs = [load_experiment(ROOT / "experiments" / r.file, r.overrides).config_hash() for r in plan]
     assert len(set(configs)) == len(plan)  # no config twice

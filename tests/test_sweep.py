@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rlcore.sweep import counts, load_sweep, make_study, open_storage, run_sweep
+from rlcore.sweep import counts, load_sweep, make_study, run_sweep, storage_from_spec
 from rlcore.tracking import tracking_settings
 
 SWEEP = """\
@@ -44,7 +44,7 @@ def client_for(lab: Path) -> MlflowClient:
 def check_study_matches_mlflow(lab: Path, name: str, expected_done: int) -> None:
     """Every finished trial has exactly one child run under the one parent; states and values agree."""
     sw = load_sweep(lab / f"{name}.yaml")
-    study = make_study(sw, open_storage(sw, lab))
+    study = make_study(sw, storage_from_spec(sw.storage, lab))
     c = client_for(lab)
     exp = c.get_experiment_by_name(name)
     runs = c.search_runs([exp.experiment_id])
@@ -78,7 +78,7 @@ def test_two_workers_study_and_mlflow_agree(lab: Path) -> None:
     check_study_matches_mlflow(lab, "sweep-two", 4)
     # the two workers really both ran trials
     sw = load_sweep(path)
-    owners = {t.user_attrs["worker"] for t in make_study(sw, open_storage(sw, lab)).get_trials()}
+    owners = {t.user_attrs["worker"] for t in make_study(sw, storage_from_spec(sw.storage, lab)).get_trials()}
     assert len(owners) == 2
     # re-running a finished study runs nothing new
     again = run_sweep(path, root=lab)
@@ -105,7 +105,7 @@ def test_crashing_trial_is_fail_and_the_sweep_goes_on(lab: Path, monkeypatch: py
     out = run_sweep(path, root=lab)
     assert out["counts"] == {"COMPLETE": 2, "PRUNED": 0, "FAIL": 1, "RUNNING": 0, "INTERRUPTED": 0}
     sw = load_sweep(path)
-    failed = [t for t in make_study(sw, open_storage(sw, lab)).get_trials() if t.state.name == "FAIL"]
+    failed = [t for t in make_study(sw, storage_from_spec(sw.storage, lab)).get_trials() if t.state.name == "FAIL"]
     assert "boom in trial" in failed[0].user_attrs["error"]
     run = client_for(lab).get_run(failed[0].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["rlcore.trial_state"] == "FAIL"
@@ -117,7 +117,7 @@ def test_kill_9_midway_then_rerun_finishes_exactly_the_missing_trials(lab: Path)
     cmd = [sys.executable, "-m", "rlcore.cli", "sweep", str(path)]
     proc = subprocess.Popen(cmd, cwd=lab, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sw = load_sweep(path)
-    study = make_study(sw, open_storage(sw, lab))
+    study = make_study(sw, storage_from_spec(sw.storage, lab))
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for trial 0 to be running with its MLflow run
         running = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rlcore.sweep import load_sweep, make_study, open_storage
+from rlcore.sweep import load_sweep, make_study, storage_from_spec
 
 
 def pg_bin(name: str) -> str | None:
@@ -86,7 +86,7 @@ storage: {postgres}/optuna
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
     sw = load_sweep(path)
-    study = make_study(sw, open_storage(sw, lab))
+    study = make_study(sw, storage_from_spec(sw.storage, lab))
     trials = study.get_trials()
     assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)  # each trial ran exactly once
     owners = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials}
