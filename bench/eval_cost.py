@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from rlcore.config import load_experiment
 from rlcore.controller import build_for, step
 from rlcore.evaluation import evaluate
+from rlcore.loading import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 

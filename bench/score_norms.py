@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rlcore.config import ExperimentConfig, load_experiment
+from rlcore.config import ExperimentConfig
+from rlcore.loading import load_experiment
 from rlcore.model import build_policy
 from rlcore.reward import score
 from rlcore.rollout import RolloutEngine, token_logprobs

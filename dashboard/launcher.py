@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlcore.config import ConfigError, load_experiment, load_yaml
+from rlcore.config import ConfigError
+from rlcore.loading import load_experiment, load_yaml
 
 
 @dataclass

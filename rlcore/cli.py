@@ -13,7 +13,8 @@ from typing import Annotated
 
 import typer
 
-from rlcore.config import ConfigError, RunFailed, load_experiment
+from rlcore.config import ConfigError, RunFailed
+from rlcore.loading import load_experiment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training lab: run experiments (YAML) and track them in MLflow.")
@@ -181,7 +182,7 @@ def validate(file: Annotated[Path, typer.Argument(help="Experiment or sweep YAML
         check(lesson, project_root())
         typer.echo(f"ok: {file} (lesson {lesson.meta.id}: {lesson.meta.title})")
         return
-    from rlcore.config import load_yaml
+    from rlcore.loading import load_yaml
 
     if "space" in load_yaml(file):
         from rlcore.sweep import load_sweep

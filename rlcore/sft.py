@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 import rlcore
-from rlcore.config import ExperimentConfig, load_experiment
+from rlcore.config import ExperimentConfig
 from rlcore.evaluation import evaluate
+from rlcore.loading import load_experiment
 from rlcore.model import build_policy
 from rlcore.rollout import RolloutEngine
 from rlcore.seeding import seed_everything

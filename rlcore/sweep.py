@@ -26,7 +26,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from rlcore.config import ConfigError, _Section, load_experiment, load_yaml, validate_model
+from rlcore.config import ConfigError, _Section, validate_model
+from rlcore.loading import load_experiment, load_yaml
 from rlcore.metrics import BY_NAME
 
 HOST = socket.gethostname()

@@ -22,7 +22,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from rlcore.config import ConfigError, parse_yaml, read_text_file
+from rlcore.config import ConfigError
+from rlcore.loading import parse_yaml, read_text_file
 from rlcore.metrics import BY_NAME
 
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql")  # the stores this lab is tested with / MLflow supports

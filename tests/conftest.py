@@ -42,7 +42,7 @@ def write_lab(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory) -> Path:
     """A project root with mlflow.yml, sft.yaml and rl.yaml; the warm start is built once per session."""
-    from rlcore.config import load_experiment
+    from rlcore.loading import load_experiment
     from rlcore.sft import warm_start_dir
 
     root = write_lab(tmp_path_factory.mktemp("lab"))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rlcore.config import ConfigError, ExperimentConfig, apply_override, flatten, load_experiment
+from rlcore.config import ConfigError, ExperimentConfig, flatten
+from rlcore.loading import apply_override, load_experiment
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

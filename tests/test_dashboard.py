@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rlcore.config import ConfigError, load_experiment
+from rlcore.config import ConfigError
 from rlcore.controller import run
+from rlcore.loading import load_experiment
 from rlcore.tracking import tracking_settings
 from tests.conftest import write_lab
 

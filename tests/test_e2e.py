@@ -10,8 +10,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from rlcore.config import load_experiment
 from rlcore.controller import run
+from rlcore.loading import load_experiment
 from rlcore.metrics import BY_NAME
 from rlcore.tracking import tracking_settings
 

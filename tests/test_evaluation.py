@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from rlcore.config import load_experiment
 from rlcore.evaluation import answer_scores, exact_applies, heldout_rewards
+from rlcore.loading import load_experiment
 from rlcore.model import build_policy
 from rlcore.rollout import RolloutEngine
 from rlcore.sft import warm_start_dir

@@ -17,8 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from rlcore import checkpoint, cli
 from rlcore.algorithm import POLICY_LOSSES, kl_estimate
-from rlcore.config import AlgorithmConfig, ConfigError, load_experiment
+from rlcore.config import AlgorithmConfig, ConfigError
 from rlcore.controller import run
+from rlcore.loading import load_experiment
 from rlcore.tracking import Tracker, tracking_settings
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RLCORE_NO_BAR": "1"}

@@ -25,8 +25,8 @@ import torch
 import transformers
 from mlflow.tracking import MlflowClient
 
-from rlcore.config import load_experiment
 from rlcore.controller import run
+from rlcore.loading import load_experiment
 from rlcore.sft import sha256, warm_start_dir
 from rlcore.tracking import tracking_settings
 from tests.conftest import write_lab

@@ -13,8 +13,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from rlcore.config import load_experiment
 from rlcore.controller import run
+from rlcore.loading import load_experiment
 from rlcore.model import char_tokenizer
 from rlcore.tracking import tracking_settings
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rlcore.config import load_experiment
 from rlcore.controller import run
+from rlcore.loading import load_experiment
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

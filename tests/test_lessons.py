@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rlcore.config import ConfigError, load_experiment
+from rlcore.config import ConfigError
 from rlcore.lessons import check, load_all, planned_runs
+from rlcore.loading import load_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = load_all(ROOT)

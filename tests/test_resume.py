@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from rlcore import checkpoint
-from rlcore.config import load_experiment
+from rlcore.loading import load_experiment
 from rlcore.tracking import tracking_settings
 
 CFG = ["trainer.steps=48", "trainer.checkpoint_every=4", "logging.eval_every=6", "logging.experiment=test-resume"]

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from rlcore import threads
-from rlcore.config import ConfigError, load_experiment
+from rlcore.config import ConfigError
 from rlcore.controller import run
+from rlcore.loading import load_experiment
 
 
 @pytest.mark.parametrize("cores,load,want", [

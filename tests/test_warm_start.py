@@ -10,8 +10,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from rlcore.config import load_experiment
 from rlcore.evaluation import evaluate
+from rlcore.loading import load_experiment
 from rlcore.model import build_policy
 from rlcore.rollout import RolloutEngine
 from rlcore.sft import MANIFEST, cache_dir, find_shipped, sha256, warm_start_dir

@@ -4,8 +4,9 @@ import streamlit as st
 
 from dashboard import common
 from dashboard.controls import CONTROLS
-from rlcore.config import ConfigError, load_experiment
+from rlcore.config import ConfigError
 from rlcore.lessons import PARTS, load_all
+from rlcore.loading import load_experiment
 
 st.title("Lessons")
 root = common.root()

@@ -1,0 +1,157 @@
+"""Loading experiments: text files read with care, YAML parsed strictly, `--set` overrides applied, the result
+validated against the schema (rlcore.config), warm starts and model paths checked. Every problem is one
+`ConfigError` naming the file or the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlcore.config import ConfigError, ExperimentConfig, ModelConfig, validate_dict
+
+
+def set_value(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw[a][b][c] = value for key 'a.b.c', creating sections as needed."""
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{key!r}: empty key")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.path=value` (value parsed as YAML, so 3 is an int and null is None)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    key, _, text = assignment.partition("=")
+    if not all(key.strip().split(".")):
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    set_value(raw, key, value)
+
+
+MAX_FILE_BYTES = 1_000_000  # an experiment is a few hundred bytes; a megabyte is a wrong file, not a config
+
+
+def read_text_file(path: str | Path, what: str = "experiment file") -> str:
+    """The file's text, or a one-line ConfigError: missing, a directory, too large, binary."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such {what}")
+    size = p.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: too large ({size / 1e6:.1f} MB; {what}s are at most {MAX_FILE_BYTES / 1e6:.0f} MB)")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise ConfigError(f"{path}: not a text file (binary content)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+
+
+MAX_DEPTH = 32  # an experiment is 3 levels deep; far deeper is a generated or broken file (and PyYAML recurses)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently) and absurd nesting."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.YAMLError(f"a mapping key must be a plain value (line {key_node.start_mark.line + 1})") from None
+            if key in seen:
+                raise yaml.YAMLError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1}, first on line "
+                                     f"{seen[key]})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load's result (same types), with duplicate keys and runaway nesting refused as a ConfigError."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML{line}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    raw = parse_yaml(read_text_file(path), str(path))
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a YAML mapping of sections, got {type(raw).__name__}")
+    if not raw:  # empty, only comments, `null` or `{}`: almost always the wrong file, never a useful experiment
+        raise ConfigError(f"{path}: sets nothing (empty, only comments, or null); an experiment names at least "
+                          "what it changes from the defaults")
+    return raw
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                    values: dict[str, Any] | None = None, _chain: tuple[Path, ...] = ()) -> ExperimentConfig:
+    """Load, apply `--set` overrides, then typed `values` by key path (a sweep's trial parameters), and validate."""
+    raw = load_yaml(path)
+    for o in overrides:
+        apply_override(raw, o)
+    for key, value in (values or {}).items():
+        set_value(raw, key, value)
+    here = Path(path).resolve()
+    cfg = validate_dict(raw, base_dir=here.parent)
+    check_model_source(cfg.model)
+    if cfg.model.warm_start is not None:
+        ws = cfg.resolve_path(cfg.model.warm_start)
+        if not ws.is_file():
+            raise ConfigError(f"model.warm_start: no such file {cfg.model.warm_start!r}")
+        chain = (*_chain, here)
+        if ws in chain:
+            loop = " -> ".join(p.name for p in (*chain, ws))
+            raise ConfigError(f"model.warm_start: a cycle of warm starts: {loop}")
+        try:
+            sft = load_experiment(ws, _chain=chain)
+        except ConfigError as e:
+            raise ConfigError(f"model.warm_start: {cfg.model.warm_start}: {e}") from None
+        if sft.kind != "sft":
+            raise ConfigError(f"model.warm_start: {cfg.model.warm_start!r} is not a `kind: sft` experiment")
+    return cfg
+
+
+def check_model_source(m: ModelConfig) -> None:
+    """A local `name_or_path` must be a model directory (its config.json), caught here rather than as a tokenizer
+    error after the run has been set up."""
+    if m.name_or_path is None:
+        return
+    p = Path(m.name_or_path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is a file, not a model directory")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is not a model directory (no config.json)")
+    if not p.is_dir() and not m.allow_download:
+        raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is not a local directory "
+                          "(set model.allow_download=true to fetch it)")
