@@ -82,7 +82,7 @@ def validate(root: Path, file: str, overrides: list[str]) -> str:
     if is_sweep(path):
         if overrides:
             raise ConfigError("sweeps take no --set overrides here (edit the sweep file's `overrides`)")
-        from rlcore.sweep import load_sweep
+        from rlcore.sweep_config import load_sweep
 
         sw = load_sweep(path)
         return f"sweep {sw.name}: {sw.n_trials} trials, {sw.workers} worker(s)"

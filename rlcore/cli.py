@@ -15,6 +15,7 @@ import typer
 
 from rlcore.config import ConfigError, RunFailed
 from rlcore.loading import load_experiment
+from rlcore.preflight import preflight
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training lab: run experiments (YAML) and track them in MLflow.")
@@ -49,25 +50,6 @@ def _report(result, label: str) -> None:
     if result.output_dir:
         typer.echo(f"  final policy: {result.output_dir}")
     typer.echo(f"  look at it: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
-
-
-def preflight(configs: list, root: Path) -> None:
-    """What can only be checked against this machine, before any MLflow run exists: the store answers, and every
-    run's output directory is (or can be made) a writable directory."""
-    from rlcore.tracking import check_store
-
-    check_store(root)
-    for cfg in configs:
-        out = (root / cfg.logging.output_dir).resolve()
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"logging.output_dir: {cfg.logging.output_dir!r} is a file, not a directory")
-        existing = out
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            raise ConfigError(f"logging.output_dir: {cfg.logging.output_dir!r}: {existing} is a file, not a directory")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"logging.output_dir: {cfg.logging.output_dir!r}: {existing} is not writable")
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -145,7 +127,7 @@ def choose_checkpoint(cfg, root: Path) -> Path:
     checkpoint falls back to the previous one with a warning. Runs of this config left RUNNING by a process that
     no longer exists (killed before their first checkpoint) are closed as KILLED on the way."""
     from rlcore import checkpoint
-    from rlcore.tracking import reap_orphans, run_state
+    from rlcore.runs import reap_orphans, run_state
 
     reaped = reap_orphans(root, cfg.logging.experiment, cfg.config_hash()) if _is_main() else []
     for run_id in reaped:
@@ -185,7 +167,7 @@ def validate(file: Annotated[Path, typer.Argument(help="Experiment or sweep YAML
     from rlcore.loading import load_yaml
 
     if "space" in load_yaml(file):
-        from rlcore.sweep import load_sweep
+        from rlcore.sweep_config import load_sweep
 
         if set_:
             raise ConfigError("--set: not applied to a sweep file; put the keys in its `overrides:` list, or "
@@ -207,8 +189,9 @@ def sweep(
     workers: Annotated[int | None, typer.Option(help="Override workers (processes on this machine).")] = None,
 ) -> None:
     """Run (or continue) an Optuna sweep; every trial is an MLflow child run of the sweep's parent run."""
+    from rlcore.preflight import check_database_url
     from rlcore.sweep import format_summary, load_sweep, run_sweep
-    from rlcore.tracking import check_database_url, project_root
+    from rlcore.tracking import project_root
 
     sw = load_sweep(file, trials, workers)  # validate before anything starts
     if sw.storage is not None and "://" in sw.storage:
@@ -263,7 +246,7 @@ def lesson(
 @app.command()
 def replay(file: Annotated[Path, typer.Argument(help="A .jsonl file the tracker kept during an MLflow outage.")]) -> None:
     """Deliver the metrics and final status that a run could not send while MLflow was unreachable."""
-    from rlcore.tracking import replay as replay_file
+    from rlcore.runs import replay as replay_file
 
     if not file.is_file():
         raise ConfigError(f"{file}: no such file")

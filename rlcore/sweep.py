@@ -16,144 +16,20 @@ import fcntl
 import multiprocessing as mp
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import Field, model_validator
-
-from rlcore.config import ConfigError, _Section, validate_model
-from rlcore.loading import load_experiment, load_yaml
-from rlcore.metrics import BY_NAME
+from rlcore import optuna_store, runs
+from rlcore.config import ConfigError
+from rlcore.loading import load_experiment
+from rlcore.sweep_config import FloatParam, IntParam, SweepConfig, load_sweep
 
 HOST = socket.gethostname()
 HEARTBEAT_S = 10.0  # a running trial refreshes its heartbeat this often ...
 STALE_S = 60.0  # ... and is presumed dead (worker on another machine) after this long without one
-
-
-# ------------------------------------------------------------------------------------------------ schema
-
-class FloatParam(_Section):
-    type: Literal["float"]
-    low: float = Field(description="Lower bound (inclusive).")
-    high: float = Field(description="Upper bound (inclusive).")
-    log: bool = Field(False, description="Sample on a log scale (low must be > 0).")
-
-    @model_validator(mode="after")
-    def _range(self) -> FloatParam:
-        _check_range(self.low, self.high, self.log)
-        return self
-
-
-class IntParam(_Section):
-    type: Literal["int"]
-    low: int = Field(description="Lower bound (inclusive).")
-    high: int = Field(description="Upper bound (inclusive).")
-    log: bool = Field(False, description="Sample on a log scale (low must be > 0).")
-    step: int = Field(1, gt=0, description="Spacing of the values (not with log).")
-
-    @model_validator(mode="after")
-    def _range(self) -> IntParam:
-        _check_range(self.low, self.high, self.log)
-        return self
-
-
-class CategoricalParam(_Section):
-    type: Literal["categorical"]
-    choices: list[str | int | float | bool | None] = Field(min_length=1, description="The values to choose from.")
-
-
-def _check_range(low: float, high: float, log: bool) -> None:
-    if low > high:
-        raise ValueError(f"low must be <= high, got low={low} > high={high}")
-    if log and low <= 0:
-        raise ValueError(f"a log scale needs low > 0, got low={low}")
-
-
-SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
-
-
-class ObjectiveConfig(_Section):
-    metric: str = Field("eval/sampled_reward", description="Held-out eval metric the trial is scored by (its last value).")
-    direction: Literal["maximize", "minimize"] = Field("maximize", description="Whether larger is better.")
-
-    @model_validator(mode="after")
-    def _eval_metric(self) -> ObjectiveConfig:
-        if not self.metric.startswith("eval/") or self.metric not in BY_NAME:
-            evals = ", ".join(m for m in BY_NAME if m.startswith("eval/"))
-            raise ValueError(f"metric must be a held-out eval metric ({evals}), got {self.metric!r}")
-        return self
-
-
-class SamplerConfig(_Section):
-    name: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
-    seed: int = Field(0, description="Sampler seed (worker i uses seed + i, so workers do not propose the same point).")
-    n_startup_trials: int = Field(4, ge=0, description="TPE: random trials before the model kicks in.")
-
-
-class PrunerConfig(_Section):
-    name: Literal["median", "hyperband", "none"] = Field("median", description="Optuna pruner fed by the periodic eval.")
-    n_startup_trials: int = Field(3, ge=0, description="median: trials that finish unpruned before pruning starts.")
-    n_warmup_steps: int = Field(0, ge=0, description="median: no pruning before this RL step.")
-
-
-class SweepConfig(_Section):
-    base: str = Field(description="The experiment YAML every trial starts from (relative to this sweep file).")
-    overrides: list[str] = Field(default_factory=list, description="`key.path=value` applied to base in every trial.")
-    study_name: str | None = Field(None, description="Optuna study name (default: the sweep file's stem).")
-    space: dict[str, SearchParam] = Field(min_length=1, description="Search space: experiment key path -> distribution.")
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
-    n_trials: int = Field(12, gt=0, description="Trials in the study; a re-run only runs the missing ones.")
-    timeout: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
-    workers: int = Field(1, ge=1, description="Worker processes on this machine sharing the study.")
-    storage: str | None = Field(
-        None, description="Optuna storage: None = journal file beside the MLflow store; `journal:PATH`; or an RDB "
-        "URL such as postgresql://user@127.0.0.1/db for workers on several machines.",
-    )
-    mlflow_experiment: str | None = Field(None, description="MLflow experiment of the parent and trial runs "
-                                                            "(default: the study name).")
-
-    _path: Path = Path("sweep.yaml")
-
-    @property
-    def name(self) -> str:
-        return self.study_name or self._path.stem
-
-    @property
-    def base_path(self) -> Path:
-        p = Path(self.base)
-        return p if p.is_absolute() else (self._path.parent / p).resolve()
-
-
-def load_sweep(path: str | Path, trials: int | None = None, workers: int | None = None) -> SweepConfig:
-    """Read and validate a sweep file, including every key path of its space against the experiment schema."""
-    raw = load_yaml(path)
-    if trials is not None:
-        raw["n_trials"] = trials
-    if workers is not None:
-        raw["workers"] = workers
-    try:
-        sw = validate_model(SweepConfig, raw, "sweep")
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    sw._path = Path(path).resolve()
-    if not sw.base_path.is_file():
-        raise ConfigError(f"{path}: base: no such experiment file {sw.base!r}")
-    load_experiment(sw.base_path, sw.overrides)  # the base itself must be valid
-    for key, p in sw.space.items():
-        probes = p.choices if isinstance(p, CategoricalParam) else [p.low, p.high]
-        for value in probes:  # every end of every range must give a valid experiment
-            try:
-                load_experiment(sw.base_path, sw.overrides, {key: value})
-            except ConfigError as e:
-                raise ConfigError(f"{path}: space.{key}: {e}") from None
-    return sw
 
 
 # ------------------------------------------------------------------------------------------------ optuna
@@ -264,20 +140,12 @@ def reap_stale(study, client) -> int:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _alive(t.user_attrs.get("worker"), t.user_attrs.get("heartbeat")):
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        optuna_store.set_trial_attr(study, t, "interrupted", True)
+        optuna_store.fail_trial(study, t)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
-        close_mlflow_run(client, t.user_attrs.get("mlflow_run_id"), "FAIL", "KILLED")
+        runs.close_trial(client, t.user_attrs.get("mlflow_run_id"), "FAIL", "KILLED")
         reaped += 1
     return reaped
-
-
-def close_mlflow_run(client, run_id: str | None, state: str, status: str | None = None) -> None:
-    if run_id is None:
-        return
-    client.set_tag(run_id, "rlcore.trial_state", state)
-    if status is not None and client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status=status)
 
 
 def counts(study) -> dict[str, int]:
@@ -298,40 +166,25 @@ def counted(c: dict[str, int]) -> int:
 
 # ------------------------------------------------------------------------------------------------ mlflow parent
 
-def mlflow_client(root: Path):
-    from mlflow.tracking import MlflowClient
-
-    from rlcore.tracking import Tracker
-
-    tracker = Tracker("rlcore", root)  # resolves mlflow.yml and creates the store's schema once
-    return MlflowClient(tracker.where), tracker
-
-
 def parent_run(sw: SweepConfig, study, root: Path) -> str:
     """The sweep's MLflow parent run, created once per study (its id lives in the study's user attributes)."""
-    client, tracker = mlflow_client(root)
+    client = runs.client(root)
     existing = study.user_attrs.get("mlflow_parent_run_id")
     if existing is not None:
-        if client.get_run(existing).info.status != "RUNNING":
-            client.update_run(existing, status="RUNNING")
+        runs.reopen(client, existing)
         return existing
-    exp_id = tracker._experiment(sw.mlflow_experiment or sw.name)
-    run = client.create_run(exp_id, run_name=f"sweep:{sw.name}",
-                            tags={"rlcore.kind": "sweep", "rlcore.study": sw.name})
-    client.log_text(run.info.run_id, yaml.safe_dump(sw.model_dump(mode="json"), sort_keys=False), "sweep.yaml")
-    client.log_param(run.info.run_id, "n_trials", sw.n_trials)
-    client.log_param(run.info.run_id, "objective", f"{sw.objective.direction} {sw.objective.metric}")
-    client.log_param(run.info.run_id, "space", ", ".join(sw.space))
-    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    from rlcore.tracking import tracking_settings
+
+    run_id = runs.sweep_parent(client, sw.name, sw.mlflow_experiment or sw.name,
+                               tracking_settings(root)["artifact_location"], sw.model_dump(mode="json"),
+                               {"n_trials": sw.n_trials, "objective": f"{sw.objective.direction} {sw.objective.metric}",
+                                "space": ", ".join(sw.space)})
+    study.set_user_attr("mlflow_parent_run_id", run_id)
     time.sleep(0.5)  # two launchers racing: both re-read after both wrote, and the loser removes its run
-    winner = _reload_attr(study, "mlflow_parent_run_id")
-    if winner != run.info.run_id:
-        client.delete_run(run.info.run_id)
+    winner = optuna_store.study_attr(study, "mlflow_parent_run_id")
+    if winner != run_id:
+        client.delete_run(run_id)
     return winner
-
-
-def _reload_attr(study, key: str):
-    return study._storage.get_study_user_attrs(study._study_id).get(key)
 
 
 def best_complete(study, direction: str):
@@ -346,12 +199,10 @@ def update_parent(client, parent: str, study, direction: str) -> None:
     if best is None:
         return
     finished = sum(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
-    client.log_metric(parent, "sweep/best_value", best.value, step=finished)
     tags = {"best.trial": str(best.number), "best.value": f"{best.value:.6g}",
             "best.run_id": str(best.user_attrs.get("mlflow_run_id"))}
     tags |= {f"best.{k}": str(v) for k, v in best.params.items()}
-    for k, v in tags.items():
-        client.set_tag(parent, k, v)
+    runs.record_best(client, parent, finished, best.value, tags)
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -368,8 +219,8 @@ def worker(sweep_path: str, trials: int | None, worker_index: int, threads: int,
     rootp = Path(root)
     sw = load_sweep(sweep_path, trials=trials)
     study = make_study(sw, storage_from_spec(sw.storage, rootp), worker_index)
-    client, _ = mlflow_client(rootp)
-    parent = _reload_attr(study, "mlflow_parent_run_id")
+    client = runs.client(rootp)
+    parent = optuna_store.study_attr(study, "mlflow_parent_run_id")
     dists = distributions(sw)
     started, launcher = time.time(), os.getppid()
     while True:
@@ -394,7 +245,7 @@ def worker(sweep_path: str, trials: int | None, worker_index: int, threads: int,
             study.tell(trial, state=TrialState.FAIL)
             print(f"trial {trial.number} failed: invalid combination {params}: {e}", flush=True)
             continue
-        beat = _heartbeat(study, trial)
+        beat = optuna_store.heartbeat(study, trial, HEARTBEAT_S)
         tags = {"rlcore.study": sw.name, "rlcore.trial": str(trial.number), "rlcore.trial_state": "RUNNING"}
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -412,15 +263,15 @@ def worker(sweep_path: str, trials: int | None, worker_index: int, threads: int,
             beat.set()
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
             study.tell(trial, state=TrialState.FAIL)
-            close_mlflow_run(client, trial.user_attrs.get("mlflow_run_id") or _run_of(study, trial), "FAIL")
+            runs.close_trial(client, trial.user_attrs.get("mlflow_run_id") or _run_of(study, trial), "FAIL")
             print(f"trial {trial.number} failed: {type(e).__name__}: {e}", flush=True)
             continue
         except BaseException:  # Ctrl-C / SIGTERM: interrupted, not failed; its point goes back in the queue
             beat.set()
-            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            optuna_store.set_trial_attr(study, trial, "interrupted", True)
             study.tell(trial, state=TrialState.FAIL)
             study.enqueue_trial(params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
-            close_mlflow_run(client, _run_of(study, trial), "FAIL", "KILLED")
+            runs.close_trial(client, _run_of(study, trial), "FAIL", "KILLED")
             raise
         beat.set()
         trial.set_user_attr("steps_done", result.steps_done)
@@ -431,27 +282,13 @@ def worker(sweep_path: str, trials: int | None, worker_index: int, threads: int,
         else:
             study.tell(trial, value)
             state = "COMPLETE"
-        close_mlflow_run(client, result.run_id, state)
+        runs.close_trial(client, result.run_id, state)
         if parent:
             update_parent(client, parent, study, sw.objective.direction)
 
 
 def _run_of(study, trial) -> str | None:
-    return study._storage.get_trial(trial._trial_id).user_attrs.get("mlflow_run_id")
-
-
-def _heartbeat(study, trial) -> threading.Event:
-    """Refresh the trial's heartbeat in the background (how workers on other machines tell it is alive)."""
-    done = threading.Event()
-    storage, trial_id = study._storage, trial._trial_id
-
-    def beat() -> None:
-        while not done.is_set():
-            storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
-            done.wait(HEARTBEAT_S)
-
-    threading.Thread(target=beat, name="optuna-heartbeat", daemon=True).start()
-    return done
+    return optuna_store.trial_attr(study, trial, "mlflow_run_id")
 
 
 def _worker_entry(*args) -> None:
@@ -478,7 +315,7 @@ def run_sweep(path: str | Path, trials: int | None = None, workers: int | None =
     root = root or project_root()
     study = make_study(sw, storage_from_spec(sw.storage, root))
     parent = parent_run(sw, study, root)
-    client, _ = mlflow_client(root)
+    client = runs.client(root)
     import torch
 
     threads = max(1, torch.get_num_threads() // sw.workers)  # the cores rlcore.threads left free, shared out

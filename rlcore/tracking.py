@@ -87,90 +87,6 @@ def tracking_settings(root: Path | None = None) -> dict[str, Any]:
     return settings
 
 
-def check_store(root: Path | None = None, timeout_s: float = 5.0) -> str:
-    """Before any run exists: the store named by mlflow.yml / MLFLOW_TRACKING_URI can be used. Returns its URI.
-
-    An embedded SQLite file must be a SQLite database that is not locked by another writer, in a writable
-    directory; a server must answer its health check; a database URL needs its driver and must accept a connection.
-    (An outage *during* a run is not refused: the tracker buffers and retries, see `_flush_unlocked`.)
-    """
-    uri = tracking_settings(root)["tracking_uri"]
-    scheme = uri.partition(":")[0]
-    if scheme == "sqlite":
-        _check_sqlite(Path(uri[len("sqlite:///"):]), timeout_s)
-    elif scheme in ("http", "https"):
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:  # noqa: S310
-                r.read(64)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise ConfigError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); start it, "
-                              "or unset MLFLOW_TRACKING_URI to use the embedded store") from None
-    else:
-        check_database_url(uri, "tracking_uri", timeout_s)
-    return uri
-
-
-def _check_sqlite(db: Path, timeout_s: float) -> None:
-    import sqlite3
-
-    folder = db.parent
-    while not folder.exists():
-        folder = folder.parent
-    if db.exists():
-        if not db.is_file():
-            raise ConfigError(f"MLflow store {db}: not a file")
-        with open(db, "rb") as f:
-            head = f.read(16)
-        if head and head != b"SQLite format 3\x00":
-            raise ConfigError(f"MLflow store {db}: not a SQLite database (corrupt, or another file at that path); "
-                              "move it away and the store is created anew")
-        try:
-            con = sqlite3.connect(db, timeout=timeout_s)
-            try:
-                con.execute("BEGIN IMMEDIATE")  # waits for, then fails on, a writer that holds the database
-                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                con.rollback()
-            finally:
-                con.close()
-        except sqlite3.OperationalError as e:
-            what = "locked by another process" if "locked" in str(e) else f"unusable ({e})"
-            raise ConfigError(f"MLflow store {db}: {what}") from None
-        except sqlite3.DatabaseError as e:
-            raise ConfigError(f"MLflow store {db}: corrupt ({e}); move it away and the store is created anew") from None
-        if not os.access(db, os.W_OK):
-            raise ConfigError(f"MLflow store {db}: not writable")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"MLflow store {db}: directory {folder} is not writable")
-
-
-def check_database_url(url: str, what: str, timeout_s: float = 5.0) -> None:
-    """A SQLAlchemy database URL is well formed, its driver is installed, and the server accepts a connection."""
-    import sqlalchemy
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
-
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except (ArgumentError, ValueError) as e:
-        raise ConfigError(f"{what}: malformed database URL {url!r} ({e})") from None
-    try:
-        engine = sqlalchemy.create_engine(parsed, connect_args={"connect_timeout": int(max(timeout_s, 1))}
-                                          if parsed.get_backend_name() in ("postgresql", "mysql") else {})
-    except (NoSuchModuleError, ModuleNotFoundError, ImportError) as e:
-        extra = " (pip install -e '.[postgres]')" if parsed.get_backend_name() == "postgresql" else ""
-        raise ConfigError(f"{what}: the driver for {parsed.drivername!r} is not installed{extra}: {e}") from None
-    try:
-        with engine.connect():
-            pass
-    except SQLAlchemyError as e:
-        first = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(getattr(e, "orig", e)).strip() else type(e).__name__
-        raise ConfigError(f"{what}: cannot connect to {parsed.render_as_string(hide_password=True)}: {first}") from None
-    finally:
-        engine.dispose()
-
-
 OWNER_TAG, CONFIG_TAG = "rlcore.owner", "rlcore.config_hash"
 HOST = socket.gethostname()
 
@@ -178,54 +94,6 @@ HOST = socket.gethostname()
 def owner() -> str:
     """host:pid of this process: who is running a RUNNING run (a dead owner means the run was killed)."""
     return f"{HOST}:{os.getpid()}"
-
-
-def owner_alive(tag: str | None) -> bool:
-    """Whether the process named by an owner tag exists (on another host: assumed alive, we cannot tell)."""
-    if not tag:
-        return False
-    host, _, pid = tag.rpartition(":")
-    if host != HOST:
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return int(pid) != os.getpid()
-
-
-def run_state(root: Path, run_id: str) -> tuple[str | None, bool]:
-    """(MLflow status or None if the run is gone, whether its owning process is alive)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        run = MlflowClient(tracking_settings(root)["tracking_uri"]).get_run(run_id)
-    except MlflowException:
-        return None, False
-    if run.info.lifecycle_stage == "deleted":
-        return None, False
-    return run.info.status, owner_alive(run.data.tags.get(OWNER_TAG))
-
-
-def reap_orphans(root: Path, experiment: str, config_hash: str) -> list[str]:
-    """Close as KILLED the RUNNING runs of this config whose owning process is gone (kill -9). Returns their ids."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_settings(root)["tracking_uri"])
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs = client.search_runs([exp.experiment_id], f"tags.`{CONFIG_TAG}` = '{config_hash}' and attributes.status = 'RUNNING'")
-    out = []
-    for r in runs:
-        if not owner_alive(r.data.tags.get(OWNER_TAG)):
-            client.set_tag(r.info.run_id, "rlcore.failure", "process killed (no clean exit); closed by --resume")
-            client.set_terminated(r.info.run_id, status="KILLED")
-            out.append(r.info.run_id)
-    return out
 
 
 def git_commit(root: Path) -> str:
@@ -247,6 +115,22 @@ def _store_init_lock(uri: str):
     from filelock import FileLock
 
     return FileLock(uri[len("sqlite:///"):] + ".init.lock", timeout=120)
+
+
+def experiment_id(client, name: str, artifact_location: str | None) -> str:
+    """The id of MLflow experiment `name`, created (with artifacts at `artifact_location`) if it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # another process created it between our get and create
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 class Tracker:
@@ -284,18 +168,7 @@ class Tracker:
         self.failure: str | None = None  # why the run failed, when it did
 
     def _experiment(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=self.settings["artifact_location"])
-        except MlflowException:  # another process created it between our get and create
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+        return experiment_id(self.client, name, self.settings["artifact_location"])
 
     @property
     def where(self) -> str:
@@ -483,22 +356,3 @@ class Tracker:
             print(f"MLflow at {self.where} is unreachable ({type(e).__name__}): the run's remaining metrics and its "
                   f"final status are kept in {self._spill}\n  deliver them later with: rlcore replay {self._spill}",
                   file=sys.stderr)
-
-
-def replay(path: Path) -> tuple[str, int, str | None]:
-    """Deliver a spill file left by an outage (`rlcore replay`): its metrics in order, then the run's final status.
-    Returns (run_id, metrics delivered, status set)."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    footer = next((x for x in lines if isinstance(x, dict)), None)
-    if footer is None:
-        raise ValueError(f"{path}: no run id in this file (not written by rlcore's tracker?)")
-    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI", footer["tracking_uri"]))
-    rows = [Metric(*r) for x in lines if isinstance(x, list) for r in x]
-    for i in range(0, len(rows), 1000):
-        client.log_batch(footer["run_id"], metrics=rows[i : i + 1000], synchronous=True)
-    client.set_terminated(footer["run_id"], status=footer["status"])
-    path.unlink()
-    return footer["run_id"], len(rows), footer["status"]

@@ -76,7 +76,7 @@ storage: {postgres}/optuna
 """)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"{postgres}/mlflow", "OMP_NUM_THREADS": "1"}
     # Create the MLflow schema once before two writers start (two processes migrating a fresh store can collide).
-    subprocess.run([sys.executable, "-c", "from rlcore.sweep import mlflow_client; mlflow_client(None)"],
+    subprocess.run([sys.executable, "-c", "from rlcore.runs import client; client(None)"],
                    cwd=lab, env=env, check=True, timeout=300)
     cmd = [sys.executable, "-m", "rlcore.cli", "sweep", str(path)]
     first = subprocess.Popen(cmd, cwd=lab, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
