@@ -10,7 +10,7 @@ import streamlit as st
 import torch
 
 from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm
-from rlcore.batch import RolloutBatch
+from rlcore.batch import LossInputs, RolloutBatch
 from rlcore.config import AlgorithmConfig
 
 CONTROLS: dict[str, Callable[[], None]] = {}
@@ -85,7 +85,7 @@ def clip_table() -> None:
     for adv in (1.0, -1.0):
         for ratio in (1 - 2 * eps, 1.0, 1 + 2 * eps):
             logp = torch.tensor([[float(torch.log(torch.tensor(ratio)))]], requires_grad=True)
-            loss, metrics = POLICY_LOSSES["ppo_clip"](logp, torch.zeros(1, 1), torch.tensor([[adv]]), torch.ones(1, 1), cfg)
+            loss, metrics = POLICY_LOSSES["ppo_clip"](logp, LossInputs(torch.zeros(1, 1), torch.tensor([[adv]]), torch.ones(1, 1)), cfg)
             loss.sum().backward()
             clipped = metrics["actor/clipfrac_low"].item() + metrics["actor/clipfrac_high"].item() > 0
             rows.append({"A": adv, "ratio": round(ratio, 3), "loss": round(loss.item(), 4),
@@ -151,7 +151,7 @@ def bandit() -> None:
         rewards = (torch.rand(16, generator=gen) < pay[arms]).float()
         adv = ADVANTAGES["reinforce"](batch_of(rewards.tolist(), 16, T=1), AlgorithmConfig())  # [16, 1]
         logp = probs.log()[arms][:, None]  # [16, 1]
-        loss, _ = POLICY_LOSSES["pg"](logp, logp.detach(), adv, torch.ones(16, 1), AlgorithmConfig())
+        loss, _ = POLICY_LOSSES["pg"](logp, LossInputs(logp.detach(), adv, torch.ones(16, 1)), AlgorithmConfig())
         logits.grad = None
         loss.mean().backward()
         with torch.no_grad():
@@ -175,7 +175,7 @@ def loss_assembly() -> None:
     ref = torch.tensor([[-1.0, -0.4, -1.8, 0.0]])
     adv = torch.tensor([[0.8, 0.8, 0.8, 0.0]])
     cfg = AlgorithmConfig(clip_eps=eps, kl_coef=beta)
-    pg, m = POLICY_LOSSES["ppo_clip"](new, old, adv, mask, cfg)
+    pg, m = POLICY_LOSSES["ppo_clip"](new, LossInputs(old, adv, mask), cfg)
     kl = KL_ESTIMATORS["k3"](new, ref)
     total = (pg + beta * kl) * mask
     st.dataframe(pd.DataFrame({"mask": mask[0], "old logp": old[0], "ref logp": ref[0], "new logp": new[0],
@@ -192,8 +192,7 @@ def stale_policy() -> None:
     gen = torch.Generator().manual_seed(0)
     log_ratio = torch.randn(4096, 1, generator=gen) * delta * interval ** 0.5  # drift accumulates like a random walk
     adv = torch.where(torch.rand(4096, 1, generator=gen) < 0.5, 1.0, -1.0)
-    _, m = POLICY_LOSSES["ppo_clip"](log_ratio, torch.zeros_like(log_ratio), adv, torch.ones_like(adv),
-                                     AlgorithmConfig())
+    _, m = POLICY_LOSSES["ppo_clip"](log_ratio, LossInputs(torch.zeros_like(log_ratio), adv, torch.ones_like(adv)), AlgorithmConfig())
     frac = float((m["actor/clipfrac_low"] + m["actor/clipfrac_high"]).mean())
     st.metric("Clipped tokens", f"{frac:.1%}")
     st.caption("Above ~30 % the update is mostly clipped: pi_old is too stale (lesson 28's canary).")

@@ -4,7 +4,8 @@ An algorithm is a preset over these axes (see experiments/*.yaml); nothing outsi
 algorithm's name. Every entry of a registry has that registry's one signature:
 
 - advantage:   fn(batch, cfg) -> adv [B, T] (or (adv, returns) for an estimator that trains a critic)
-- policy loss: fn(logp, old_logp, adv, mask, cfg) -> (per-token loss [B, T], {metric: per-token value [B, T]})
+- policy loss: fn(logp, inputs: LossInputs, cfg) -> (per-token loss [B, T], {metric: per-token value [B, T]}); the
+  inputs are a view of the micro-batch (old log-probs, advantages, mask, the sampler's log-probs)
 - group filter: fn(rewards [B], k) -> keep [B / k] bool, which groups of K samples the update may use.
 - aggregation: fn(per_token_loss, mask, norm) -> scalar, where `norm` holds *global* counts over the whole
   rollout batch (all micro-batches, all processes), so gradient accumulation never changes the loss.
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rlcore.batch import RolloutBatch
+from rlcore.batch import LossInputs, RolloutBatch
 
 if TYPE_CHECKING:  # the schema imports these registries to validate names; a runtime import would be a cycle
     from rlcore.config import AlgorithmConfig
@@ -292,13 +293,13 @@ def adv_gae(batch: RolloutBatch, cfg: AlgorithmConfig) -> tuple[torch.Tensor, to
 # ---------------------------------------------------------------------------------------- policy losses
 
 @_register(POLICY_LOSSES, "pg")
-def loss_pg(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, cfg: AlgorithmConfig):
+def loss_pg(logp: torch.Tensor, x: LossInputs, cfg: AlgorithmConfig):
     """Vanilla policy gradient, -A * ratio with ratio = pi/pi_old (= -A log pi in gradient when on-policy).
 
     Williams, "Simple statistical gradient-following algorithms" (REINFORCE, 1992).
     """
-    ratio = clamp_log_ratio(logp - old_logp, cfg).exp()  # [B, T]
-    return -adv * ratio, {"actor/ratio": ratio.detach()}
+    ratio = clamp_log_ratio(logp - x.old_logp, cfg).exp()  # [B, T]
+    return -x.adv * ratio, {"actor/ratio": ratio.detach()}
 
 
 def clamp_log_ratio(log_ratio: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor:
@@ -335,28 +336,26 @@ def clipped_objective(log_ratio: torch.Tensor, adv: torch.Tensor, cfg: Algorithm
 
 
 @_register(POLICY_LOSSES, "ppo_clip")
-def loss_ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                  cfg: AlgorithmConfig):
+def loss_ppo_clip(logp: torch.Tensor, x: LossInputs, cfg: AlgorithmConfig):
     """Token-level clipped ratio pi/pi_old. Schulman et al., "Proximal Policy Optimization" (2017).
 
     With `clip_eps_high` this is DAPO's clip-higher (Yu et al., 2025); with `dual_clip`, Ye et al. (2020).
     Metrics: actor/clipfrac_low (ratio < 1-eps, A < 0 clipped), actor/clipfrac_high (ratio > 1+eps_high, A > 0).
     """
-    return clipped_objective(logp - old_logp, adv, cfg)  # [B, T]
+    return clipped_objective(logp - x.old_logp, x.adv, cfg)  # [B, T]
 
 
 @_register(POLICY_LOSSES, "gspo")
-def loss_gspo(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-              cfg: AlgorithmConfig):
+def loss_gspo(logp: torch.Tensor, x: LossInputs, cfg: AlgorithmConfig):
     """Sequence-level ratio s_i = exp(mean_t(log pi - log pi_old)), clipped per sequence.
 
     Zheng et al., "Group Sequence Policy Optimization" (GSPO, 2025). Token form: s_i,t = sg[s_i] pi_t / sg[pi_t], so
     every token of a sequence shares one ratio value while its gradient still flows through its own log-prob.
     GSPO uses far smaller clip ranges than PPO (the paper: 3e-4 / 4e-4).
     """
-    seq_log_ratio = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
+    seq_log_ratio = ((logp - x.old_logp) * x.mask).sum(-1) / x.mask.sum(-1).clamp(min=1)  # [B]
     log_ratio = seq_log_ratio.detach()[:, None] + logp - logp.detach()  # [B, T] value s_i, gradient d log pi_t
-    return clipped_objective(log_ratio, adv, cfg)
+    return clipped_objective(log_ratio, x.adv, cfg)
 
 
 # ---------------------------------------------------------------------------------------- aggregation

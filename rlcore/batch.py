@@ -102,3 +102,14 @@ class RolloutBatch:
             else:  # [B]
                 out[name] = torch.cat([b.__dict__[name] for b in batches])
         return RolloutBatch(**out)
+
+
+@dataclass
+class LossInputs:
+    """What a policy loss reads of one micro-batch besides the current log-probs, as one view: later fields
+    (importance weights, the behaviour policy of an async engine) reach every loss without a new signature."""
+
+    old_logp: torch.Tensor  # [b, T] pi_old of the ratio (the current log-probs, detached, when on-policy)
+    adv: torch.Tensor  # [b, T] advantages
+    mask: torch.Tensor  # [b, T] 1 on tokens the loss counts
+    sampler_logp: torch.Tensor | None = None  # [b, T] the log-probs of the engine that sampled (behaviour policy)

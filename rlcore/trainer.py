@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel
 
 from rlcore.algorithm import KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm, kl_estimate, lookup
-from rlcore.batch import RolloutBatch
+from rlcore.batch import LossInputs, RolloutBatch
 from rlcore.config import ConfigError, ExperimentConfig, TrainerConfig
 from rlcore.critic import Critic
 from rlcore.rollout import token_logprobs
@@ -206,7 +206,8 @@ class Trainer:
         mask = m.response_mask.to(dev)  # [b, T]
         logp, entropy = token_logprobs(self.model, m, with_entropy=True)  # [b, T], [b, T]
         old = m.old_logp.to(dev) if m.old_logp is not None else logp.detach()  # on-policy: ratio = 1, grad = PG
-        per_token, pl_metrics = self.policy_loss(logp, old, m.adv.to(dev), mask, a)  # [b, T]
+        view = LossInputs(old, m.adv.to(dev), mask, m.sampler_logp.to(dev))
+        per_token, pl_metrics = self.policy_loss(logp, view, a)  # [b, T]
         tok = float(mask.sum())
         stats = {k: (float((v * mask).sum()), tok) for k, v in pl_metrics.items()}
         stats["actor/pg_loss"] = (float((per_token.detach() * mask).sum()), tok)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlcore.algorithm import ADVANTAGES, GROUP_FILTERS, KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm, gae
-from rlcore.batch import RolloutBatch
+from rlcore.batch import LossInputs, RolloutBatch
 from rlcore.config import AlgorithmConfig
 
 
@@ -46,7 +46,7 @@ def test_grpo_loss_and_gradient_hand_computed() -> None:
     cfg = AlgorithmConfig()
     adv = ADVANTAGES["grpo"](b, cfg)
     logp = torch.full((4, 3), -1.0, requires_grad=True)
-    per_tok, metrics = POLICY_LOSSES["ppo_clip"](logp, logp.detach(), adv, b.response_mask, cfg)
+    per_tok, metrics = POLICY_LOSSES["ppo_clip"](logp, LossInputs(logp.detach(), adv, b.response_mask), cfg)
     norm = AggNorm(tokens=8, seqs=4, max_len=3)
     loss = LOSS_AGG["token_mean"](per_tok, b.response_mask, norm)
     s = 0.5 / math.sqrt(1 / 3)
@@ -62,7 +62,7 @@ def test_ppo_clip_clips_only_outside_the_trust_region() -> None:
     old = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[1.5, 1.1, 0.5, 0.9]]))  # ratios
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
-    loss, m = POLICY_LOSSES["ppo_clip"](logp, old, adv, mask, cfg)
+    loss, m = POLICY_LOSSES["ppo_clip"](logp, LossInputs(old, adv, mask), cfg)
     assert torch.allclose(loss, torch.tensor([[-1.2, -1.1, 0.8, 0.9]]), atol=1e-6)
     assert m["actor/clipfrac_high"].tolist() == [[1.0, 0.0, 0.0, 0.0]]
     assert m["actor/clipfrac_low"].tolist() == [[0.0, 0.0, 1.0, 0.0]]
@@ -115,7 +115,7 @@ def test_clip_higher_is_asymmetric() -> None:
     cfg = AlgorithmConfig(clip_eps=0.2, clip_eps_high=0.28)
     logp = torch.log(torch.tensor([[1.25, 1.3, 0.75]]))
     adv = torch.tensor([[1.0, 1.0, -1.0]])
-    loss, m = POLICY_LOSSES["ppo_clip"](logp, torch.zeros(1, 3), adv, torch.ones(1, 3), cfg)
+    loss, m = POLICY_LOSSES["ppo_clip"](logp, LossInputs(torch.zeros(1, 3), adv, torch.ones(1, 3)), cfg)
     assert torch.allclose(loss, torch.tensor([[-1.25, -1.28, 0.8]]), atol=1e-6)
     assert m["actor/clipfrac_high"].tolist() == [[0.0, 1.0, 0.0]] and m["actor/clipfrac_low"].tolist() == [[0, 0, 1.0]]
 
@@ -124,7 +124,7 @@ def test_dual_clip_caps_negative_advantage_losses() -> None:
     cfg = AlgorithmConfig(dual_clip=3.0)
     logp = torch.log(torch.tensor([[10.0, 2.0, 10.0]]))  # ratios far above 1
     adv = torch.tensor([[-1.0, -1.0, 1.0]])
-    loss, m = POLICY_LOSSES["ppo_clip"](logp, torch.zeros(1, 3), adv, torch.ones(1, 3), cfg)
+    loss, m = POLICY_LOSSES["ppo_clip"](logp, LossInputs(torch.zeros(1, 3), adv, torch.ones(1, 3)), cfg)
     # A<0: max(10, 1.2*... ) = 10 -> capped at 3; ratio 2 -> loss 2 (< 3, kept); A>0: clipped at -1.2 as usual
     assert torch.allclose(loss, torch.tensor([[3.0, 2.0, -1.2]]), atol=1e-6)
     assert m["actor/clipfrac_dual"].tolist() == [[1.0, 0.0, 0.0]]
@@ -137,7 +137,7 @@ def test_ratio_one_gives_the_vanilla_policy_gradient(name: str) -> None:
     logp = torch.randn(3, 4, requires_grad=True)
     adv = torch.randn(3, 1).expand(3, 4).contiguous()
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
-    loss, _ = POLICY_LOSSES[name](logp, logp.detach(), adv, mask, AlgorithmConfig())
+    loss, _ = POLICY_LOSSES[name](logp, LossInputs(logp.detach(), adv, mask), AlgorithmConfig())
     assert torch.allclose(loss.detach(), -adv)
     (loss * mask).sum().backward()
     assert torch.allclose(logp.grad, -adv * mask)
@@ -148,7 +148,7 @@ def test_gspo_shares_one_ratio_per_sequence() -> None:
     old = torch.zeros(2, 3)
     logp = torch.tensor([[0.3, -0.3, 0.6], [0.0, 0.0, 5.0]])  # row 2's third token is padding
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
-    _, m = POLICY_LOSSES["gspo"](logp, old, torch.ones(2, 3), mask, cfg)
+    _, m = POLICY_LOSSES["gspo"](logp, LossInputs(old, torch.ones(2, 3), mask), cfg)
     assert torch.allclose(m["actor/ratio"][0], torch.full((3,), math.exp(0.2)))  # exp(mean(0.3, -0.3, 0.6))
     assert torch.allclose(m["actor/ratio"][1, :2], torch.ones(2))  # padding does not enter the sequence ratio
 

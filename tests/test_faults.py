@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from rlcore import checkpoint, cli
 from rlcore.algorithm import POLICY_LOSSES, kl_estimate
+from rlcore.batch import LossInputs
 from rlcore.config import AlgorithmConfig, ConfigError
 from rlcore.controller import run
 from rlcore.loading import load_experiment
@@ -236,7 +237,7 @@ def test_one_extreme_token_cannot_make_the_policy_gradient_nan(objective: str) -
     old = torch.tensor([[0.0, -200.0, 0.0]])  # one token's probability rose by e^200 since sampling
 
     def loss(cfg):
-        return lambda logp: POLICY_LOSSES[objective](logp, old, adv, mask, cfg)[0]
+        return lambda logp: POLICY_LOSSES[objective](logp, LossInputs(old, adv, mask), cfg)[0]
 
     assert bool(torch.isfinite(_grad(loss(AlgorithmConfig()))).all())  # the default clamp (20)
     if objective != "gspo":  # (gspo's sequence mean already divides the outlier by the length)
