@@ -114,8 +114,8 @@ def test_nan_guard_skips_updates_then_fails_with_step_and_phase(lab: Path, monke
 
     real = POLICY_LOSSES["ppo_clip"]
 
-    def poisoned(logp, old, adv, mask, cfg):
-        loss, metrics = real(logp, old, adv, mask, cfg)
+    def poisoned(logp, inputs, cfg):
+        loss, metrics = real(logp, inputs, cfg)
         return loss * float("nan"), metrics
 
     monkeypatch.setitem(POLICY_LOSSES, "ppo_clip", poisoned)
