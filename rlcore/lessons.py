@@ -21,8 +21,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from rlcore.config import ConfigError, _Section, validate_model
-from rlcore.loading import load_experiment, parse_yaml, read_text_file
+from rlcore.config import ConfigError, _Section
+from rlcore.loading import load_experiment, parse_yaml, read_text_file, validate_model
 from rlcore.metrics import BY_NAME
 
 PARTS = {"0": "Orientation", "I": "Part I — the framework", "II": "Part II — algorithms", "III": "Part III — production",

@@ -9,8 +9,79 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from rlcore.config import ConfigError, ExperimentConfig, ModelConfig, validate_dict
+from rlcore.config import ConfigError, ExperimentConfig, ModelConfig
+
+# ---------------------------------------------------------------------------------------------- validation
+
+_UNION_TAGS = {"float", "int", "categorical", "addition"}  # discriminator tags pydantic puts in locations
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One pydantic error -> 'key.path: must be > 0, got -0.2'."""
+    loc = ".".join(str(p) for p in err["loc"]
+                   if not str(p).startswith("function-after") and str(p) not in _UNION_TAGS)
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    messages = {
+        "greater_than": lambda: f"must be > {ctx.get('gt')}, got {got!r}",
+        "greater_than_equal": lambda: f"must be >= {ctx.get('ge')}, got {got!r}",
+        "less_than": lambda: f"must be < {ctx.get('lt')}, got {got!r}",
+        "less_than_equal": lambda: f"must be <= {ctx.get('le')}, got {got!r}",
+        "extra_forbidden": lambda: "unknown key",
+        "literal_error": lambda: f"must be one of {ctx.get('expected')}, got {got!r}",
+        "missing": lambda: "required key is missing",
+        "union_tag_invalid": lambda: f"must be one of {ctx.get('expected_tags')}, got {ctx.get('tag')!r}",
+        "finite_number": lambda: f"must be a finite number, got {got!r}",
+        "string_too_short": lambda: "must not be empty",
+        "string_pattern_mismatch": lambda: (f"must not be blank, got {got!r}" if ctx.get("pattern") == r"\S"
+                                            else f"must match {ctx.get('pattern')!r}, got {got!r}"),
+        "string_too_long": lambda: f"must be at most {ctx.get('max_length')} characters",
+    }
+    if kind == "union_tag_invalid":  # the tag is the section's `name` (task.name)
+        loc = f"{loc}.name"
+    if kind in messages:
+        msg = messages[kind]()
+    elif kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+    else:  # type errors: keep pydantic's wording but show what was given
+        msg = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _unknown_key_hint(loc: tuple, model: type[BaseModel]) -> str:
+    """List the valid keys of the section that received an unknown key."""
+    section: Any = model
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part)) if isinstance(section, type) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        section = field.annotation
+    return f" (valid: {', '.join(section.model_fields)})"
+
+
+def validate_model(cls: type[BaseModel], raw: Any, what: str) -> Any:
+    """Validate `raw` against a schema; the first problem becomes a one-line ConfigError naming its key path."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        errs = e.errors()
+        first = errs[0]
+        msg = _describe(first)
+        if first["type"] == "extra_forbidden":
+            msg += _unknown_key_hint(first["loc"], cls)
+        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise ConfigError(msg + more) from None
+
+
+def validate_dict(raw: Any, base_dir: Path = Path(".")) -> ExperimentConfig:
+    cfg = validate_model(ExperimentConfig, raw, "experiment")
+    cfg._base_dir = base_dir
+    return cfg
 
 
 def set_value(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from rlcore.config import ConfigError, _Section, validate_model
-from rlcore.loading import load_experiment, load_yaml
+from rlcore.config import ConfigError, _Section
+from rlcore.loading import load_experiment, load_yaml, validate_model
 from rlcore.metrics import BY_NAME
 
 
