@@ -1,0 +1,68 @@
+"""The claims lessons make about gradients and optimizers, checked by computation (issue 17's first must-show)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlcore.algorithm import kl_k1, kl_k2, kl_k3
+
+
+def _expected_grad(estimator, logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """E_{y ~ pi_theta}[grad_theta k(y)] with y treated as a fixed sample (how a loss term sees it), by enumerating
+    every token y of a small softmax and weighting by pi_theta(y) (the weights carry no gradient)."""
+    theta = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, -1)  # [V]
+    per_token = estimator(logp, ref_logp)  # [V] the estimator's value at each possible sampled token
+    (logp.exp().detach() * per_token).sum().backward()
+    return theta.grad
+
+
+def _grad(f, logits: torch.Tensor) -> torch.Tensor:
+    theta = logits.clone().requires_grad_(True)
+    f(torch.log_softmax(theta, -1)).backward()
+    return theta.grad
+
+
+def test_kl_estimators_as_loss_terms_have_these_gradients() -> None:
+    """Lesson 03: as loss terms, k1's expected gradient is zero; k2's is the gradient of KL(pi || pi_ref); k3's is the
+    gradient of the other direction, KL(pi_ref || pi)."""
+    gen = torch.Generator().manual_seed(0)
+    logits, ref_logp = torch.randn(6, generator=gen), torch.log_softmax(torch.randn(6, generator=gen), -1)
+    ref = ref_logp.exp()
+
+    g1 = _expected_grad(kl_k1, logits, ref_logp)
+    g2 = _expected_grad(kl_k2, logits, ref_logp)
+    g3 = _expected_grad(kl_k3, logits, ref_logp)
+    forward = _grad(lambda lp: (lp.exp() * (lp - ref_logp)).sum(), logits)  # grad KL(pi || pi_ref)
+    reverse = _grad(lambda lp: (ref * (ref_logp - lp)).sum(), logits)  # grad KL(pi_ref || pi)
+    assert torch.allclose(g1, torch.zeros(6), atol=1e-7)
+    assert torch.allclose(g2, forward, atol=1e-6)
+    assert torch.allclose(g3, reverse, atol=1e-6)
+    assert not torch.allclose(forward, reverse, atol=1e-3)  # the two directions really differ here
+
+
+def test_adam_ignores_a_constant_gradient_scale() -> None:
+    """Lessons 04, 05, 12: multiplying every gradient by a constant (GRPO's std scaling, were it constant) leaves
+    Adam's steps unchanged up to eps: m / sqrt(v) is scale-free. What std scaling changes is how groups are weighted
+    *against each other*, since each group has its own std."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, generator=gen) for _ in range(10)]
+    out = []
+    for scale in (1.0, 2.0, 7.0):
+        p = torch.nn.Parameter(torch.zeros(5))
+        opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.0)
+        for g in grads:
+            p.grad = g * scale
+            opt.step()
+        out.append(p.detach().clone())
+    assert torch.allclose(out[0], out[1], atol=1e-6) and torch.allclose(out[0], out[2], atol=1e-6)
+
+
+def test_dropping_the_critic_saves_about_half_of_the_trainable_state() -> None:
+    """Lesson 11: PPO trains a policy and a critic of the same size (the critic is a copy of the trunk plus a scalar
+    head); each has weights, gradients and two AdamW moments (4 copies). GRPO keeps the policy's 4 copies and the
+    frozen reference's 1, PPO both models' 4 plus the reference: 5 vs 9 model-sized tensors, about 56 %."""
+    n = 1.0  # one model's parameters
+    grpo = 4 * n + 1 * n  # policy: weights, grads, Adam m, v; + frozen reference weights
+    ppo = grpo + 4 * n  # + critic: weights, grads, Adam m, v
+    assert round(grpo / ppo, 2) == 0.56
