@@ -194,8 +194,12 @@ def stale_policy() -> None:
     adv = torch.where(torch.rand(4096, 1, generator=gen) < 0.5, 1.0, -1.0)
     _, m = POLICY_LOSSES["ppo_clip"](log_ratio, LossInputs(torch.zeros_like(log_ratio), adv, torch.ones_like(adv)), AlgorithmConfig())
     frac = float((m["actor/clipfrac_low"] + m["actor/clipfrac_high"]).mean())
+    eps = AlgorithmConfig().clip_eps
+    outside = float(((log_ratio.exp() < 1 - eps) | (log_ratio.exp() > 1 + eps)).float().mean())
+    st.metric("Outside the clip range", f"{outside:.1%}")
     st.metric("Clipped tokens", f"{frac:.1%}")
-    st.caption("Above ~30 % the update is mostly clipped: pi_old is too stale (lesson 28's canary).")
+    st.caption("A token outside the range is clipped only when its advantage pushes it further out (about half of "
+               "them). Above ~30 % clipped, the update is mostly clipped: pi_old is too stale (lesson 28's canary).")
 
 
 @control("07")
@@ -250,7 +254,9 @@ def reinforce_noise() -> None:
         g = torch.tensor(grads)
         rows.append({"baseline": baseline, "mean gradient": float(g.mean()), "std of the estimate": float(g.std())})
     st.dataframe(pd.DataFrame(rows).round(4), hide_index=True, key="c09_table")
-    st.caption("True gradient: 0.5 x 0.5 x (0.9 - 0.7) = 0.05. Same mean, smaller spread with the baseline.")
+    st.caption(f"True gradient: 0.5 x 0.5 x (0.9 - 0.7) = 0.05. The batch mean includes each sample's own reward, so "
+               f"its estimate shrinks by (K-1)/K = {(k - 1) / k:.3f}, to {0.05 * (k - 1) / k:.4f} on average (a "
+               "leave-one-out mean, RLOO's, would not shrink it); in exchange its spread is far smaller.")
 
 
 @control("13")

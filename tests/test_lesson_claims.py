@@ -66,3 +66,36 @@ def test_dropping_the_critic_saves_about_half_of_the_trainable_state() -> None:
     grpo = 4 * n + 1 * n  # policy: weights, grads, Adam m, v; + frozen reference weights
     ppo = grpo + 4 * n  # + critic: weights, grads, Adam m, v
     assert round(grpo / ppo, 2) == 0.56
+
+
+def _control(lesson_id: str):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_string(f"from dashboard.controls import CONTROLS\nCONTROLS[{lesson_id!r}]()\n",
+                             default_timeout=60).run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def test_control_04_gives_zeros_for_an_all_right_group_under_every_estimator() -> None:
+    """Lesson 04's 'Try': `1, 1, 1, 1` gives zeros everywhere in the control (the group is the whole batch)."""
+    at = _control("04")
+    at.text_input[0].set_value("1, 1, 1, 1").run()
+    table = at.dataframe[0].value
+    assert (table.drop(columns="reward").abs().to_numpy() < 1e-6).all()
+
+
+def test_control_06_separates_outside_the_range_from_clipped() -> None:
+    """Lesson 06's 'Try': at interval 8, 36 % of tokens are outside the clip range and 18 % are clipped."""
+    at = _control("06")
+    at.slider(key="c06_n").set_value(8).run()
+    shown = {m.label: m.value for m in at.metric}
+    assert shown == {"Outside the clip range": "36.4%", "Clipped tokens": "18.2%"}
+
+
+def test_control_09_says_the_batch_mean_shrinks_the_estimate() -> None:
+    """Lesson 09: with the sample's own reward in the batch mean, the mean gradient is (K-1)/K of the true one."""
+    at = _control("09")
+    table = at.dataframe[0].value.set_index("baseline")
+    shrunk = table.loc["batch_mean", "mean gradient"]
+    assert abs(shrunk - 0.05 * 7 / 8) < 0.004 and "(K-1)/K = 0.875" in at.caption[0].value
