@@ -111,11 +111,14 @@ def start(root: Path, file: str, overrides: list[str], extra: list[str] | None =
     for o in overrides:
         cmd += ["--set", o]
     cmd += extra or []
-    launch_id = time.strftime("%Y%m%d-%H%M%S") + f"-{path.stem}-{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
+    return _spawn(root, cmd, path.stem, file, overrides)
+
+
+def _spawn(root: Path, cmd: list[str], stem: str, file: str, overrides: list[str]) -> Launch:
+    launch_id = time.strftime("%Y%m%d-%H%M%S") + f"-{stem}-{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
     d = launches_dir(root)
     log = d / f"{launch_id}.log"
     rc = d / f"{launch_id}.rc"
-    # The shell records the exit code, so the page can tell finished from failed after the process is gone.
     # The shell ignores SIGTERM (rlcore sets its own handler), so Stop reaches the run, which closes cleanly, and the
     # shell lives on to record its exit status.
     shell = f'trap "" TERM; {" ".join(_quote(c) for c in cmd)}; echo $? > {_quote(str(rc))}'
@@ -125,6 +128,15 @@ def start(root: Path, file: str, overrides: list[str], extra: list[str] | None =
     launch = Launch(launch_id, file, overrides, proc.pid, time.time(), cmd)
     (d / f"{launch_id}.json").write_text(json.dumps(asdict(launch)))
     return launch
+
+
+def start_lesson(root: Path, lesson_id: str) -> Launch:
+    """`rlcore lesson ID` in the background: the lesson's own plan (variants, overrides, seeds, tags)."""
+    from rlcore.lessons import load_all, select
+
+    (lesson,) = select(load_all(root), lesson_id)  # a ConfigError for an unknown id, before anything starts
+    cmd = [sys.executable, "-m", "rlcore.cli", "lesson", lesson.meta.id]
+    return _spawn(root, cmd, f"lesson-{lesson.meta.id}", lesson.path.name, [])
 
 
 def _quote(s: str) -> str:

@@ -3,6 +3,7 @@ against the official MLflow client, the findings rules, and the launcher's sandb
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -177,6 +178,44 @@ def test_lessons_page_renders_text_control_and_runs(dash: Path, monkeypatch: pyt
     after = frame(at, "advantage")
     assert not before.equals(after)  # the control recomputes with rlcore's GRPO estimator
     assert len(at.get("vega_lite_chart")) >= 1  # the paired experiment's runs
+
+
+def test_lessons_page_prefers_the_lessons_runs_labels_variants_and_bands_seeds(dash: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lesson's own runs (tagged with it) are charted first, one line per variant, the mean over its seeds with a
+    band; the preset's other runs are a separate, labelled group; the button runs the lesson's plan."""
+    from dashboard import launcher
+
+    base = ["trainer.steps=3", "logging.eval_every=3", "logging.num_samples=0", "logging.tags.lesson='11'"]
+    for variant, beta in (("algorithm.kl_coef=0", 0.0), ("algorithm.kl_coef=0.2", 0.2)):
+        for seed in (0, 1):
+            run(load_experiment(dash / "rl.yaml", [*base, f"algorithm.kl_coef={beta}", f"seed={seed}",
+                                                   f"logging.tags.variant='{variant}'"]), root=dash)
+    import streamlit as st
+
+    st.cache_data.clear()  # an earlier test's page read the runs before these existed
+    at = app(dash, monkeypatch, "lessons")
+    assert any("This lesson's runs: 4 (2 variant(s)" in c.value for c in at.caption)
+    assert any("Other runs of the same experiments" in e.label for e in at.expander)
+    specs = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+    own = [sp for sp in specs if "variant" in json.dumps(sp)]
+    assert own, "no chart drawn by variant"
+    import pyarrow as pa
+
+    chart = next(c for c in at.get("vega_lite_chart") if "variant" in c.proto.spec)
+    data = pa.ipc.open_stream(chart.proto.datasets[0].data.data).read_all().to_pandas() if chart.proto.datasets else \
+        pa.ipc.open_stream(chart.proto.data.data).read_all().to_pandas()
+    assert set(data["variant"]) == {"algorithm.kl_coef=0", "algorithm.kl_coef=0.2"}
+    assert (data["hi"] > data["lo"]).any()  # two seeds of one variant: a band of nonzero width
+    assert any(layer.get("mark", {}).get("type") == "area" for sp in own for layer in sp.get("layer", []))
+    launch = launcher.start_lesson(dash, "11")
+    try:
+        assert launch.command[-3:] == ["rlcore.cli", "lesson", "11"]
+    finally:
+        import os
+        import signal
+
+        os.killpg(launch.pid, signal.SIGKILL)
 
 
 def test_sweeps_page_without_a_study_says_so(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:

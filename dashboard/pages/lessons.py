@@ -8,6 +8,26 @@ from rlcore.config import ConfigError
 from rlcore.lessons import PARTS, load_all
 from rlcore.loading import load_experiment
 
+
+def lesson_charts(own, keys: tuple[str, ...]):
+    """(metric, chart) per key: one line per variant (what the lesson changes), the mean over its seeds with a
+    mean ± std band; one seed is drawn as it is."""
+    h = common.history(common.store().uri, tuple(own["run_id"]), keys)
+    if h.empty:
+        return
+    meta = own.set_index("run_id")
+    h["variant"] = h["run_id"].map(meta["variant"].fillna("base"))
+    for key in keys:
+        part = h[h["key"] == key]
+        if part.empty:
+            continue
+        agg = part.groupby(["variant", "step"])["value"].agg(["mean", "std", "count"]).reset_index()
+        agg["std"] = agg["std"].fillna(0.0)
+        agg = agg.rename(columns={"mean": "value"}).assign(lo=lambda d: d["value"] - d["std"],
+                                                          hi=lambda d: d["value"] + d["std"])
+        yield key, common.line_chart(agg, color="variant", title=key, lo="lo", hi="hi")
+
+
 st.title("Lessons")
 root = common.root()
 try:
@@ -61,23 +81,27 @@ else:
                 except ConfigError as e:
                     st.error(f"{f}: {e}")
             if runs is not None:
-                paired = runs["lesson"].fillna("").str.split(",").map(lambda ids: m.id in ids)  # a run may serve lessons
-                mine = runs[paired | runs["experiment"].isin(names.values())]
-                mine = mine[mine["rlcore.kind"] == "rl"]
-                if mine.empty:
-                    st.caption("None of the paired experiments has been run yet.")
+                rl = runs[runs["rlcore.kind"] == "rl"]
+                tagged = rl["lesson"].fillna("").str.split(",").map(lambda ids: m.id in ids)  # a run may serve lessons
+                own, presets = rl[tagged], rl[~tagged & rl["experiment"].isin(names.values())]
+                keys = tuple(m.metrics or common.DEFAULT_METRICS[:2])
+                if own.empty:
+                    st.caption(f"This lesson's runs have not been made yet: `rlcore lesson {m.id}` (or the button below).")
                 else:
-                    uri = common.store().uri
-                    keys = m.metrics or common.DEFAULT_METRICS[:2]
-                    h = common.history(uri, tuple(mine["run_id"].head(12)), tuple(keys))
-                    h["run"] = h["run_id"].map(common.label(runs))
-                    for key in keys:
-                        part = h[h["key"] == key]
-                        if not part.empty:
-                            st.altair_chart(common.line_chart(part, title=key), width="stretch")
+                    st.caption(f"This lesson's runs: {len(own)} ({own['variant'].fillna('base').nunique()} variant(s); "
+                               "seeds of one variant as mean ± std)")
+                    for _key, chart in lesson_charts(own, keys):
+                        st.altair_chart(chart, width="stretch")
+                if not presets.empty:
+                    with st.expander(f"Other runs of the same experiments ({len(presets)}, not made for this lesson)"):
+                        h = common.history(common.store().uri, tuple(presets["run_id"].head(12)), keys)
+                        h["run"] = h["run_id"].map(common.label(runs))
+                        for key in keys:
+                            part = h[h["key"] == key]
+                            if not part.empty:
+                                st.altair_chart(common.line_chart(part, title=key), width="stretch")
             from dashboard import launcher
 
-            for f in m.experiments:
-                if st.button(f"Run {f} in the background", key=f"run-{f}"):
-                    launch = launcher.start(root, f, [f"logging.tags.lesson='{m.id}'"])
-                    st.success(f"started {launch.id}: follow it on the Launch page; the runs appear here when they land")
+            if st.button(f"Run this lesson's plan in the background (rlcore lesson {m.id})", key=f"run-lesson-{m.id}"):
+                launch = launcher.start_lesson(root, m.id)
+                st.success(f"started {launch.id}: follow it on the Launch page; the runs appear here when they land")
