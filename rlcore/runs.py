@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from rlcore.tracking import CONFIG_TAG, HOST, OWNER_TAG, Tracker, experiment_id, tracking_settings
+from rlcore.tracking import CONFIG_TAG, OWNER_TAG, Tracker, experiment_id, local_process_alive, owner, tracking_settings
 
 
 def client(root: Path | None = None):
@@ -21,19 +21,11 @@ def client(root: Path | None = None):
 
 
 def owner_alive(tag: str | None) -> bool:
-    """Whether the process named by an owner tag exists (on another host: assumed alive, we cannot tell)."""
+    """Whether the process named by an owner tag exists, other than this one (on another host: assumed alive)."""
     if not tag:
         return False
-    host, _, pid = tag.rpartition(":")
-    if host != HOST:
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return int(pid) != os.getpid()
+    alive = local_process_alive(tag)
+    return True if alive is None else alive and tag != owner()
 
 
 def run_state(root: Path, run_id: str) -> tuple[str | None, bool]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import multiprocessing as mp
 import os
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,8 +25,8 @@ from rlcore import optuna_store, runs
 from rlcore.config import ConfigError
 from rlcore.loading import load_experiment
 from rlcore.sweep_config import FloatParam, IntParam, SweepConfig, load_sweep
+from rlcore.tracking import local_process_alive, owner
 
-HOST = socket.gethostname()
 HEARTBEAT_S = 10.0  # a running trial refreshes its heartbeat this often ...
 STALE_S = 60.0  # ... and is presumed dead (worker on another machine) after this long without one
 
@@ -115,20 +114,14 @@ def claim_lock(root: Path, name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _alive(owner: str | None, heartbeat: float | None) -> bool:
+def _alive(owner_tag: str | None, heartbeat: float | None) -> bool:
     """Whether the worker that owns a RUNNING trial still exists."""
-    if owner is None:
+    if owner_tag is None:
         return True  # just asked, attributes not written yet
-    host, _, pid = owner.rpartition(":")
-    if host == HOST:
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return heartbeat is None or time.time() - heartbeat < STALE_S
+    alive = local_process_alive(owner_tag)
+    if alive is not None:
+        return alive
+    return heartbeat is None or time.time() - heartbeat < STALE_S  # another host: its heartbeat says
 
 
 def reap_stale(study, client) -> int:
@@ -233,7 +226,7 @@ def worker(sweep_path: str, trials: int | None, worker_index: int, threads: int,
             if counted(counts(study)) >= sw.n_trials:
                 return
             trial = study.ask(dists)
-            trial.set_user_attr("worker", f"{HOST}:{os.getpid()}")
+            trial.set_user_attr("worker", owner())
         params = {k: trial.params[k] for k in sw.space}
         try:
             cfg = load_experiment(sw.base_path,

@@ -96,6 +96,21 @@ def owner() -> str:
     return f"{HOST}:{os.getpid()}"
 
 
+def local_process_alive(owner_tag: str) -> bool | None:
+    """For an owner `host:pid` (see `owner`): whether that process exists when it is on this host; None when it is on
+    another host (no way to tell from here)."""
+    host, _, pid = owner_tag.rpartition(":")
+    if host != HOST:
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def git_commit(root: Path) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
