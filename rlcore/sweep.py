@@ -332,12 +332,15 @@ def run_sweep(path: str | Path, trials: int | None = None, workers: int | None =
                 time.sleep(1.0)
             bar.close()
         c = counts(study)
-        status = "FINISHED" if counted(c) >= sw.n_trials and c["RUNNING"] == 0 else "KILLED"
+        # Trials still RUNNING now belong to another launcher joined to the study (another machine): the parent
+        # stays open, and the last launcher to finish closes it.
+        status = "RUNNING" if c["RUNNING"] else "FINISHED" if counted(c) >= sw.n_trials else "KILLED"
     finally:
         for p in procs:  # Ctrl-C reached the workers too; give them time to close their runs
             p.join(timeout=30)
         update_parent(client, parent, study, sw.objective.direction)
-        client.set_terminated(parent, status=status)
+        if status != "RUNNING":
+            client.set_terminated(parent, status=status)
     return summary(sw, study, parent)
 
 

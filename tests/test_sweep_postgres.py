@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -78,15 +79,26 @@ storage: {postgres}/optuna
     # Create the MLflow schema once before two writers start (two processes migrating a fresh store can collide).
     subprocess.run([sys.executable, "-c", "from rlcore.runs import client; client(None)"],
                    cwd=lab, env=env, check=True, timeout=300)
+    sw = load_sweep(path)
+    storage = storage_from_spec(sw.storage, lab)  # ... and Optuna's tables, so the poll below creates nothing
     cmd = [sys.executable, "-m", "rlcore.cli", "sweep", str(path)]
-    first = subprocess.Popen(cmd, cwd=lab, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # the second "machine" joins while the first is working
+    # The first "machine" stops claiming once the study holds 3 trials, so the second must take the other 3 however
+    # fast or slow either starts; the second joins once the first holds a trial, so both take part.
+    first = subprocess.Popen([*cmd, "--trials", "3"], cwd=lab, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while first.poll() is None and time.time() < deadline:
+        try:
+            if optuna.load_study(study_name="pg-sweep", storage=storage).get_trials(deepcopy=False):
+                break
+        except KeyError:  # the first has not created the study yet
+            pass
+        time.sleep(0.5)
     second = subprocess.Popen(cmd, cwd=lab, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for p in (first, second):
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
-    sw = load_sweep(path)
-    study = make_study(sw, storage_from_spec(sw.storage, lab))
+    study = make_study(sw, storage)
     trials = study.get_trials()
     assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)  # each trial ran exactly once
     owners = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials}
@@ -94,7 +106,7 @@ storage: {postgres}/optuna
     c = MlflowClient(f"{postgres}/mlflow")
     runs = c.search_runs([c.get_experiment_by_name("pg-sweep").experiment_id])
     parents = [r for r in runs if r.data.tags.get("rlcore.kind") == "sweep"]
-    assert len(parents) == 1
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # closed by the last launcher to finish
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(int(r.data.tags["rlcore.trial"]) for r in children) == list(range(6))
     assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
