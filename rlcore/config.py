@@ -99,10 +99,21 @@ class TaskConfig(_Section):
         "the environment appends `(result)` as context the loss, KL and entropy never count.",
     )
     max_tool_calls: int = Field(1, ge=1, le=64, description="Turn cap: tool calls honoured per completion (later ones are text).")
+    mask_tool_output: bool = Field(
+        True, description="Keep the environment's tokens out of the loss, KL and entropy. False is the bug lesson 08 "
+        "shows: the policy is trained on the calculator's answer as if it had written it.",
+    )
     sft_tool_frac: float = Field(
         0.0, ge=0, le=1, description="Share of warm-start (SFT) examples written as a tool-use trace `[A+B](C)C`; the "
         "rest answer directly. Below 1 the warm start calls the tool only sometimes, which RL can then learn to do.",
     )
+
+    @model_validator(mode="after")
+    def _mask_needs_tool(self) -> TaskConfig:
+        if not self.mask_tool_output and self.tool == "none":
+            raise ValueError("mask_tool_output: false needs a tool (task.tool: calculator); without one there is "
+                             "no environment output to mask")
+        return self
 
     @model_validator(mode="after")
     def _digits_order(self) -> TaskConfig:

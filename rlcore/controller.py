@@ -78,7 +78,8 @@ def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None) -> L
     critic = Critic(policy, cfg, acc) if needs.values else None
     trainer = Trainer(policy, cfg, acc, critic)
     engine = ENGINES[cfg.rollout.engine](trainer.unwrapped, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template,
-                                         tool=make_tool(cfg.task.tool), max_tool_calls=cfg.task.max_tool_calls)
+                                         tool=make_tool(cfg.task.tool), max_tool_calls=cfg.task.max_tool_calls,
+                                         mask_tool_output=cfg.task.mask_tool_output)
     return Loop(cfg=cfg, acc=acc, task=make_task(cfg.task), tokenizer=tokenizer, engine=engine, reference=reference,
                 trainer=trainer, critic=critic, needs=needs, local=slice(rank * n // world, (rank + 1) * n // world),
                 group_filter=lookup(GROUP_FILTERS, cfg.algorithm.group_filter, "group_filter"), warm_start=warm_start)

@@ -142,12 +142,35 @@ def select(lessons: list[Lesson], spec: str) -> list[Lesson]:
     return [x for x in lessons if x.meta.id in chosen]
 
 
+def variant_label(lesson: Lesson, file: str, variant: list[str]) -> str:
+    """What tells this line of the lesson's charts from the others: the experiment (when the lesson pairs several)
+    and the variant's overrides with their section dropped (`kl_coef=0.2`), e.g. `grpo · kl_coef=0.2`."""
+    m = lesson.meta
+    parts = [Path(file).stem] if len(m.experiments) > 1 or len(m.variants) == 1 else []
+    if len(m.variants) > 1:
+        parts.append(", ".join(o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[1] for o in variant)
+                     or "base")
+    return " · ".join(parts)
+
+
+def plan_groups(lesson: Lesson, root: Path) -> dict[str, str]:
+    """MLflow `rlcore.group` (config without seed and logging) -> line label, for every (experiment, variant) of the
+    lesson's plan. The dashboard finds a lesson's runs by config, not by tag: a run made for another lesson, or by
+    hand, with the same config is the same run; a run of an older plan is not this lesson's any more."""
+    out: dict[str, str] = {}
+    for f in lesson.meta.experiments:
+        for variant in lesson.meta.variants:
+            cfg = load_experiment(root / "experiments" / f, [*lesson.meta.overrides, *variant])
+            out.setdefault(cfg.seed_group(), variant_label(lesson, f, variant))
+    return out
+
+
 def planned_runs(lesson: Lesson) -> list[tuple[str, list[str]]]:
     """(experiment file, overrides) of every run `rlcore lesson NN` makes, tagged with the lesson and its variant."""
     out = []
     for f in lesson.meta.experiments:
         for variant in lesson.meta.variants:
-            label = ",".join(variant) or "base"
+            label = variant_label(lesson, f, variant)
             for seed in lesson.meta.seeds:
                 tags = [f"logging.tags.lesson='{lesson.meta.id}'", f"logging.tags.variant='{label}'"]
                 out.append((f, [*lesson.meta.overrides, *variant, f"seed={seed}", *tags]))

@@ -62,9 +62,15 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("critic/explained_var", "fraction", "1 - Var(R - V_old) / Var(R) over response tokens (1 = perfect critic)", "10"),
     # KL to reference
     MetricDef("kl/mean", "nats", "token mean of the chosen estimator of KL(pi_theta || pi_ref)", "03"),
+    MetricDef("kl/k3_mean", "nats", "token mean of k3 = rho - 1 - log rho, rho = pi_ref / pi_theta, whatever "
+              "kl_estimator the loss uses: the KL figure to compare across estimators", "03"),
     # response
     MetricDef("response/length_mean", "tokens", "mean completion length (tokens up to and including EOS)", "14"),
     MetricDef("response/length_max", "tokens", "longest completion in the batch", "14"),
+    MetricDef("response/length_wrong_mean", "tokens", "mean length of completions the task scored wrong (task reward "
+              "< 1, before shaping); absent when every completion is right", "14"),
+    MetricDef("response/length_right_mean", "tokens", "mean length of completions the task scored right; absent when "
+              "none is", "14"),
     MetricDef("response/tool_call_frac", "fraction", "completions that called the tool (agentic runs only)", "08"),
     MetricDef("response/clip_ratio", "fraction", "completions cut at max_new_tokens without EOS", "22b"),
     # eval (held-out, never trained on)
@@ -106,7 +112,10 @@ def batch_metrics(batch: RolloutBatch, acc: Accelerator, k: int) -> dict[str, fl
     rewards, lengths, clipped, shaping = g[:, 0], g[:, 1], g[:, 2], g[:, 3]
     groups = rewards.view(-1, k)  # rows are prompt-major, so each row of this view is one group
     mask = batch.response_mask
-    return {
+    right = (rewards - shaping) >= 1.0  # [B_global] the task's verdict, before any length shaping
+    by_verdict = {f"response/length_{name}_mean": float(lengths[rows].mean())
+                  for name, rows in (("wrong", ~right), ("right", right)) if bool(rows.any())}
+    return by_verdict | {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
         "reward/overlong_penalty": float(shaping.mean()),

@@ -87,12 +87,15 @@ class RolloutEngine:
     """The first engine: samples completions from `model`, the policy module itself (weight-sync is free)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, chat: bool = False,
-                 tool: Calculator | None = None, max_tool_calls: int = 1):
+                 tool: Calculator | None = None, max_tool_calls: int = 1, mask_tool_output: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.chat = chat
         self.generator = torch.Generator().manual_seed(seed)
         self.tool, self.max_tool_calls = tool, max_tool_calls
+        # False only to show the bug (lesson 08): the tool's tokens enter response_mask with the policy's log-prob
+        # of them, as if the model had sampled them.
+        self.mask_tool_output = mask_tool_output
         if tool is not None:
             self._open, self._close = (tokenizer.convert_tokens_to_ids(c) for c in (tool.open, tool.close))
 
@@ -162,9 +165,12 @@ class RolloutEngine:
             for i in (i for i in range(B) if forced[i]):
                 tok[i], chosen[i] = forced[i].pop(0), False
                 tool_mask[i, t] = 1.0
+                if not self.mask_tool_output:
+                    logp[i] = 0.0 if greedy else probs[i, tok[i]].clamp(min=1e-30).log()
+            counted = chosen if self.mask_tool_output else active  # rows whose token at t the loss, KL, entropy count
             tokens[:, t] = torch.where(active, tok, pad)
-            sampler_logp[:, t] = torch.where(chosen, logp, 0.0)
-            resp_mask[:, t] = chosen.float()
+            sampler_logp[:, t] = torch.where(counted, logp, 0.0)
+            resp_mask[:, t] = counted.float()
             alive[:, t] = active.long()
             finished |= chosen & (tok == eos)
             if self.tool is not None:
@@ -219,10 +225,10 @@ class SeparateEngine(RolloutEngine):
     engines are fed); the copy is what `timing/sync` and `perf/sync_mb` measure (lesson 06)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, chat: bool = False,
-                 tool: Calculator | None = None, max_tool_calls: int = 1):
+                 tool: Calculator | None = None, max_tool_calls: int = 1, mask_tool_output: bool = True):
         copy_ = copy.deepcopy(model).eval()
         copy_.requires_grad_(False)
-        super().__init__(copy_, tokenizer, seed, chat, tool, max_tool_calls)
+        super().__init__(copy_, tokenizer, seed, chat, tool, max_tool_calls, mask_tool_output)
 
     @torch.no_grad()
     def load_weights(self, policy: torch.nn.Module) -> int:

@@ -218,6 +218,9 @@ class Trainer:
             if a.kl_placement == "loss":  # with `reward`, the anchor already shaped the advantages
                 per_token = per_token + a.kl_coef * kl
             stats["kl/mean"] = (float((kl.detach() * mask).sum()), tok)
+            # One yardstick whatever estimator the loss uses, so runs with k1, k2 and k3 can be compared (lesson 03).
+            k3 = kl if a.kl_estimator == "k3" else kl_estimate("k3", logp.detach(), m.ref_logp.to(dev), a.kl_clamp)
+            stats["kl/k3_mean"] = (float((k3.detach() * mask).sum()), tok)
         loss = self.loss_agg(per_token, mask, norm)
         stats["_policy_loss"] = float(loss.detach())
         return loss, stats

@@ -44,9 +44,10 @@ class Scripted(torch.nn.Module):
         return SimpleNamespace(logits=logits, past_key_values="cache")
 
 
-def run(scripts: list[str], problems: list[Problem], max_calls: int = 1) -> RolloutBatch:
+def run(scripts: list[str], problems: list[Problem], max_calls: int = 1, mask: bool = True) -> RolloutBatch:
     tok = char_tokenizer()
-    engine = RolloutEngine(Scripted(tok, scripts), tok, seed=0, tool=Calculator(), max_tool_calls=max_calls)
+    engine = RolloutEngine(Scripted(tok, scripts), tok, seed=0, tool=Calculator(), max_tool_calls=max_calls,
+                           mask_tool_output=mask)
     return engine.generate(problems, 1, Sampling(24))
 
 
@@ -64,6 +65,28 @@ def test_tool_tokens_are_context_but_masked_exactly() -> None:
     assert b.attention_mask[0, P + 8 : P + 13].tolist() == [1] * 5  # but in the context
     assert b.tool_mask[1].sum() == 0 and b.response_mask[1].sum() == 4
     assert (b.sampler_logp[0, 8:13] == 0).all()
+
+
+def test_mask_off_trains_on_the_tool_output_with_the_policys_logprob() -> None:
+    # Lesson 08's bug on purpose: the same rollout, but the tool's span "(357)" enters the loss/KL/entropy mask,
+    # each token with the log-prob the policy gave it (the script put its mass elsewhere: about -60 nats).
+    on = run(["[12+345].....357"], [Problem("12+345=", "357")])
+    off = run(["[12+345].....357"], [Problem("12+345=", "357")], mask=False)
+    assert off.completions == on.completions and torch.equal(off.tool_mask, on.tool_mask)
+    assert off.response_mask[0, 8:13].tolist() == [1.0] * 5 and off.response_mask.sum() == on.response_mask.sum() + 5
+    assert (off.sampler_logp[0, 8:13] < -50).all() and torch.equal(off.sampler_logp[0, :8], on.sampler_logp[0, :8])
+
+
+def test_mask_off_needs_a_tool() -> None:
+    import pytest
+
+    from rlcore.config import ConfigError
+    from rlcore.loading import validate_model
+
+    with pytest.raises(ConfigError, match="mask_tool_output"):
+        validate_model(ExperimentConfig, {"task": {"mask_tool_output": False}}, "experiment")
+    cfg = validate_model(ExperimentConfig, {"task": {"tool": "calculator", "mask_tool_output": False}}, "experiment")
+    assert cfg.task.mask_tool_output is False
 
 
 def score_rows(b: RolloutBatch) -> list[float]:
