@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.data import Store, StoreError
+from rlcore.metrics import BY_NAME
 from rlcore.tracking import project_root
 
 # RL defaults pinned first in every metric picker.
@@ -79,15 +80,40 @@ def pick_runs(runs: pd.DataFrame, key: str = "runs", default_n: int = 2, help: s
     return chosen
 
 
+def metric_table(keys: list[str] | tuple[str, ...]) -> pd.DataFrame:
+    """The catalogue's rows for `keys` (in that order; keys not in the catalogue are left out): what each metric
+    computes, its unit, what a healthy run shows, the red flag, and the lesson that explains it."""
+    rows = [BY_NAME[k] for k in keys if k in BY_NAME]
+    return pd.DataFrame({"metric": [m.name for m in rows], "unit": [m.unit for m in rows],
+                         "formula": [m.formula for m in rows], "healthy": [m.healthy for m in rows],
+                         "red flag": [m.red_flag for m in rows], "lesson": [m.lesson for m in rows]})
+
+
+def _wrap(text: str, width: int = 70) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line] if line else lines
+
+
 def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: str = "", band: bool = True,
-               lo: str = "vmin", hi: str = "vmax", domain: list[str] | None = None) -> alt.Chart:
+               lo: str = "vmin", hi: str = "vmax", domain: list[str] | None = None, metric: str = "") -> alt.Chart:
     """One metric: a line per `color` value plus its band (min/max of the bucket, or mean +- std). `domain` fixes
-    the color of each series across charts (a run keeps its color even in a chart where another run is missing)."""
+    the color of each series across charts (a run keeps its color even in a chart where another run is missing).
+    A catalogue `metric` (default: the title) gets its unit and formula as the subtitle and its unit in the tooltip."""
     scale = alt.Scale(domain=domain) if domain else alt.Undefined
+    m = BY_NAME.get(metric or title)
+    value_title = f"{m.name} ({m.unit})" if m else "value"
     base = alt.Chart(frame).encode(x=alt.X(f"{x}:Q", title=x), color=alt.Color(f"{color}:N", title=None, scale=scale))
     line = base.mark_line().encode(y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
-                                   tooltip=[color, x, alt.Tooltip("value:Q", format=".4g")])
+                                   tooltip=[color, x, alt.Tooltip("value:Q", format=".4g", title=value_title)])
     layers = [line]
     if band and lo in frame and hi in frame:
         layers.insert(0, base.mark_area(opacity=0.18).encode(y=f"{lo}:Q", y2=f"{hi}:Q"))
-    return alt.layer(*layers).properties(title=title, height=220)
+    heading = alt.TitleParams(text=title, subtitle=_wrap(f"{m.unit} · {m.formula}"), subtitleFontSize=10,
+                              anchor="start") if m else title
+    return alt.layer(*layers).properties(title=heading, height=220)

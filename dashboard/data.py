@@ -20,7 +20,7 @@ from rlcore.tracking import project_root, tracking_settings
 
 # Tags the pages filter and group by; read for every run.
 RUN_TAGS = ("algorithm", "rlcore.kind", "rlcore.group", "seed", "rlcore.study", "rlcore.trial", "rlcore.trial_state",
-            "mlflow.parentRunId", "lesson", "variant", "task", "model", "world_size")
+            "mlflow.parentRunId", "lesson", "variant", "task", "model", "world_size", "warm_start.sha256")
 RUN_COLUMNS = ["run_id", "name", "experiment", "status", "start", "end", "duration_s", *RUN_TAGS]
 
 

@@ -15,6 +15,10 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,8 +83,43 @@ def load_all(root: Path) -> list[Lesson]:
     return [parse(p) for p in sorted((root / "lessons").glob("[0-9][0-9]*.md"))]
 
 
+SOURCE = re.compile(r"^<!-- source: ([\w.]+) -->$", re.M)
+
+
+def source_of(dotted: str) -> str:
+    """The source text of `module.function` (or class), read from the code the lab runs."""
+    parts = dotted.split(".")
+    if parts[0] != "rlcore":
+        raise ConfigError(f"source: {dotted!r} is not a function or class of rlcore")
+    for cut in range(len(parts) - 1, 0, -1):  # the longest importable prefix is the module (rlcore.trainer.Trainer.update)
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[cut:]:
+                obj = getattr(obj, name)
+            return textwrap.dedent(inspect.getsource(obj)).rstrip()
+        except (AttributeError, TypeError, OSError):
+            break
+    raise ConfigError(f"source: {dotted!r} is not a function or class of rlcore")
+
+
+def render(body: str) -> str:
+    """The body as the dashboard shows it: each `<!-- source: rlcore.x.f -->` line becomes f's code, read from the
+    module at render time, so the formula above it and the code beside it cannot drift apart (Spinning Up's
+    layout). On GitHub the comment stays invisible and the page reads the same without it."""
+    return SOURCE.sub(lambda m: f"```python\n# {m.group(1)}\n{source_of(m.group(1))}\n```", body)
+
+
 def check(lesson: Lesson, root: Path) -> None:
-    """Every paired experiment exists under experiments/ and validates (a ConfigError names the first that fails)."""
+    """Every paired experiment exists under experiments/ and validates, and every source line names real code (a
+    ConfigError names the first that fails)."""
+    for dotted in SOURCE.findall(lesson.body):
+        try:
+            source_of(dotted)
+        except ConfigError as e:
+            raise ConfigError(f"{lesson.path}: {e}") from None
     for f in lesson.meta.experiments:
         path = root / "experiments" / f
         if not path.is_file():

@@ -26,6 +26,8 @@ class MetricDef:
     unit: str
     formula: str
     lesson: str  # lesson id that explains it ("" when none yet)
+    healthy: str = ""  # what a working run shows (ranges measured on this lab's runs where a number is given)
+    red_flag: str = ""  # the reading that means something is wrong, and the usual cause
 
 
 CATALOGUE: list[MetricDef] = [
@@ -97,6 +99,54 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("perf/sync_mb", "MB", "bytes pushed to the rollout engine this step", "06"),
 ]
 
+# Healthy readings and red flags: (healthy, red flag). Numbers are from this lab's lesson runs (tiny Llama, addition,
+# 30 steps x 32 prompts x 8 samples from the shipped warm start) unless the text says otherwise; other models and
+# tasks have other scales, the shape of the curve carries over.
+HEALTH: dict[str, tuple[str, str]] = {
+    "reward/mean": ("rises over the first tens of steps, then flattens (here from about 0.56 towards 0.65-0.7)",
+                    "flat from step 0: no group has reward variance, or the lr is far too small; a sudden fall: the "
+                    "policy collapsed (look at actor/entropy and kl/mean)"),
+    "reward/zero_var_group_frac": ("well below 1 (here about 0.3-0.5): most groups disagree and carry a signal",
+                                   "near 1: almost every group is all-right or all-wrong, so GRPO/RLOO learn "
+                                   "nothing; use harder or easier prompts, a larger K, or DAPO's group filter"),
+    "adv/abs_mean": ("steady; about 0.6-0.8 with std scaling, about 0.3 without (0/1 rewards)",
+                     "falling to 0 while reward is not 1: groups stopped disagreeing (zero_var_group_frac rises)"),
+    "actor/entropy": ("falls slowly as the policy sharpens", "a fast fall to ~0: collapse to one answer per prompt "
+                      "(exploration is gone); a rise: the update is too large or the KL anchor too weak"),
+    "actor/grad_norm": ("of the same order from step to step", "spikes of 10x or more, or NaN: lr too high, a "
+                        "bad batch; actor/nonfinite_skips counts skipped steps"),
+    "actor/loss": ("noisy around 0 for on-policy GRPO (mean advantage is 0); not a progress measure",
+                   "a steady trend is not progress either: read reward and eval instead"),
+    "actor/clipfrac_low": ("0 on-policy (one update per batch: the ratio is 1 by construction); 0.01-0.2 with "
+                           "several epochs", "above about 0.3: the epochs move the policy past the trust region"),
+    "actor/clipfrac_high": ("as clipfrac_low", "as clipfrac_low; much above clipfrac_low: positive advantages "
+                            "are pushing probabilities up fast (DAPO's clip-higher widens this side on purpose)"),
+    "actor/ppo_kl": ("below about 0.02 nats per token per step", "growing across epochs: the batch is reused "
+                     "for too many epochs or the lr is too high"),
+    "critic/value_loss": ("falls over the first steps as the critic learns the reward scale",
+                          "rising, or stuck high: the critic cannot fit the returns (lr, or value clipping too tight)"),
+    "critic/explained_var": ("rises from <= 0 towards 0.2-0.6; 1 would be a perfect critic",
+                             "negative for long: the critic is worse than predicting the mean, so GAE adds noise"),
+    "kl/mean": ("grows slowly from 0; about 0.001-0.02 nats per token at beta 0.04 here", "shooting up: the anchor "
+                "is not holding (beta too small, lr too high); negative values: the k1 estimator, not a bug"),
+    "kl/k3_mean": ("as kl/mean, and comparable across estimators", "as kl/mean"),
+    "response/length_mean": ("stable, or drifting slowly for a reason the task explains",
+                             "growing without reward growing: length bias or reward hacking (lesson 14)"),
+    "response/length_wrong_mean": ("flat or falling", "rising while right answers stay short: the per-sequence "
+                                   "length normalisation under-penalises long wrong answers (lesson 14)"),
+    "response/clip_ratio": ("near 0", "above a few percent: answers run into max_new_tokens (raise it, or shape "
+                            "with DAPO's overlong penalty)"),
+    "response/tool_call_frac": ("rises when calling the tool pays", "0 throughout: the warm start never calls "
+                                "it, so RL has nothing to reinforce"),
+    "eval/sampled_reward": ("rises with reward/mean on prompts never trained on", "reward/mean rises but this "
+                            "does not: the policy is fitting the training stream, not the task"),
+    "eval/greedy_accuracy": ("above the sampled reward and roughly flat: RL sharpens what greedy already gets "
+                             "right", "falling: the update damaged the policy's best guesses"),
+    "timing/step": ("stable step to step", "creeping up: something grows with the run (a leak, a cache)"),
+    "perf/tokens_per_s": ("stable", "falling over a run: see timing/* for the phase that grew"),
+}
+
+CATALOGUE = [MetricDef(m.name, m.unit, m.formula, m.lesson, *HEALTH.get(m.name, ("", ""))) for m in CATALOGUE]
 BY_NAME: dict[str, MetricDef] = {m.name: m for m in CATALOGUE}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -33,10 +34,38 @@ look_for: the reward rises
 The group mean replaces the critic: $A_i = (r_i - \\bar r) / \\sigma$.
 """
 
+# A lesson with a plan: two variants x two seeds, a source line and a folded answer.
+VARIANT_LESSON = """\
+---
+id: "12"
+title: Variants of beta
+part: II
+force: estimator
+question: Does beta matter?
+experiments: [rl.yaml]
+overrides: [trainer.steps=3, logging.eval_every=3, logging.num_samples=0]
+variants: [[algorithm.kl_coef=0], [algorithm.kl_coef=0.2]]
+seeds: [0, 1]
+metrics: [reward/mean, adv/abs_mean]
+---
+## Where rlcore does it
+
+<!-- source: rlcore.algorithm.adv_grpo -->
+
+## Questions
+
+<details><summary>What does beta = 0 remove?</summary>
+
+The reference model and its forward pass.
+
+</details>
+"""
+
 
 @pytest.fixture(scope="module")
 def dash(lab: Path, tmp_path_factory) -> Path:
-    """A lab with: two GRPO seeds (one group), an RLOO run, a rollout-bound run, a sweep, a lesson."""
+    """A lab with: two GRPO seeds (one group), an RLOO run, a rollout-bound run, a sweep, a lesson, and a lesson
+    whose plan (2 variants x 2 seeds) was run the way `rlcore lesson 12` runs it, plus a run of an older plan."""
     root = write_lab(tmp_path_factory.mktemp("dash"))
     shutil.copytree(lab / ".rlcore_cache" / "warm_start", root / ".rlcore_cache" / "warm_start")
     (root / "experiments").mkdir()
@@ -44,6 +73,16 @@ def dash(lab: Path, tmp_path_factory) -> Path:
     shutil.copy(root / "sft.yaml", root / "experiments" / "sft.yaml")
     (root / "lessons").mkdir()
     (root / "lessons" / "11-grpo.md").write_text(LESSON)
+    (root / "lessons" / "12-variants.md").write_text(VARIANT_LESSON)
+    from rlcore.lessons import parse, planned_runs
+
+    for f, overrides in planned_runs(parse(root / "lessons" / "12-variants.md")):
+        run(load_experiment(root / "experiments" / f, overrides), root=root)
+    # Tagged with lesson 12 but of a config its plan no longer has: not one of its runs.
+    run(load_experiment(root / "experiments" / "rl.yaml", ["trainer.steps=3", "logging.eval_every=3",
+                                                         "logging.num_samples=0", "algorithm.kl_coef=0.5",
+                                                         "logging.tags.lesson='12'", "logging.tags.variant='old'"]),
+        root=root)
     base = ["trainer.steps=4", "logging.eval_every=2", "logging.samples_every=2"]
     for seed in (0, 1):
         run(load_experiment(root / "rl.yaml", [*base, f"seed={seed}", "logging.run_name=grpo"]), root=root)
@@ -180,42 +219,73 @@ def test_lessons_page_renders_text_control_and_runs(dash: Path, monkeypatch: pyt
     assert len(at.get("vega_lite_chart")) >= 1  # the paired experiment's runs
 
 
-def test_lessons_page_prefers_the_lessons_runs_labels_variants_and_bands_seeds(dash: Path,
-                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The lesson's own runs (tagged with it) are charted first, one line per variant, the mean over its seeds with a
-    band; the preset's other runs are a separate, labelled group; the button runs the lesson's plan."""
-    from dashboard import launcher
-
-    base = ["trainer.steps=3", "logging.eval_every=3", "logging.num_samples=0", "logging.tags.lesson='11'"]
-    for variant, beta in (("algorithm.kl_coef=0", 0.0), ("algorithm.kl_coef=0.2", 0.2)):
-        for seed in (0, 1):
-            run(load_experiment(dash / "rl.yaml", [*base, f"algorithm.kl_coef={beta}", f"seed={seed}",
-                                                   f"logging.tags.variant='{variant}'"]), root=dash)
-    import streamlit as st
-
-    st.cache_data.clear()  # an earlier test's page read the runs before these existed
-    at = app(dash, monkeypatch, "lessons")
-    assert any("This lesson's runs: 4 (2 variant(s)" in c.value for c in at.caption)
-    assert any("Other runs of the same experiments" in e.label for e in at.expander)
-    specs = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
-    own = [sp for sp in specs if "variant" in json.dumps(sp)]
-    assert own, "no chart drawn by variant"
+def chart_data(chart) -> pd.DataFrame:
     import pyarrow as pa
 
-    chart = next(c for c in at.get("vega_lite_chart") if "variant" in c.proto.spec)
-    data = pa.ipc.open_stream(chart.proto.datasets[0].data.data).read_all().to_pandas() if chart.proto.datasets else \
-        pa.ipc.open_stream(chart.proto.data.data).read_all().to_pandas()
-    assert set(data["variant"]) == {"algorithm.kl_coef=0", "algorithm.kl_coef=0.2"}
-    assert (data["hi"] > data["lo"]).any()  # two seeds of one variant: a band of nonzero width
-    assert any(layer.get("mark", {}).get("type") == "area" for sp in own for layer in sp.get("layer", []))
-    launch = launcher.start_lesson(dash, "11")
-    try:
-        assert launch.command[-3:] == ["rlcore.cli", "lesson", "11"]
-    finally:
-        import os
-        import signal
+    raw = chart.proto.datasets[0].data.data if chart.proto.datasets else chart.proto.data.data
+    return pa.ipc.open_stream(raw).read_all().to_pandas()
 
-        os.killpg(launch.pid, signal.SIGKILL)
+
+def test_lessons_page_prefers_the_lessons_runs_labels_variants_and_bands_seeds(dash: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lesson's own runs (found by the config of its plan) are charted first, one line per variant labelled by
+    what differs, the mean over its seeds with a band; other runs of the experiment are a separate, labelled group;
+    a run of an older plan is neither; the metric table, the source and the folded answer are shown; the button
+    starts the lesson's plan."""
+    from dashboard import launcher
+
+    at = app(dash, monkeypatch, "lessons")
+    at.button(key="goto-12").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("12 · Variants of beta" in h.value for h in at.header)
+    caption = next(c.value for c in at.caption if c.value.startswith("This lesson's runs"))
+    assert "This lesson's runs: 4, 2 line(s): kl_coef=0 (2 seeds); kl_coef=0.2 (2 seeds)" in caption
+    assert any("Other runs of the same experiments" in e.label for e in at.expander)
+    charts = [c for c in at.get("vega_lite_chart") if '"variant"' in c.proto.spec]
+    assert len(charts) == 2  # one per metric of the front matter
+    data = chart_data(charts[0])
+    assert set(data["variant"]) == {"kl_coef=0", "kl_coef=0.2"}
+    assert (data["hi"] > data["lo"]).any()  # two seeds of one variant: a band of nonzero width
+    spec = json.loads(charts[0].proto.spec)
+    assert any(layer.get("mark", {}).get("type") == "area" for layer in spec.get("layer", []))
+    assert spec["title"]["subtitle"][0].startswith("reward · mean of sequence rewards")  # the catalogue's formula
+    table = frame(at, "red flag")
+    assert list(table["metric"]) == ["reward/mean", "adv/abs_mean"] and table["healthy"].str.len().min() > 10
+    body = " ".join(m.value for m in at.markdown)
+    assert "def adv_grpo(batch: RolloutBatch" in body  # read from the code, not copied into the page
+    assert "<details><summary>What does beta = 0 remove?</summary>" in body
+    at.button(key="run-lesson-12").click().run()
+    launch = launcher.all_launches(dash)[0]
+    try:
+        assert launch.command[-3:] == ["rlcore.cli", "lesson", "12"]
+        deadline = time.time() + 120
+        while "distinct runs" not in launch.log(dash).read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        plan = launch.log(dash).read_text()
+        assert "4 distinct runs:" in plan and plan.count("algorithm.kl_coef=0.2") == 2, plan[-2000:]
+    finally:
+        launcher.stop(launch, dash)
+
+
+def test_lesson_runs_from_an_older_warm_start_are_not_mixed_in(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamlit as st
+
+    c = MlflowClient(tracking_settings(dash)["tracking_uri"])
+    exp = c.get_experiment_by_name(load_experiment(dash / "experiments" / "rl.yaml").logging.experiment)
+    own = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("lesson") == "12"
+           and r.data.tags.get("variant") != "old"]
+    oldest = min(own, key=lambda r: r.info.start_time)
+    real = oldest.data.tags["warm_start.sha256"]
+    c.set_tag(oldest.info.run_id, "warm_start.sha256", "0123456789abcdef")
+    try:
+        st.cache_data.clear()
+        at = app(dash, monkeypatch, "lessons")
+        at.button(key="goto-12").click().run()
+        assert any("1 older runs started from another warm start" in c.value for c in at.caption)
+        assert any(c.value.startswith("This lesson's runs: 3,") for c in at.caption)
+    finally:
+        c.set_tag(oldest.info.run_id, "warm_start.sha256", real)
+        st.cache_data.clear()
 
 
 def test_sweeps_page_without_a_study_says_so(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:

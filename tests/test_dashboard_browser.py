@@ -77,3 +77,34 @@ def test_every_page_renders_without_an_exception(server: str) -> None:
         page.wait_for_selector('[data-testid="stVegaLiteChart"]', timeout=30_000)
         assert page.locator('[data-testid="stVegaLiteChart"]').count() >= 2
         browser.close()
+
+
+def test_lessons_page_in_the_browser(server: str) -> None:
+    """Lesson 12 of the test lab (2 variants x 2 seeds): its lines are named by variant, one chart per metric, the
+    registry function's code is on the page, and the answer stays folded until the reader opens it."""
+    if not Path(CHROMIUM).is_file():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("Debian chromium not installed")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{server}/lessons")
+        page.get_by_role("button", name="12 · Variants of beta").click()
+        page.wait_for_selector("text=Variants of beta", timeout=30_000)
+        page.wait_for_selector("text=kl_coef=0.2 (2 seeds)", timeout=30_000)
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(1500)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        charts = page.locator('[data-testid="stVegaLiteChart"]')
+        assert charts.count() >= 2  # reward/mean and adv/abs_mean of the lesson's own runs
+        assert page.locator("code", has_text="def adv_grpo").count() >= 1
+        answer = page.get_by_text("The reference model and its forward pass.")
+        assert not answer.is_visible()
+        page.get_by_text("What does beta = 0 remove?").click()
+        assert answer.is_visible()
+        page.screenshot(path=str(SHOTS / "lesson-12.png"), full_page=True)
+        browser.close()

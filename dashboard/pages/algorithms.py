@@ -33,7 +33,7 @@ if runs is not None:
             for i, key in enumerate(METRICS):
                 part = b[b["key"] == key].rename(columns={"mean": "value", "group": "run"})
                 if not part.empty:
-                    cols[i % 2].altair_chart(common.line_chart(part, title=f"{key} (mean ± std)", lo="lo", hi="hi"),
+                    cols[i % 2].altair_chart(common.line_chart(part, title=f"{key} (mean ± std)", lo="lo", hi="hi", metric=key),
                                              width="stretch")
             last = h.sort_values("step").groupby(["run_id", "key"])["value"].last().unstack()
             speed = h[h["key"] == "timing/step"].groupby("run_id")["value"].mean()

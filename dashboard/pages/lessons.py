@@ -5,18 +5,17 @@ import streamlit as st
 from dashboard import common
 from dashboard.controls import CONTROLS
 from rlcore.config import ConfigError
-from rlcore.lessons import PARTS, load_all
+from rlcore.lessons import PARTS, load_all, plan_groups, render
 from rlcore.loading import load_experiment
 
 
 def lesson_charts(own, keys: tuple[str, ...]):
-    """(metric, chart) per key: one line per variant (what the lesson changes), the mean over its seeds with a
-    mean ± std band; one seed is drawn as it is."""
+    """(metric, chart) per key: one line per variant (what the lesson changes: the `line` column), the mean over
+    its seeds with a mean ± std band; one seed is drawn as it is."""
     h = common.history(common.store().uri, tuple(own["run_id"]), keys)
     if h.empty:
         return
-    meta = own.set_index("run_id")
-    h["variant"] = h["run_id"].map(meta["variant"].fillna("base"))
+    h["variant"] = h["run_id"].map(own.set_index("run_id")["line"])
     for key in keys:
         part = h[h["key"] == key]
         if part.empty:
@@ -64,7 +63,12 @@ else:
     st.header(f"{m.id} · {m.title}")
     st.caption(f"{PARTS[m.part]} · force: {m.force} · {m.question}")
     text, side = st.columns([3, 2])
-    text.markdown(lesson.body)
+    try:
+        body = render(lesson.body)
+    except ConfigError as e:
+        st.error(f"error: {lesson.path.name}: {e}")
+        body = lesson.body
+    text.markdown(body, unsafe_allow_html=True)  # project files; <details> folds the answers away
     with side:
         if m.id in CONTROLS:
             st.subheader("Try it")
@@ -82,16 +86,32 @@ else:
                     st.error(f"{f}: {e}")
             if runs is not None:
                 rl = runs[runs["rlcore.kind"] == "rl"]
-                tagged = rl["lesson"].fillna("").str.split(",").map(lambda ids: m.id in ids)  # a run may serve lessons
-                own, presets = rl[tagged], rl[~tagged & rl["experiment"].isin(names.values())]
+                try:
+                    groups = plan_groups(lesson, root)  # rlcore.group -> line label
+                except ConfigError as e:
+                    st.error(f"error: {e}")
+                    groups = {}
+                # Killed or failed runs are not seeds of the result; a RUNNING one is drawn as it goes.
+                own = rl[rl["rlcore.group"].isin(groups) & rl["status"].isin(["FINISHED", "RUNNING"])]
+                own = own.assign(line=own["rlcore.group"].map(groups))
+                if not own.empty and own["warm_start.sha256"].nunique() > 1:
+                    newest = own.sort_values("start")["warm_start.sha256"].iloc[-1]  # sorted: the newest last
+                    st.caption(f"{(own['warm_start.sha256'] != newest).sum()} older runs started from another "
+                               "warm start; only those from the newest are drawn.")
+                    own = own[own["warm_start.sha256"] == newest]
+                presets = rl[~rl["run_id"].isin(own["run_id"]) & rl["experiment"].isin(names.values())]
                 keys = tuple(m.metrics or common.DEFAULT_METRICS[:2])
                 if own.empty:
                     st.caption(f"This lesson's runs have not been made yet: `rlcore lesson {m.id}` (or the button below).")
                 else:
-                    st.caption(f"This lesson's runs: {len(own)} ({own['variant'].fillna('base').nunique()} variant(s); "
-                               "seeds of one variant as mean ± std)")
+                    seeds = own.groupby("line")["run_id"].count()
+                    st.caption(f"This lesson's runs: {len(own)}, {len(seeds)} line(s): "
+                               + "; ".join(f"{k} ({v} seed{'s' if v > 1 else ''})" for k, v in seeds.items())
+                               + ". Each line is the mean over its seeds, the band ± one std.")
                     for _key, chart in lesson_charts(own, keys):
                         st.altair_chart(chart, width="stretch")
+                st.markdown("**The metrics on this page**")
+                st.dataframe(common.metric_table(keys), hide_index=True, key=f"lesson-metrics-{m.id}")
                 if not presets.empty:
                     with st.expander(f"Other runs of the same experiments ({len(presets)}, not made for this lesson)"):
                         h = common.history(common.store().uri, tuple(presets["run_id"].head(12)), keys)

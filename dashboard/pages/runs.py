@@ -37,8 +37,9 @@ if runs is not None:
         else:
             defaults = [k for k in common.DEFAULT_METRICS if k in keys] or keys[:4]
             c1, c2, c3 = st.columns([3, 1, 1])
-            picked = c1.multiselect("Metrics", keys, default=defaults, help="RL defaults pinned first; hover a "
-                                    "chart title's metric in the catalogue table below for its formula.")
+            picked = c1.multiselect("Metrics", keys, default=defaults, help="RL defaults pinned first. Each chart's "
+                                    "subtitle is its formula; the table under the charts says what a healthy run "
+                                    "shows and what is a red flag.")
             smoothing = c2.slider("Smoothing", 0.0, 0.95, 0.0, 0.05, key="smoothing")
             x = c3.radio("x axis", ["step", "time_s", "tokens"], horizontal=False)
             live = runs.set_index("run_id").loc[chosen, "status"].eq("RUNNING").any()
@@ -68,6 +69,8 @@ if runs is not None:
                     st.caption("live: refreshing every 5 s while a picked run is RUNNING")
 
             charts()
+            with st.expander("What these metrics mean (the metric catalogue)"):
+                st.dataframe(common.metric_table(picked), hide_index=True, key="metric_catalogue")
         st.subheader("Config diff")
         diff = config_diff(common.params(uri, tuple(chosen)))
         if diff.empty:
