@@ -109,3 +109,45 @@ def test_several_lessons_run_each_distinct_config_once() -> None:
     assert served == {x.meta.id for x in part_one_two}  # every lesson keeps its runs
     grpo = next(r for r in plan if r.file == "grpo.yaml" and r.overrides[-1] == "seed=0")
     assert {"01", "03", "11"} <= set(grpo.lessons)  # beta=0.04 of lesson 03 is the default: the same run
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda x: x.meta.id)
+def test_each_line_of_the_plan_has_its_own_label(lesson) -> None:
+    """The dashboard draws one line per (experiment, variant), found by config: no two share a config or a label."""
+    from rlcore.lessons import plan_groups
+
+    groups = plan_groups(lesson, ROOT)
+    assert len(groups) == len(lesson.meta.experiments) * len(lesson.meta.variants)
+    assert len(set(groups.values())) == len(groups)
+
+
+def test_source_lines_show_the_code_that_runs() -> None:
+    from rlcore import algorithm
+    from rlcore.lessons import Lesson, LessonMeta, render, source_of
+
+    body = "## Where\n<!-- source: rlcore.algorithm.agg_seq_mean_token_sum_norm -->\n"
+    shown = render(body)
+    assert "def agg_seq_mean_token_sum_norm(" in shown and "<!--" not in shown
+    assert source_of("rlcore.trainer.Trainer.update").startswith("def update(self")
+    import inspect
+
+    assert inspect.getsource(algorithm.agg_seq_mean_token_sum_norm).strip() in shown
+    meta = LessonMeta(id="99", title="t", part="II", force="estimator", question="q")
+    bad = Lesson(meta, "<!-- source: rlcore.algorithm.no_such_function -->\n", ROOT / "lessons" / "99-x.md")
+    with pytest.raises(ConfigError, match="no_such_function"):
+        check(bad, ROOT)
+    n = sum(len(re.findall(r"<!-- source: ", x.body)) for x in LESSONS)
+    assert n >= 20  # the registries' functions under the formulas of Parts I-II
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda x: x.meta.id)
+def test_every_page_has_its_trap_and_its_questions(lesson) -> None:
+    """Spinning Up's 'You should know' box, and 2-3 questions answered from the page, the answer folded away."""
+    body = lesson.body
+    assert body.count("> **You should know.**") == 1
+    questions = body[body.index("## Questions"):] if "## Questions" in body else ""
+    assert 2 <= questions.count("<details><summary>") <= 4 and questions.count("</details>") == questions.count(
+        "<details>"), lesson.meta.id
+    if lesson.meta.id in {"05", "10", "11", "12", "13", "14"}:
+        assert re.search(r"## Implementation details\n\n1\. ", body)
+    assert "measured on the earlier warm start" not in body + lesson.meta.look_for

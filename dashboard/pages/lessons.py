@@ -93,6 +93,8 @@ else:
                     groups = {}
                 # Killed or failed runs are not seeds of the result; a RUNNING one is drawn as it goes.
                 own = rl[rl["rlcore.group"].isin(groups) & rl["status"].isin(["FINISHED", "RUNNING"])]
+                # The same config and seed give the same numbers: a rerun replaces its older copy, not adds a seed.
+                own = own.sort_values("start").drop_duplicates(["rlcore.group", "seed"], keep="last")
                 own = own.assign(line=own["rlcore.group"].map(groups))
                 if not own.empty and own["warm_start.sha256"].nunique() > 1:
                     newest = own.sort_values("start")["warm_start.sha256"].iloc[-1]  # sorted: the newest last

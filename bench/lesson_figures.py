@@ -1,0 +1,92 @@
+"""Every figure a lesson page quotes, from the MLflow store: per line of the lesson's plan (experiment x variant),
+mean ± std over its seeds of the held-out evaluation before -> after, and of each metric over the first and the
+last ten steps.
+
+    rlcore lesson 01-14                       # make the runs (each distinct config once)
+    python bench/lesson_figures.py 01-14      # the numbers the pages quote, lesson by lesson
+
+Runs are matched to a lesson by config (`rlcore.group`), as the dashboard matches them; only FINISHED runs count,
+and with several runs of one (config, seed) the newest is used. "±" is the std over seeds (n in brackets), so a
+difference between two lines smaller than about two stds is inside the seed-to-seed noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import pandas as pd
+
+from dashboard.data import Store
+from rlcore.lessons import load_all, plan_groups, select
+from rlcore.tracking import project_root
+
+EVALS = ["eval/sampled_reward", "eval/greedy_accuracy"]
+WINDOWED = ["reward/mean", "reward/zero_var_group_frac", "adv/abs_mean", "kl/mean", "kl/k3_mean", "actor/entropy",
+            "actor/grad_norm", "actor/clipfrac_low", "actor/clipfrac_high", "response/length_mean",
+            "response/length_wrong_mean", "response/length_right_mean", "response/tool_call_frac",
+            "response/clip_ratio", "critic/value_loss", "critic/explained_var", "rollout/rounds",
+            "timing/step", "timing/rollout", "timing/reference", "timing/update", "timing/sync",
+            "perf/tokens_per_s", "perf/peak_mem_mb", "perf/sync_mb"]
+
+
+def ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.mean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    digits = 4 if abs(mean) < 10 else 1
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} ({len(values)})"
+
+
+def lesson_runs(runs: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
+    own = runs[runs["rlcore.group"].isin(groups) & (runs["status"] == "FINISHED")]
+    own = own.sort_values("start").drop_duplicates(["rlcore.group", "seed"], keep="last")  # newest per seed
+    return own.assign(line=own["rlcore.group"].map(groups))
+
+
+def figures(store: Store, own: pd.DataFrame) -> list[str]:
+    h = store.history(list(own["run_id"]), EVALS + WINDOWED, max_points=100_000)
+    out = []
+    for line, part in own.groupby("line", sort=False):
+        out.append(f"  {line}   seeds {sorted(part['seed'].astype(int))}")
+        hh = h[h["run_id"].isin(part["run_id"])]
+        for key in EVALS:
+            k = hh[hh["key"] == key].sort_values("step")
+            if k.empty:
+                continue
+            first = k.groupby("run_id")["value"].first().tolist()
+            last = k.groupby("run_id")["value"].last().tolist()
+            gain = (k.groupby("run_id")["value"].last() - k.groupby("run_id")["value"].first()).tolist()
+            out.append(f"    {key:28s} {ms(first)} -> {ms(last)}   change {ms(gain)}")
+        for key in WINDOWED:
+            k = hh[hh["key"] == key]
+            if k.empty:
+                continue
+            steps = sorted(k["step"].unique())
+            early, late = set(steps[:10]), set(steps[-10:])
+            a = k[k["step"].isin(early)].groupby("run_id")["value"].mean().tolist()
+            b = k[k["step"].isin(late)].groupby("run_id")["value"].mean().tolist()
+            whole = k.groupby("run_id")["value"].mean().tolist()
+            out.append(f"    {key:28s} first 10 {ms(a)}   last 10 {ms(b)}   all {ms(whole)}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("lessons", nargs="?", default="01-14", help="03, 01-14, 01,03 or all")
+    ap.add_argument("--root", type=Path, default=None)
+    args = ap.parse_args()
+    root = args.root or project_root()
+    store = Store.for_project(root)
+    runs = store.runs()
+    for lesson in select(load_all(root), args.lessons):
+        own = lesson_runs(runs, plan_groups(lesson, root))
+        print(f"lesson {lesson.meta.id}: {lesson.meta.title}  ({len(own)} runs)")
+        print("\n".join(figures(store, own)) if not own.empty else "  no finished runs: rlcore lesson "
+              + lesson.meta.id)
+
+
+if __name__ == "__main__":
+    main()
