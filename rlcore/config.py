@@ -325,7 +325,7 @@ class ExperimentConfig(_Section):
     def config_hash(self, sections: tuple[str, ...] | None = None, changed_only: bool = False) -> str:
         """Hash of the resolved config, or of only its top-level `sections`. `changed_only` hashes only the values
         that differ from the schema's defaults, so adding a new option (with a default) keeps old hashes valid."""
-        d = self.model_dump(mode="json", exclude_defaults=True) if changed_only else self.to_dict()
+        d = _prune(self.model_dump(mode="json", exclude_defaults=True)) if changed_only else self.to_dict()
         if sections is not None:
             d = {k: v for k, v in d.items() if k in sections}
         blob = json.dumps(d, sort_keys=True).encode()
@@ -333,12 +333,25 @@ class ExperimentConfig(_Section):
 
     def training_hash(self) -> str:
         """Hash of what decides the numbers apart from the seed: the config without `seed` and without `logging`
-        (names, tags, eval cadence and output paths do not change what is trained)."""
-        return self.model_copy(update={"seed": 0, "logging": LoggingConfig()}).config_hash()
+        (names, tags, eval cadence and output paths do not change what is trained). Only values that differ from the
+        schema's defaults count, so a new option (with a default) leaves earlier runs in their groups, and a lesson
+        still finds them (`rlcore.lessons.plan_groups`)."""
+        return self.model_copy(update={"seed": 0, "logging": LoggingConfig()}).config_hash(changed_only=True)
 
     def seed_group(self) -> str:
         """The MLflow tag `rlcore.group`: equal for runs whose configs differ only in their seed (or logging)."""
         return f"{self.logging.experiment}-{self.training_hash()[:8]}"
+
+
+def _prune(d: dict[str, Any]) -> dict[str, Any]:
+    """Drop sections left empty by exclude_defaults: a section at its defaults is the same config however it is
+    spelled (absent, `{}`, or each default written out)."""
+    out = {}
+    for k, v in d.items():
+        v = _prune(v) if isinstance(v, dict) else v
+        if v != {}:
+            out[k] = v
+    return out
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

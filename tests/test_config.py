@@ -143,3 +143,27 @@ def test_seed_group_ignores_seed_and_logging_but_not_training() -> None:
     assert {c.seed_group() for c in same} == {base.seed_group()}
     other = ExperimentConfig.model_validate({"trainer": {"lr": 3e-4}})
     assert other.seed_group() != base.seed_group()
+
+
+def test_seed_group_survives_a_new_option_with_a_default() -> None:
+    """A lesson finds its runs by `rlcore.group`: a schema that grows an option must not orphan earlier runs, and
+    writing a default out explicitly is the same config."""
+    from pydantic import Field
+
+    from rlcore.config import AlgorithmConfig
+
+    base = ExperimentConfig.model_validate({"trainer": {"lr": 3e-4}})
+    explicit = ExperimentConfig.model_validate({"trainer": {"lr": 3e-4}, "algorithm": {"kl_coef": 0.04}})
+    assert explicit.seed_group() == base.seed_group()
+
+    class GrownAlgorithm(AlgorithmConfig):
+        some_new_option: float = Field(1.0)
+
+    class Grown(ExperimentConfig):  # the schema of a later version: one more option, with a default
+        algorithm: GrownAlgorithm = Field(default_factory=GrownAlgorithm)
+
+    grown = Grown.model_validate({"trainer": {"lr": 3e-4}})
+    assert "some_new_option" in grown.to_dict()["algorithm"]
+    assert grown.seed_group() == base.seed_group()
+    changed = Grown.model_validate({"trainer": {"lr": 3e-4}, "algorithm": {"some_new_option": 2.0}})
+    assert changed.seed_group() != base.seed_group()
