@@ -4,6 +4,7 @@ last ten steps.
 
     rlcore lesson 01-14                       # make the runs (each distinct config once)
     python bench/lesson_figures.py 01-14      # the numbers the pages quote, lesson by lesson
+    python bench/lesson_figures.py 14 --series response/length_wrong_mean   # one metric, 10-step windows
 
 Runs are matched to a lesson by config (`rlcore.group`), as the dashboard matches them; only FINISHED runs count,
 and with several runs of one (config, seed) the newest is used. "±" is the std over seeds (n in brackets), so a
@@ -73,10 +74,30 @@ def figures(store: Store, own: pd.DataFrame) -> list[str]:
     return out
 
 
+def series(store: Store, own: pd.DataFrame, key: str, window: int) -> list[str]:
+    """A markdown table: `key` averaged over windows of `window` steps, mean ± std over seeds, one column per line."""
+    h = store.history(list(own["run_id"]), [key], max_points=100_000)
+    if h.empty:
+        return [f"  no {key} in these runs"]
+    h = h.assign(line=h["run_id"].map(own.set_index("run_id")["line"]), window=(h["step"] - 1) // window)
+    per_run = h.groupby(["line", "window", "run_id"])["value"].mean().reset_index()
+    lines = list(dict.fromkeys(own["line"]))
+    out = [f"| steps | {' | '.join(lines)} |", "|---|" + "---|" * len(lines)]
+    for w in sorted(per_run["window"].unique()):
+        cells = []
+        for line in lines:
+            v = per_run[(per_run["line"] == line) & (per_run["window"] == w)]["value"].tolist()
+            cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}" if v else "-")
+        out.append(f"| {w * window + 1}–{(w + 1) * window} | {' | '.join(cells)} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("lessons", nargs="?", default="01-14", help="03, 01-14, 01,03 or all")
     ap.add_argument("--root", type=Path, default=None)
+    ap.add_argument("--series", default=None, help="print this metric over windows of --window steps instead")
+    ap.add_argument("--window", type=int, default=10)
     args = ap.parse_args()
     root = args.root or project_root()
     store = Store.for_project(root)
@@ -84,6 +105,9 @@ def main() -> None:
     for lesson in select(load_all(root), args.lessons):
         own = lesson_runs(runs, plan_groups(lesson, root))
         print(f"lesson {lesson.meta.id}: {lesson.meta.title}  ({len(own)} runs)")
+        if args.series and not own.empty:
+            print("\n".join(series(store, own, args.series, args.window)))
+            continue
         print("\n".join(figures(store, own)) if not own.empty else "  no finished runs: rlcore lesson "
               + lesson.meta.id)
 

@@ -206,6 +206,8 @@ def sweep(
 def lesson(
     lesson_id: Annotated[str, typer.Argument(help="Lesson number (03), a range (01-14), a comma list, or all.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the runs.")] = False,
+    jobs: Annotated[int, typer.Option(min=1, max=64, help="Runs at once, each in its own process with the cores "
+                                      "shared out (same numbers as one at a time: the runs are seeded).")] = 1,
 ) -> None:
     """Print lessons' paired experiments and run them (variants x seeds), tagged so the dashboard finds them.
 
@@ -233,14 +235,47 @@ def lesson(
         typer.echo(f"  experiments/{r.file}  {' '.join(r.overrides)}  (lesson {', '.join(r.lessons)})")
     if dry_run or not plan:
         return
-    cpu0 = time.process_time()
-    for i, (r, c) in enumerate(zip(plan, configs, strict=True), 1):
-        typer.echo(f"\n[{i}/{len(plan)}] experiments/{r.file} {' '.join(r.overrides)}")
-        _report(run_rl(c, root), r.file)
-    typer.echo(f"\n{len(plan)} runs in {time.process_time() - cpu0:.0f} CPU seconds (this process, all threads)")
+    cpu0, wall0 = _cpu_seconds(), time.time()
+    if jobs == 1:
+        for i, (r, c) in enumerate(zip(plan, configs, strict=True), 1):
+            typer.echo(f"\n[{i}/{len(plan)}] experiments/{r.file} {' '.join(r.overrides)}")
+            _report(run_rl(c, root), r.file)
+    else:
+        import multiprocessing as mp
+
+        import torch
+
+        threads = max(1, torch.get_num_threads() // jobs)  # the cores rlcore.threads left free, shared out
+        typer.echo(f"\n{jobs} runs at a time, {threads} torch thread(s) each")
+        with mp.get_context("spawn").Pool(jobs, initializer=_lesson_worker, initargs=(threads,)) as pool:
+            work = [(c, str(root), f"experiments/{r.file} {' '.join(r.overrides)}") for r, c in zip(plan, configs, strict=True)]
+            for i, (label, result) in enumerate(pool.imap_unordered(_lesson_run, work), 1):
+                typer.echo(f"\n[{i}/{len(plan)}] done: {label}")
+                _report(result, label.split()[0])
+    typer.echo(f"\n{len(plan)} runs in {time.time() - wall0:.0f} s, {_cpu_seconds() - cpu0:.0f} CPU seconds "
+               "(all processes, all threads)")
     for x in chosen:
         typer.echo(f"lesson {x.meta.id} look for: {x.meta.look_for}")
     typer.echo(f"  rlcore dashboard  -> Lessons -> {chosen[0].meta.id}")
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the --jobs workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _lesson_worker(threads: int) -> None:
+    os.environ["RLCORE_THREADS"] = str(threads)  # before rlcore.threads chooses: K workers share the cores
+    os.environ["RLCORE_NO_BAR"] = "1"  # K progress bars on one terminal are unreadable; each finished run is said
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which terminates the pool
+
+
+def _lesson_run(item):
+    from rlcore.controller import run as run_rl
+
+    cfg, root, label = item
+    return label, run_rl(cfg, Path(root))
 
 
 @app.command()

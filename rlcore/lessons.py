@@ -41,7 +41,7 @@ class LessonMeta(_Section):
     question: str = Field(min_length=1, description="The question the lesson answers.")
     experiments: list[str] = Field(default_factory=list, description="Paired experiment files, relative to experiments/.")
     overrides: list[str] = Field(default_factory=list, description="`key=value` applied to every paired run (the "
-                                 "lesson's budget: short runs, so all of Parts I-II run in under 30 CPU minutes).")
+                                 "lesson's budget: most lessons use 30 steps of 32 prompts; `rlcore lesson 01-14` prints the CPU time it took).")
     variants: list[list[str]] = Field(default_factory=lambda: [[]], description="Override sets; each experiment runs "
                                       "once per variant (e.g. beta = 0 / 0.04 / 0.2).")
     seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds per (experiment, variant): >= 3 where the "

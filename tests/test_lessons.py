@@ -151,3 +151,45 @@ def test_every_page_has_its_trap_and_its_questions(lesson) -> None:
     if lesson.meta.id in {"05", "10", "11", "12", "13", "14"}:
         assert re.search(r"## Implementation details\n\n1\. ", body)
     assert "measured on the earlier warm start" not in body + lesson.meta.look_for
+
+
+def test_lesson_plan_with_two_jobs_gives_the_numbers_of_one_job(lab: Path, tmp_path: Path) -> None:
+    """`rlcore lesson NN --jobs 2` runs the plan two at a time in spawned processes, one thread each; each run's
+    numbers are those of the same config run alone (everything is seeded), and each run is tagged for the lesson."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from rlcore.controller import run
+    from rlcore.tracking import tracking_settings
+    from tests.conftest import write_lab
+
+    root = tmp_path / "lab"
+    root.mkdir()
+    write_lab(root)
+    shutil.copytree(lab / ".rlcore_cache", root / ".rlcore_cache")
+    (root / "experiments").mkdir()
+    shutil.copy(root / "rl.yaml", root / "experiments" / "rl.yaml")
+    shutil.copy(root / "sft.yaml", root / "experiments" / "sft.yaml")
+    (root / "lessons").mkdir()
+    (root / "lessons" / "01-two.md").write_text(
+        '---\nid: "01"\ntitle: Two\npart: I\nforce: signal\nquestion: q?\nexperiments: [rl.yaml]\n'
+        "overrides: [trainer.steps=2, logging.eval_every=2, logging.num_samples=0]\n"
+        "variants: [[algorithm.kl_coef=0], [algorithm.kl_coef=0.2]]\nseeds: [0]\n---\nbody\n")
+    proc = subprocess.run([sys.executable, "-m", "rlcore.cli", "lesson", "01", "--jobs", "2"], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 runs at a time, 1 torch thread(s) each" in proc.stdout and "[2/2] done" in proc.stdout
+    client = MlflowClient(tracking_settings(root)["tracking_uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" and r.data.tags["lesson"] == "01" for r in runs)
+    beta0 = next(r for r in runs if r.data.params["algorithm.kl_coef"] == "0.0")
+    alone = run(load_experiment(root / "experiments" / "rl.yaml",
+                                ["trainer.steps=2", "logging.eval_every=2", "logging.num_samples=0",
+                                 "algorithm.kl_coef=0", "logging.experiment=alone"]), root=root)
+    for key in ("reward/mean", "actor/grad_norm", "eval/sampled_reward"):
+        a = [m.value for m in sorted(client.get_metric_history(beta0.info.run_id, key), key=lambda m: m.step)]
+        b = [m.value for m in sorted(client.get_metric_history(alone.run_id, key), key=lambda m: m.step)]
+        assert a == b, key
