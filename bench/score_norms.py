@@ -19,7 +19,7 @@ from rlcore.config import ExperimentConfig
 from rlcore.loading import load_experiment
 from rlcore.model import build_policy
 from rlcore.reward import score
-from rlcore.rollout import RolloutEngine, token_logprobs
+from rlcore.rollout import RolloutEngine, Sampling, token_logprobs
 from rlcore.sft import warm_start_dir
 from rlcore.tasks import make_task
 
@@ -30,7 +30,7 @@ def score_norms(cfg: ExperimentConfig, prompts: int) -> tuple[torch.Tensor, torc
     task = make_task(cfg.task)
     stream = task.stream(cfg.seed)
     batch = RolloutEngine(model, tokenizer, seed=cfg.seed).generate(
-        [next(stream) for _ in range(prompts)], cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens)
+        [next(stream) for _ in range(prompts)], cfg.rollout.samples_per_prompt, Sampling(cfg.rollout.max_new_tokens))
     rewards = score(task, batch)  # [B]
     logp, _ = token_logprobs(model, batch)  # [B, T]
     seq_logp = (logp * batch.response_mask).sum(-1)  # [B] log pi(y|x) of each completion

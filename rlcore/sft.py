@@ -44,10 +44,27 @@ def warm_start_dir(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> Pa
     if shipped is not None:
         return shipped
     out = cache_dir(sft_cfg, root)
-    if not (out / "config.json").is_file():
+    if (out / "config.json").is_file():
+        return out
+    from filelock import FileLock, Timeout
+
+    # One builder per warm start on this machine: a second process that needs it (`rlcore lesson --jobs 2`, two
+    # terminals) waits for the first instead of training the same weights again.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
         if not quiet:
-            print(f"warm start: training {cfg.model.warm_start} (cached after this in {out})")
-        train_sft(sft_cfg, out, root)
+            print(f"warm start: another process is training {cfg.model.warm_start}; waiting for it ({out})")
+        lock.acquire()
+    try:
+        if not (out / "config.json").is_file():  # the other process may have finished it while we waited
+            if not quiet:
+                print(f"warm start: training {cfg.model.warm_start} (cached after this in {out})")
+            train_sft(sft_cfg, out, root)
+    finally:
+        lock.release()
     return out
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -71,3 +73,25 @@ def test_an_rl_run_records_which_weights_it_started_from(lab: Path, tmp_path: Pa
     ws = warm_start_dir(load_experiment(lab / "rl.yaml"), lab, quiet=True)
     assert tags["warm_start.source"] == "built here"
     assert tags["warm_start.sha256"] == sha256(ws / "model.safetensors")[:16]
+
+
+def test_two_processes_needing_one_warm_start_build_it_once(tmp_path: Path) -> None:
+    """The second process waits for the first one's build (a file lock) instead of training the same weights."""
+    root = tmp_path / "lab"
+    root.mkdir()
+    write_lab(root)
+    code = ("from pathlib import Path; from rlcore.loading import load_experiment; from rlcore.sft import "
+            "warm_start_dir; print(warm_start_dir(load_experiment(Path('rl.yaml')), Path('.')))")
+    env = {**os.environ, "RLCORE_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)]
+    time.sleep(2.0)  # the first holds the lock by now (it takes it before importing torch's model code)
+    procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0].strip().splitlines()[-1] == outs[1].strip().splitlines()[-1]  # the same directory
+    assert sum("warm start: training" in o for o in outs) == 1, outs
+    client = MlflowClient(tracking_settings(root)["tracking_uri"])
+    exp = client.get_experiment_by_name("test-warm-start")
+    assert len(client.search_runs([exp.experiment_id])) == 1  # one SFT run, not two
