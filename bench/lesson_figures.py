@@ -28,7 +28,8 @@ WINDOWED = ["reward/mean", "reward/zero_var_group_frac", "adv/abs_mean", "kl/mea
             "actor/grad_norm", "actor/clipfrac_low", "actor/clipfrac_high", "response/length_mean",
             "response/length_wrong_mean", "response/length_right_mean", "response/tool_call_frac",
             "response/clip_ratio", "critic/value_loss", "critic/explained_var", "rollout/rounds",
-            "timing/step", "timing/rollout", "timing/reference", "timing/update", "timing/sync",
+            "timing/step", "timing/rollout", "timing/reward", "timing/reference", "timing/old_logprob",
+            "timing/values", "timing/advantage", "timing/update", "timing/sync",
             "perf/tokens_per_s", "perf/peak_mem_mb", "perf/sync_mb"]
 
 
