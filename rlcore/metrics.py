@@ -103,15 +103,18 @@ CATALOGUE: list[MetricDef] = [
 # 30 steps x 32 prompts x 8 samples from the shipped warm start) unless the text says otherwise; other models and
 # tasks have other scales, the shape of the curve carries over.
 HEALTH: dict[str, tuple[str, str]] = {
-    "reward/mean": ("rises over the first tens of steps, then flattens (here from about 0.56 towards 0.65-0.7)",
+    "reward/mean": ("rises over tens of steps, noisily (here about 0.61 over the first ten steps, 0.63-0.65 over "
+                    "the last ten of 30, 0.75 after 100)",
                     "flat from step 0: no group has reward variance, or the lr is far too small; a sudden fall: the "
                     "policy collapsed (look at actor/entropy and kl/mean)"),
-    "reward/zero_var_group_frac": ("well below 1 (here about 0.3-0.5): most groups disagree and carry a signal",
+    "reward/zero_var_group_frac": ("well below 1: most groups disagree and carry a signal (here 0.06-0.11 over 30 "
+                                   "steps at K = 8, rising to about 0.28 by step 100 as the policy sharpens)",
                                    "near 1: almost every group is all-right or all-wrong, so GRPO/RLOO learn "
                                    "nothing; use harder or easier prompts, a larger K, or DAPO's group filter"),
-    "adv/abs_mean": ("steady; about 0.6-0.8 with std scaling, about 0.3 without (0/1 rewards)",
+    "adv/abs_mean": ("steady; here about 0.75-0.8 with std scaling (GRPO), 0.3-0.45 without (Dr.GRPO, RLOO)",
                      "falling to 0 while reward is not 1: groups stopped disagreeing (zero_var_group_frac rises)"),
-    "actor/entropy": ("falls slowly as the policy sharpens", "a fast fall to ~0: collapse to one answer per prompt "
+    "actor/entropy": ("falls slowly as the policy sharpens (here about 0.86 to 0.69 nats over 30 steps, 0.45 "
+                      "after 100)", "a fast fall to ~0: collapse to one answer per prompt "
                       "(exploration is gone); a rise: the update is too large or the KL anchor too weak"),
     "actor/grad_norm": ("of the same order from step to step", "spikes of 10x or more, or NaN: lr too high, a "
                         "bad batch; actor/nonfinite_skips counts skipped steps"),
@@ -127,7 +130,8 @@ HEALTH: dict[str, tuple[str, str]] = {
                           "rising, or stuck high: the critic cannot fit the returns (lr, or value clipping too tight)"),
     "critic/explained_var": ("rises from <= 0 towards 0.2-0.6; 1 would be a perfect critic",
                              "negative for long: the critic is worse than predicting the mean, so GAE adds noise"),
-    "kl/mean": ("grows slowly from 0; about 0.001-0.02 nats per token at beta 0.04 here", "shooting up: the anchor "
+    "kl/mean": ("grows slowly from 0; here about 0.02 to 0.05 nats per token over 30 steps at beta 0.04, 0.1-0.2 "
+                "after 100", "shooting up: the anchor "
                 "is not holding (beta too small, lr too high); negative values: the k1 estimator, not a bug"),
     "kl/k3_mean": ("as kl/mean, and comparable across estimators", "as kl/mean"),
     "response/length_mean": ("stable, or drifting slowly for a reason the task explains",
