@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dashboard.data import Store
+from dashboard.data import Store, lesson_runs
 from rlcore.lessons import load_all, plan_groups, select
 from rlcore.tracking import project_root
 
@@ -40,12 +40,6 @@ def ms(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     digits = 4 if abs(mean) < 10 else 1
     return f"{mean:.{digits}f} ± {sd:.{digits}f} ({len(values)})"
-
-
-def lesson_runs(runs: pd.DataFrame, groups: dict[str, str]) -> pd.DataFrame:
-    own = runs[runs["rlcore.group"].isin(groups) & (runs["status"] == "FINISHED")]
-    own = own.sort_values("start").drop_duplicates(["rlcore.group", "seed"], keep="last")  # newest per seed
-    return own.assign(line=own["rlcore.group"].map(groups))
 
 
 def figures(store: Store, own: pd.DataFrame) -> list[str]:
@@ -104,7 +98,7 @@ def main() -> None:
     store = Store.for_project(root)
     runs = store.runs()
     for lesson in select(load_all(root), args.lessons):
-        own = lesson_runs(runs, plan_groups(lesson, root))
+        own = lesson_runs(runs, plan_groups(lesson, root), ("FINISHED",))
         print(f"lesson {lesson.meta.id}: {lesson.meta.title}  ({len(own)} runs)")
         if args.series and not own.empty:
             print("\n".join(series(store, own, args.series, args.window)))

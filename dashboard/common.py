@@ -3,6 +3,7 @@ switches, the metric catalogue's tooltips, and the line chart with a min/max (or
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import altair as alt
@@ -89,17 +90,6 @@ def metric_table(keys: list[str] | tuple[str, ...]) -> pd.DataFrame:
                          "red flag": [m.red_flag for m in rows], "lesson": [m.lesson for m in rows]})
 
 
-def _wrap(text: str, width: int = 70) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return [*lines, line] if line else lines
-
-
 def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: str = "", band: bool = True,
                lo: str = "vmin", hi: str = "vmax", domain: list[str] | None = None, metric: str = "") -> alt.Chart:
     """One metric: a line per `color` value plus its band (min/max of the bucket, or mean +- std). `domain` fixes
@@ -114,6 +104,6 @@ def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: 
     layers = [line]
     if band and lo in frame and hi in frame:
         layers.insert(0, base.mark_area(opacity=0.18).encode(y=f"{lo}:Q", y2=f"{hi}:Q"))
-    heading = alt.TitleParams(text=title, subtitle=_wrap(f"{m.unit} · {m.formula}"), subtitleFontSize=10,
+    heading = alt.TitleParams(text=title, subtitle=textwrap.wrap(f"{m.unit} · {m.formula}", 70), subtitleFontSize=10,
                               anchor="start") if m else title
     return alt.layer(*layers).properties(title=heading, height=220)

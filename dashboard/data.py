@@ -174,6 +174,16 @@ def _finish_runs(runs: pd.DataFrame, tags: pd.DataFrame) -> pd.DataFrame:
     return runs.sort_values("start", ascending=False)[RUN_COLUMNS].reset_index(drop=True)
 
 
+def lesson_runs(runs: pd.DataFrame, groups: dict[str, str],
+                statuses: tuple[str, ...] = ("FINISHED", "RUNNING")) -> pd.DataFrame:
+    """A lesson's own runs: those whose `rlcore.group` is in its plan (`rlcore.lessons.plan_groups`: group -> line
+    label) with one of `statuses`, the newest run per (group, seed) (the same config and seed give the same numbers:
+    a rerun replaces its older copy, it is not another seed), oldest first, with the line label as column `line`."""
+    own = runs[runs["rlcore.group"].isin(groups) & runs["status"].isin(statuses)]
+    own = own.sort_values("start").drop_duplicates(["rlcore.group", "seed"], keep="last")
+    return own.assign(line=own["rlcore.group"].map(groups))
+
+
 def downsample(raw: pd.DataFrame, max_points: int) -> pd.DataFrame:
     """Per (run, key): at most max_points buckets over the step range; each keeps its last value and min/max."""
     raw = raw.sort_values(["run_id", "key", "step", "timestamp"])

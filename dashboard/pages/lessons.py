@@ -4,6 +4,7 @@ import streamlit as st
 
 from dashboard import common
 from dashboard.controls import CONTROLS
+from dashboard.data import lesson_runs
 from rlcore.config import ConfigError
 from rlcore.lessons import PARTS, load_all, plan_groups, render
 from rlcore.loading import load_experiment
@@ -92,12 +93,9 @@ else:
                     st.error(f"error: {e}")
                     groups = {}
                 # Killed or failed runs are not seeds of the result; a RUNNING one is drawn as it goes.
-                own = rl[rl["rlcore.group"].isin(groups) & rl["status"].isin(["FINISHED", "RUNNING"])]
-                # The same config and seed give the same numbers: a rerun replaces its older copy, not adds a seed.
-                own = own.sort_values("start").drop_duplicates(["rlcore.group", "seed"], keep="last")
-                own = own.assign(line=own["rlcore.group"].map(groups))
+                own = lesson_runs(rl, groups)
                 if not own.empty and own["warm_start.sha256"].nunique() > 1:
-                    newest = own.sort_values("start")["warm_start.sha256"].iloc[-1]  # sorted: the newest last
+                    newest = own["warm_start.sha256"].iloc[-1]  # lesson_runs sorts oldest first
                     st.caption(f"{(own['warm_start.sha256'] != newest).sum()} older runs started from another "
                                "warm start; only those from the newest are drawn.")
                     own = own[own["warm_start.sha256"] == newest]
