@@ -48,6 +48,17 @@ def params(uri: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
+def summary(uri: str, run_ids: tuple[str, ...], last: tuple[str, ...], best: tuple[str, ...],
+            param_keys: tuple[str, ...]) -> pd.DataFrame:
+    return Store(uri).summary(list(run_ids), list(last), list(best), list(param_keys))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def tokens(uri: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
+    return Store(uri).tokens(list(run_ids))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
 def metric_keys(uri: str, run_ids: tuple[str, ...]) -> list[str]:
     return Store(uri).metric_keys(list(run_ids))
 
@@ -70,14 +81,67 @@ def label(runs: pd.DataFrame) -> dict[str, str]:
     return {r.run_id: f"{r.experiment} / {r.name} ({r.run_id[:8]})" for r in runs.itertuples()}
 
 
+def short(runs: pd.DataFrame) -> dict[str, str]:
+    """run_id -> 'name (id8)': legends and captions (the id tells apart runs that share a name)."""
+    return {r.run_id: f"{r.name} ({r.run_id[:8]})" for r in runs.itertuples()}
+
+
+# ------------------------------------------------------------------------------------------------ URL state
+# What a page shows lives in the URL (st.query_params), so a link or a reload shows the same page: the selected
+# runs (`runs`, comma-separated ids), metrics (`m`), x axis (`x`), smoothing (`smooth`), log y (`log`), lesson
+# (`lesson`), study (`study`), run (`run`). Session state carries the selection across page switches.
+
+
+def url_get(name: str, default: str | None = None) -> str | None:
+    return st.query_params.get(name, default)
+
+
+def url_list(name: str) -> list[str]:
+    v = st.query_params.get(name, "")
+    return [x for x in v.split(",") if x]
+
+
+def url_set(name: str, value) -> None:
+    """Write `value` (str, number or list) to the URL; an empty value removes the parameter."""
+    if isinstance(value, list | tuple):
+        value = ",".join(str(v) for v in value)
+    value = "" if value is None else str(value)
+    if value:
+        if st.query_params.get(name) != value:
+            st.query_params[name] = value
+    elif name in st.query_params:
+        del st.query_params[name]
+
+
+def selected_runs(runs: pd.DataFrame, default_n: int = 2) -> list[str]:
+    """The selection shared by every page: the session's, else the URL's, else the newest `default_n` runs;
+    ids not in `runs` are dropped. Ids may be given as prefixes in a hand-written URL."""
+    ids = list(runs["run_id"])
+    if "selected_runs" in st.session_state:
+        want = st.session_state["selected_runs"]
+    else:
+        want = url_list("runs")
+    kept = []
+    for w in want:
+        match = w if w in ids else next((r for r in ids if r.startswith(w)), None) if len(w) >= 6 else None
+        if match and match not in kept:
+            kept.append(match)
+    if not kept and "selected_runs" not in st.session_state and not want:
+        kept = ids[:default_n]
+    return kept
+
+
+def set_selected(chosen: list[str]) -> None:
+    st.session_state["selected_runs"] = list(chosen)
+    url_set("runs", list(chosen))
+
+
 def pick_runs(runs: pd.DataFrame, key: str = "runs", default_n: int = 2, help: str | None = None) -> list[str]:
-    """A run multiselect whose choice is kept in session state across pages."""
+    """A run multiselect whose choice is kept across pages and in the URL."""
     labels = label(runs)
-    kept = [r for r in st.session_state.get("selected_runs", []) if r in labels]
-    if not kept:
-        kept = list(runs["run_id"].head(default_n))
+    kept = [r for r in selected_runs(runs, default_n) if r in labels] or list(runs["run_id"].head(default_n))
     chosen = st.multiselect("Runs", list(labels), default=kept, format_func=labels.get, key=key, help=help)
-    st.session_state["selected_runs"] = chosen
+    set_selected(chosen)
     return chosen
 
 
@@ -90,20 +154,34 @@ def metric_table(keys: list[str] | tuple[str, ...]) -> pd.DataFrame:
                          "red flag": [m.red_flag for m in rows], "lesson": [m.lesson for m in rows]})
 
 
+PALETTE = "tableau20"  # 20 distinct hues, readable on the light and the dark theme
+
+
 def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: str = "", band: bool = True,
-               lo: str = "vmin", hi: str = "vmax", domain: list[str] | None = None, metric: str = "") -> alt.Chart:
+               lo: str = "vmin", hi: str = "vmax", domain: list[str] | None = None, metric: str = "",
+               log_y: bool = False) -> alt.Chart:
     """One metric: a line per `color` value plus its band (min/max of the bucket, or mean +- std). `domain` fixes
     the color of each series across charts (a run keeps its color even in a chart where another run is missing).
-    A catalogue `metric` (default: the title) gets its unit and formula as the subtitle and its unit in the tooltip."""
-    scale = alt.Scale(domain=domain) if domain else alt.Undefined
+    A catalogue `metric` (default: the title) gets its unit and formula as the subtitle and in the tooltip.
+    The legend lists every series in full; x zooms and pans (drag, wheel; double-click resets); steps are integer
+    ticks; `log_y`: a log axis (symlog when a value is <= 0)."""
     m = BY_NAME.get(metric or title)
-    value_title = f"{m.name} ({m.unit})" if m else "value"
-    base = alt.Chart(frame).encode(x=alt.X(f"{x}:Q", title=x), color=alt.Color(f"{color}:N", title=None, scale=scale))
-    line = base.mark_line().encode(y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
-                                   tooltip=[color, x, alt.Tooltip("value:Q", format=".4g", title=value_title)])
+    scale = alt.Scale(domain=domain, scheme=PALETTE) if domain else alt.Scale(scheme=PALETTE)
+    legend = alt.Legend(orient="bottom", columns=2, labelLimit=0, symbolType="stroke", title=None)
+    xaxis = alt.Axis(format="d", tickMinStep=1) if x == "step" else alt.Axis(format="~s") if x == "tokens" else alt.Undefined
+    base = alt.Chart(frame).encode(x=alt.X(f"{x}:Q", title=x, axis=xaxis),
+                                   color=alt.Color(f"{color}:N", scale=scale, legend=legend))
+    positive = frame["value"].min() > 0 if len(frame) else True
+    yscale = alt.Scale(type="log" if positive else "symlog") if log_y else alt.Scale(zero=False)
+    tips = [alt.Tooltip(f"{color}:N", title=color), alt.Tooltip(f"{x}:Q", format="d" if x == "step" else ",.4~g"),
+            alt.Tooltip("value:Q", format=".4g", title=f"{m.name} ({m.unit})" if m else "value")]
+    line = base.mark_line().encode(y=alt.Y("value:Q", title=None, scale=yscale), tooltip=tips)
+    if m:  # the catalogue's formula in every tooltip, one hop from the number
+        line = line.transform_calculate(formula=alt.expr.toString(m.formula)).encode(
+            tooltip=[*tips, alt.Tooltip("formula:N", title="formula")])
     layers = [line]
     if band and lo in frame and hi in frame:
-        layers.insert(0, base.mark_area(opacity=0.18).encode(y=f"{lo}:Q", y2=f"{hi}:Q"))
+        layers.insert(0, base.mark_area(opacity=0.18).encode(y=alt.Y(f"{lo}:Q", scale=yscale), y2=f"{hi}:Q"))
     heading = alt.TitleParams(text=title, subtitle=textwrap.wrap(f"{m.unit} · {m.formula}", 70), subtitleFontSize=10,
                               anchor="start") if m else title
-    return alt.layer(*layers).properties(title=heading, height=220)
+    return alt.layer(*layers).properties(title=heading, height=240).interactive(bind_y=False)

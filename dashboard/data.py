@@ -20,8 +20,11 @@ from rlcore.tracking import project_root, tracking_settings
 
 # Tags the pages filter and group by; read for every run.
 RUN_TAGS = ("algorithm", "rlcore.kind", "rlcore.group", "seed", "rlcore.study", "rlcore.trial", "rlcore.trial_state",
-            "mlflow.parentRunId", "lesson", "variant", "task", "model", "world_size", "warm_start.sha256")
-RUN_COLUMNS = ["run_id", "name", "experiment", "status", "start", "end", "duration_s", *RUN_TAGS]
+            "mlflow.parentRunId", "lesson", "variant", "task", "model", "world_size", "warm_start.sha256",
+            "rlcore.launch", "mlflow.note.content")
+# Tags rlcore itself writes that are not worth a column; every other tag is the user's and shows in `tags`.
+QUIET_TAGS = ("git_commit", "torch_threads", "rlcore.config", "rlcore.stopped_at_step")
+RUN_COLUMNS = ["run_id", "name", "experiment", "status", "start", "end", "duration_s", *RUN_TAGS, "tags"]
 
 
 class StoreError(RuntimeError):
@@ -60,8 +63,8 @@ class Store:
             "SELECT r.run_uuid AS run_id, r.name, e.name AS experiment, r.status, r.start_time, r.end_time "
             "FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
             "WHERE r.lifecycle_stage = 'active' AND e.lifecycle_stage = 'active'")
-        marks = ",".join("?" * len(RUN_TAGS))
-        tags = self._sql(f"SELECT run_uuid AS run_id, key, value FROM tags WHERE key IN ({marks})", RUN_TAGS)
+        tags = self._sql("SELECT run_uuid AS run_id, key, value FROM tags WHERE key NOT LIKE 'mlflow.%' "
+                         "OR key IN ('mlflow.parentRunId', 'mlflow.note.content')")
         return _finish_runs(runs, tags)
 
     def _runs_server(self) -> pd.DataFrame:
@@ -76,7 +79,8 @@ class Store:
                               "status": r.info.status, "start_time": r.info.start_time, "end_time": r.info.end_time}
                              for r in found])
         tags = pd.DataFrame([{"run_id": r.info.run_id, "key": k, "value": v}
-                             for r in found for k, v in r.data.tags.items() if k in RUN_TAGS],
+                             for r in found for k, v in r.data.tags.items()
+                             if k in RUN_TAGS or not k.startswith("mlflow.")],
                             columns=["run_id", "key", "value"])
         return _finish_runs(runs, tags)
 
@@ -101,6 +105,64 @@ class Store:
         marks = ",".join("?" * len(run_ids))
         return sorted(self._sql(f"SELECT DISTINCT key FROM latest_metrics WHERE run_uuid IN ({marks})",
                                 tuple(run_ids))["key"])
+
+    def summary(self, run_ids: list[str], last: list[str], best: list[str], param_keys: list[str]) -> pd.DataFrame:
+        """One row per run: the last step seen, each `last` metric's value at its last step (`last:<key>`), each
+        `best` metric's maximum (`best:<key>`), and the `param_keys` config values: the run table's columns,
+        read in a few bulk queries (no history is loaded)."""
+        out = pd.DataFrame(index=pd.Index(run_ids, name="run_id"))
+        if not run_ids:
+            return out
+        if self.sqlite_path is None:
+            client = self._client()
+            for r in run_ids:
+                run = client.get_run(r)
+                for k in last:
+                    out.loc[r, f"last:{k}"] = run.data.metrics.get(k)
+                for k in best:
+                    hist = client.get_metric_history(r, k)
+                    out.loc[r, f"best:{k}"] = max((m.value for m in hist), default=None)
+                for k in param_keys:
+                    out.loc[r, k] = run.data.params.get(k)
+            return out
+        rm = ",".join("?" * len(run_ids))
+        lm = self._sql(f"SELECT run_uuid AS run_id, key, value, step FROM latest_metrics WHERE run_uuid IN ({rm})",
+                       tuple(run_ids))
+        out["steps"] = lm.groupby("run_id")["step"].max()
+        for k in last:
+            out[f"last:{k}"] = lm[lm["key"] == k].set_index("run_id")["value"]
+        for k in best:  # the metrics table's primary key starts with `key`: one index range per metric
+            b = self._sql(f"SELECT run_uuid AS run_id, MAX(value) AS v FROM metrics WHERE key = ? "
+                          f"AND run_uuid IN ({rm}) GROUP BY run_uuid", (k, *run_ids))
+            out[f"best:{k}"] = b.set_index("run_id")["v"]
+        if param_keys:
+            pk = ",".join("?" * len(param_keys))
+            p = self._sql(f"SELECT run_uuid AS run_id, key, value FROM params WHERE key IN ({pk}) AND run_uuid IN ({rm})",
+                          (*param_keys, *run_ids))
+            for k in param_keys:
+                out[k] = p[p["key"] == k].set_index("run_id")["value"]
+        return out
+
+    def tokens(self, run_ids: list[str]) -> pd.DataFrame:
+        """Cumulative generated tokens per (run, step), from the raw rows (tokens/s x s/step of every step, before
+        any downsampling), with step 0 at 0 tokens."""
+        if not run_ids:
+            return pd.DataFrame(columns=["run_id", "step", "tokens"])
+        keys = ["perf/tokens_per_s", "timing/step"]
+        if self.sqlite_path is None:
+            raw = self._history_server(run_ids, keys)
+        else:
+            rm = ",".join("?" * len(run_ids))
+            raw = self._sql(f"SELECT run_uuid AS run_id, key, step, value, timestamp FROM metrics WHERE key IN (?, ?) "
+                            f"AND run_uuid IN ({rm})", (*keys, *run_ids))
+        if raw.empty:
+            return pd.DataFrame(columns=["run_id", "step", "tokens"])
+        raw = raw.sort_values("timestamp").drop_duplicates(["run_id", "key", "step"], keep="last")
+        w = raw.pivot_table(index=["run_id", "step"], columns="key", values="value").dropna()
+        per_step = (w["perf/tokens_per_s"] * w["timing/step"]).round()  # the step's generated tokens, exact up to rounding
+        tok = per_step.groupby(level="run_id").cumsum().rename("tokens").reset_index()
+        zero = pd.DataFrame({"run_id": tok["run_id"].unique(), "step": 0, "tokens": 0.0})
+        return pd.concat([zero, tok], ignore_index=True).sort_values(["run_id", "step"]).reset_index(drop=True)
 
     def history(self, run_ids: list[str], keys: list[str], max_points: int = 400) -> pd.DataFrame:
         """Long frame run_id, key, step, value, vmin, vmax, time_s (seconds since the run's first point),
@@ -162,8 +224,13 @@ class Store:
 def _finish_runs(runs: pd.DataFrame, tags: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame(columns=RUN_COLUMNS)
-    wide = tags.pivot(index="run_id", columns="key", values="value") if not tags.empty else pd.DataFrame()
+    own = tags[tags["key"].isin(RUN_TAGS)]
+    wide = own.pivot(index="run_id", columns="key", values="value") if not own.empty else pd.DataFrame()
     runs = runs.merge(wide, left_on="run_id", right_index=True, how="left")
+    user = tags[~tags["key"].isin(RUN_TAGS) & ~tags["key"].isin(QUIET_TAGS) & ~tags["key"].str.startswith("mlflow.")]
+    user = user.sort_values("key")
+    joined = (user["key"] + "=" + user["value"].astype(str)).groupby(user["run_id"]).agg(", ".join)
+    runs["tags"] = runs["run_id"].map(joined).fillna("")
     for t in RUN_TAGS:
         if t not in runs:
             runs[t] = None
@@ -172,6 +239,17 @@ def _finish_runs(runs: pd.DataFrame, tags: pd.DataFrame) -> pd.DataFrame:
     now = pd.Timestamp.now()
     runs["duration_s"] = ((runs["end"].fillna(now) - runs["start"]).dt.total_seconds()).round(1)
     return runs.sort_values("start", ascending=False)[RUN_COLUMNS].reset_index(drop=True)
+
+
+def search(runs: pd.DataFrame, text: str) -> pd.DataFrame:
+    """Runs whose id, name, experiment, status or any tag contains `text` (case-insensitive). A run without a
+    tag has None/NaN there: read as "" (under pandas 3 `astype(str)` keeps the missing value, and joining it
+    raised a TypeError)."""
+    if not text:
+        return runs
+    cols = [c for c in runs.columns if c not in ("start", "end", "duration_s")]
+    hay = runs[cols].astype(object).where(runs[cols].notna(), "").astype(str).agg(" ".join, axis=1)
+    return runs[hay.str.contains(text, case=False, regex=False)]
 
 
 def lesson_runs(runs: pd.DataFrame, groups: dict[str, str],

@@ -42,11 +42,9 @@ class Launch:
             if stopped:
                 return f"stopped (exit {code})"
             return "finished" if code == 0 else f"exited {code}"
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return "gone"
-        return "running"
+        if not _alive(self.pid):
+            return "killed (no exit status)" if stopped else "gone (no exit status)"
+        return "stopping" if stopped else "running"
 
 
 def launches_dir(root: Path) -> Path:
@@ -117,17 +115,64 @@ def start(root: Path, file: str, overrides: list[str], extra: list[str] | None =
 def _spawn(root: Path, cmd: list[str], stem: str, file: str, overrides: list[str]) -> Launch:
     launch_id = time.strftime("%Y%m%d-%H%M%S") + f"-{stem}-{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
     d = launches_dir(root)
-    log = d / f"{launch_id}.log"
-    rc = d / f"{launch_id}.rc"
-    # The shell ignores SIGTERM (rlcore sets its own handler), so Stop reaches the run, which closes cleanly, and the
-    # shell lives on to record its exit status.
-    shell = f'trap "" TERM; {" ".join(_quote(c) for c in cmd)}; echo $? > {_quote(str(rc))}'
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["/bin/sh", "-c", shell], cwd=root, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # A small Python supervisor (not a shell with SIGTERM ignored: children inherit an ignored signal, so a Stop
+    # during start-up did nothing) runs the command in its own process group, passes Stop on, and records the exit
+    # status however the command ended.
+    sup = [sys.executable, "-m", "dashboard.launcher", str(d / f"{launch_id}.rc"), "--", *cmd]
+    with open(d / f"{launch_id}.log", "w") as out:
+        proc = subprocess.Popen(sup, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "RLCORE_LAUNCH_ID": launch_id,
+                                     "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
+                                                                                os.environ.get("PYTHONPATH")]))})
+    _CHILDREN[proc.pid] = proc
     launch = Launch(launch_id, file, overrides, proc.pid, time.time(), cmd)
     (d / f"{launch_id}.json").write_text(json.dumps(asdict(launch)))
     return launch
+
+
+# Supervisors this server started: polled so an ended one is reaped (a zombie would look alive to os.kill(pid, 0)).
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+def _alive(pid: int) -> bool:
+    if pid in _CHILDREN:
+        return _CHILDREN[pid].poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # another process's child that has ended but is not yet reaped
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def supervise(rc_path: Path, cmd: list[str]) -> int:
+    """Run `cmd`, forward SIGTERM/SIGINT to it (it decides how to close), write its exit status to `rc_path`
+    (128 + signal number when a signal ended it, as a shell reports it)."""
+    child = subprocess.Popen(cmd)
+    forwarded: list[int] = []
+
+    def forward(signum, frame) -> None:
+        forwarded.append(signum)
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            code = child.wait()
+            break
+        except InterruptedError:
+            continue
+    code = 128 - code if code < 0 else code
+    tmp = rc_path.with_suffix(".rc.tmp")
+    tmp.write_text(str(code))
+    tmp.replace(rc_path)  # atomic: a reader sees no status or the whole status
+    return code
 
 
 def start_lesson(root: Path, lesson_id: str) -> Launch:
@@ -137,12 +182,6 @@ def start_lesson(root: Path, lesson_id: str) -> Launch:
     (lesson,) = select(load_all(root), lesson_id)  # a ConfigError for an unknown id, before anything starts
     cmd = [sys.executable, "-m", "rlcore.cli", "lesson", lesson.meta.id]
     return _spawn(root, cmd, f"lesson-{lesson.meta.id}", lesson.path.name, [])
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
 
 
 def all_launches(root: Path) -> list[Launch]:
@@ -155,14 +194,19 @@ def all_launches(root: Path) -> list[Launch]:
     return out
 
 
-def stop(launch: Launch, root: Path) -> None:
-    """SIGTERM to the launch's process group: the run closes as KILLED, a sweep re-queues its trial; the exit status
-    is recorded when the run has closed (`status` then says `stopped (exit N)`)."""
+def stop(launch: Launch, root: Path, force: bool = False) -> None:
+    """SIGTERM to the launch's process group: the run finishes its step and closes as KILLED, a sweep re-queues its
+    trial; the supervisor records the exit status (`status` says `stopping`, then `stopped (exit N)`). `force`:
+    SIGKILL to the command (a second Stop), which the supervisor still records."""
     (launches_dir(root) / f"{launch.id}.stopped").write_text(str(time.time()))
     try:
-        os.killpg(launch.pid, signal.SIGTERM)
+        os.killpg(launch.pid, signal.SIGKILL if force else signal.SIGTERM)
     except ProcessLookupError:
         pass
+    if force:  # SIGKILL reaches the supervisor too: record what the command got
+        rc = launches_dir(root) / f"{launch.id}.rc"
+        if not rc.exists():
+            rc.write_text(str(128 + signal.SIGKILL))
 
 
 def tail(path: Path, n: int = 4000) -> str:
@@ -172,3 +216,8 @@ def tail(path: Path, n: int = 4000) -> str:
     data = path.read_bytes()[-n * 4 :].decode(errors="replace")
     lines = [line.rsplit("\r", 1)[-1] for line in data.split("\n")]
     return "\n".join(lines)[-n:]
+
+
+if __name__ == "__main__":  # the supervisor: python -m dashboard.launcher RC_PATH -- CMD...
+    sep = sys.argv.index("--")
+    sys.exit(supervise(Path(sys.argv[1]), sys.argv[sep + 1 :]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -153,6 +154,7 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     periodic held-out eval, and a True return stops the run there (it still finishes normally: a pruned sweep trial).
     `resume`: a checkpoint of this config to continue from, in the same MLflow run.
     """
+    t0 = time.perf_counter()  # wall-clock from here: start-up, evals and checkpoints are time the steps don't see
     root = root or project_root()
     reset_peak_memory()  # a lesson, --seeds or a sweep worker runs many runs in one process
     loop = build_for(cfg, root)
@@ -161,7 +163,7 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     tracker = Tracker(cfg.logging.experiment, root) if loop.acc.is_main_process else None
     out = RunResult(tracker.run_id if tracker else None, tracker.where if tracker else None, {}, {}, None, start)
     with open_run(loop, tracker, root, extra_tags, ckpt), checkpoint.StopRequest() as stop_request:
-        begin(loop, tracker, out, on_start, fresh=start == 0)
+        begin(loop, tracker, out, on_start, fresh=start == 0, t0=t0, step=start)
         stream = loop.task.stream(cfg.seed, ckpt and ckpt["stream"])  # where the checkpoint left it
         bar = tqdm(range(start + 1, cfg.trainer.steps + 1), desc="rl", unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=tracker is None or bool(os.environ.get("RLCORE_NO_BAR")), initial=start,
@@ -171,31 +173,42 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                                   lambda: stream.take(cfg.rollout.prompts_per_step))
             out.steps_done = i
             check_finite(loop, batch, i)
+            metrics["timing/wall"] = time.perf_counter() - t0
             out.stopped_early = report(loop, tracker, out, bar, i, batch, metrics, on_eval)
             out.stopped_early, stop_request.requested = agree(loop.acc, out.stopped_early, stop_request.requested)
             every = cfg.trainer.checkpoint_every
             if every and (i % every == 0 or stop_request.requested) and i < cfg.trainer.steps:
+                t = time.perf_counter()
                 checkpoint.write(loop.trainer, loop.engine, cfg, root, tracker, loop.acc, i, stream)
+                tracker and tracker.log(i, {"timing/checkpoint": time.perf_counter() - t})
             if stop_request.requested:
                 raise SystemExit(128 + stop_request.signum)  # the run closes as KILLED, resumable
             if out.stopped_early:
                 tracker and tracker.set_tag("rlcore.stopped_at_step", str(i))
                 break
+        t = time.perf_counter()
         out.output_dir = checkpoint.save_policy(loop.trainer, loop.tokenizer, root, cfg, tracker, loop.acc)
+        tracker and tracker.log(out.steps_done, {"timing/save": time.perf_counter() - t,
+                                                 "timing/total": time.perf_counter() - t0})
     return out
 
 
-def begin(loop: Loop, tracker: Tracker | None, out: RunResult, on_start, fresh: bool) -> None:
-    """On the main process, once the MLflow run exists: say the threads, tell the caller, evaluate step 0."""
+def begin(loop: Loop, tracker: Tracker | None, out: RunResult, on_start, fresh: bool, t0: float, step: int) -> None:
+    """On the main process, once the MLflow run exists: say the threads, tell the caller, evaluate step 0, and log
+    the start-up time (building the models, loading the warm start or checkpoint, opening the run)."""
     if tracker is None:
         return
     threads.say_once()
     out.run_id = tracker.run_id
     if on_start is not None:
         on_start(tracker.run_id)
+    timing = {"timing/startup": time.perf_counter() - t0}
     if fresh:
+        t = time.perf_counter()
         out.first_eval = out.last_eval = evaluate(loop.engine, loop.task, loop.cfg)
+        timing["timing/eval"] = time.perf_counter() - t
         tracker.log(0, out.first_eval)
+    tracker.log(step, timing)
 
 
 def open_run(loop: Loop, tracker: Tracker | None, root: Path, extra_tags: dict[str, str] | None, ckpt: dict | None):
@@ -208,6 +221,8 @@ def open_run(loop: Loop, tracker: Tracker | None, root: Path, extra_tags: dict[s
             "world_size": str(loop.acc.num_processes), "rlcore.group": cfg.seed_group(),
             "torch_threads": str(torch.get_num_threads()), CONFIG_TAG: cfg.config_hash(),
             **warm_start_tags(loop.warm_start), **cfg.logging.tags, **(extra_tags or {})}
+    if launch := os.environ.get("RLCORE_LAUNCH_ID"):  # started from the dashboard's Launch page: link back to it
+        tags["rlcore.launch"] = launch
     # MLflow's random names come from the `random` module, which the run has seeded: every run would be called the
     # same. A name from the config is as stable and says what the run is.
     name = cfg.logging.run_name or f"{cfg.algorithm.name}-s{cfg.seed}-{cfg.training_hash()[:6]}"
@@ -232,7 +247,9 @@ def report(loop: Loop, tracker: Tracker | None, out: RunResult, bar, i: int, bat
     if tracker is None:
         return False
     if i % cfg.logging.eval_every == 0 or i == cfg.trainer.steps:
+        t = time.perf_counter()
         out.last_eval = evaluate(loop.engine, loop.task, cfg)
+        metrics["timing/eval"] = time.perf_counter() - t
         tracker.log(i, out.last_eval)
         if on_eval is not None:
             stop = bool(on_eval(i, out.last_eval)) and i < cfg.trainer.steps

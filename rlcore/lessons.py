@@ -109,7 +109,22 @@ def render(body: str) -> str:
     """The body as the dashboard shows it: each `<!-- source: rlcore.x.f -->` line becomes f's code, read from the
     module at render time, so the formula above it and the code beside it cannot drift apart (Spinning Up's
     layout). On GitHub the comment stays invisible and the page reads the same without it."""
-    return SOURCE.sub(lambda m: f"```python\n# {m.group(1)}\n{source_of(m.group(1))}\n```", body)
+    return SOURCE.sub(lambda m: f"```python\n# {m.group(1)}\n{source_of(m.group(1))}\n```", display_math(body))
+
+
+DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.DOTALL)
+FENCE = re.compile(r"(^```.*?^```)", re.DOTALL | re.MULTILINE)
+
+
+def display_math(body: str) -> str:
+    """Every `$$ ... $$` as a block of its own: `$$`, the formula, `$$` on separate lines, blank lines around.
+    Streamlit's markdown (remark-math) reads a `$$` that shares a line with text as inline math, so a formula over
+    several lines failed in KaTeX, and a continuation line starting with `+` became a list item that swallowed the
+    rest of the page. Code fences are left alone."""
+    parts = FENCE.split(body)
+    for i in range(0, len(parts), 2):  # even parts are outside code fences
+        parts[i] = DISPLAY.sub(lambda m: "\n\n$$\n" + m.group(1).strip() + "\n$$\n\n", parts[i])
+    return "".join(parts)
 
 
 def check(lesson: Lesson, root: Path) -> None:

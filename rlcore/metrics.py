@@ -91,6 +91,13 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("timing/update", "s", "policy forward/backward over micro-batches + optimizer step", "07"),
     MetricDef("timing/sync", "s", "pushing weights to the rollout engine (0 when shared)", "06"),
     MetricDef("timing/step", "s", "wall time of the whole step; step - sum(phases) is 'other' (logging, metrics)", "07"),
+    # wall-clock outside the steps (the Bottlenecks page's wall-clock split)
+    MetricDef("timing/startup", "s", "process start of the run to its first step: building models, loading the warm start or checkpoint, opening the MLflow run", "07"),
+    MetricDef("timing/eval", "s", "held-out evaluation at this step (logged on eval steps)", "07"),
+    MetricDef("timing/checkpoint", "s", "writing a resumable checkpoint at this step", "07"),
+    MetricDef("timing/save", "s", "saving the final policy at the end of the run", "07"),
+    MetricDef("timing/wall", "s", "wall-clock since the run's process started, at the end of this step", "07"),
+    MetricDef("timing/total", "s", "wall-clock of the whole run, logged once at its end", "07"),
     # perf
     MetricDef("perf/tokens_per_s", "tokens/s", "generated response tokens (all processes) / timing/step", "22"),
     MetricDef("perf/peak_mem_mb", "MB", "peak memory of this run: CUDA max allocated, or on CPU the peak RSS since the run began (Linux)", "22"),

@@ -292,7 +292,7 @@ def test_launch_stop_records_the_exit_status(project: Path) -> None:
     try:
         stop_and_wait(launcher, launch, project)
     finally:
-        if launch.status(project) == "running":
+        if launch.status(project) in ("running", "stopping"):
             os.killpg(launch.pid, signal.SIGKILL)
     assert launch.status(project) == f"stopped (exit {128 + signal.SIGTERM})"
     (r,) = runs_of(project, "faults-launch")
@@ -305,6 +305,6 @@ def stop_and_wait(launcher, launch, project: Path) -> None:
         assert time.time() < deadline and launch.status(project) == "running", launcher.tail(launch.log(project))
         time.sleep(0.2)
     launcher.stop(launch, project)
-    while launch.status(project) == "running":
+    while launch.status(project) in ("running", "stopping"):
         assert time.time() < deadline
         time.sleep(0.2)

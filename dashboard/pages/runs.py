@@ -1,19 +1,28 @@
-"""Runs: filter, pick, overlay any metric's curves, and diff the configs of the picked runs."""
+"""Runs: the run table is the main control (filter, tick runs to chart them), then any metric's curves and the
+config diff of the ticked runs. Selection, metrics, x axis, smoothing and log scale live in the URL."""
 
 import pandas as pd
 import streamlit as st
 
 from dashboard import common
-from dashboard.data import config_diff, smooth
+from dashboard.data import config_diff, search, smooth
+
+# The table's metric and config columns: what people sort and compare runs by.
+LAST = ["reward/mean", "eval/sampled_reward", "kl/mean"]
+BEST = ["eval/sampled_reward"]
+PARAMS = ["trainer.lr", "algorithm.kl_coef", "rollout.samples_per_prompt", "trainer.steps"]
+X_AXES = ["step", "time_s", "tokens"]
 
 st.title("Runs")
 runs = common.load_runs()
 if runs is not None:
     with st.sidebar:
+        st.caption("Filters (ticked runs stay ticked when a filter hides them)")
         exps = st.multiselect("Experiment", sorted(runs["experiment"].dropna().unique()))
         algos = st.multiselect("Algorithm", sorted(runs["algorithm"].dropna().unique()))
         status = st.multiselect("Status", sorted(runs["status"].unique()))
-        tag = st.text_input("Name or tag contains", "")
+        text = st.text_input("Name or tag contains", common.url_get("q", "") or "", key="search")
+        common.url_set("q", text)
     shown = runs
     if exps:
         shown = shown[shown["experiment"].isin(exps)]
@@ -21,52 +30,86 @@ if runs is not None:
         shown = shown[shown["algorithm"].isin(algos)]
     if status:
         shown = shown[shown["status"].isin(status)]
-    if tag:
-        text = shown.astype(str).apply(lambda r: " ".join(r), axis=1)
-        shown = shown[text.str.contains(tag, case=False, regex=False)]
-    st.dataframe(shown[["run_id", "experiment", "name", "status", "algorithm", "seed", "start", "duration_s"]],
-                 hide_index=True, height=200)
-    chosen = common.pick_runs(shown if not shown.empty else runs)
+    shown = search(shown, text)
+    uri = common.store().uri
+    selected = common.selected_runs(runs)
+
+    summary = common.summary(uri, tuple(shown["run_id"]), tuple(LAST), tuple(BEST), tuple(PARAMS))
+    table = shown.set_index("run_id")[["name", "experiment", "algorithm", "status", "seed", "rlcore.group", "tags",
+                                       "start", "duration_s"]].join(summary)
+    table.insert(0, "show", table.index.isin(selected))
+    table.insert(1, "id", table.index.str[:8])
+    table["rlcore.group"] = table["rlcore.group"].str[:8]
+    # The editor's key follows the rows shown: a filter change starts a fresh editor whose ticks come from the
+    # selection (an editor keeps edits by row position, which a filter would shift onto other runs).
+    edited = st.data_editor(
+        table.reset_index(drop=True), hide_index=True, height=min(420, 38 + 35 * len(table)),
+        disabled=[c for c in table.columns if c != "show"], key=f"run_table_{hash(tuple(table.index))}",
+        column_config={
+            "show": st.column_config.CheckboxColumn("show", help="tick to chart the run", width="small"),
+            "rlcore.group": st.column_config.TextColumn("group", help="runs of one config that differ only by seed"),
+            "steps": st.column_config.NumberColumn("steps", format="%d"),
+            "duration_s": st.column_config.NumberColumn("duration", format="%.0f s"),
+            **{f"last:{k}": st.column_config.NumberColumn(f"{k} (last)", format="%.3f") for k in LAST},
+            **{f"best:{k}": st.column_config.NumberColumn(f"{k} (best)", format="%.3f") for k in BEST},
+        })
+    ticked = set(table.index[edited["show"].to_numpy()])
+    chosen = [r for r in selected if r not in table.index or r in ticked]  # hidden by a filter: kept
+    chosen += [r for r in table.index if r in ticked and r not in chosen]
+    if chosen != selected:
+        common.set_selected(chosen)
+        st.rerun()  # redraw the charts (and the table's ticks) from the new selection
+    common.set_selected(chosen)
+    c1, c2 = st.columns([6, 1])
+    c1.caption(f"{len(shown)} of {len(runs)} runs shown · {len(chosen)} ticked: "
+               + ", ".join(common.short(runs)[r] for r in chosen))
+    if c2.button("Clear ticks", disabled=not chosen):
+        common.set_selected([])
+        st.rerun()
     if not chosen:
-        st.info("Pick one or more runs.")
+        st.info("Tick one or more runs in the table.")
     else:
-        uri = common.store().uri
         keys = common.metric_keys(uri, tuple(chosen))
         if not keys:
-            st.info("The picked runs have no metrics yet.")
+            st.info("The ticked runs have no metrics yet.")
         else:
-            defaults = [k for k in common.DEFAULT_METRICS if k in keys] or keys[:4]
-            c1, c2, c3 = st.columns([3, 1, 1])
+            wanted = [k for k in common.url_list("m") if k in keys]
+            defaults = wanted or [k for k in common.DEFAULT_METRICS if k in keys] or keys[:4]
+            c1, c2, c3, c4 = st.columns([4, 1, 1, 1])
             picked = c1.multiselect("Metrics", keys, default=defaults, help="RL defaults pinned first. Each chart's "
-                                    "subtitle is its formula; the table under the charts says what a healthy run "
-                                    "shows and what is a red flag.")
-            smoothing = c2.slider("Smoothing", 0.0, 0.95, 0.0, 0.05, key="smoothing")
-            x = c3.radio("x axis", ["step", "time_s", "tokens"], horizontal=False)
+                                    "subtitle and tooltip give its formula; the table under the charts says what a "
+                                    "healthy run shows and what is a red flag.")
+            smoothing = c2.slider("Smoothing", 0.0, 0.95, float(common.url_get("smooth", 0.0) or 0.0), 0.05,
+                                  key="smoothing")
+            x_url = common.url_get("x", "step")
+            x = c3.radio("x axis", X_AXES, index=X_AXES.index(x_url) if x_url in X_AXES else 0)
+            log_y = c4.toggle("log y", value=common.url_get("log") == "1")
+            common.url_set("m", picked if picked != [k for k in common.DEFAULT_METRICS if k in keys] else [])
+            common.url_set("smooth", smoothing or "")
+            common.url_set("x", "" if x == "step" else x)
+            common.url_set("log", "1" if log_y else "")
             live = runs.set_index("run_id").loc[chosen, "status"].eq("RUNNING").any()
+            names = common.short(runs)
 
             @st.fragment(run_every=5 if live else None)
             def charts() -> None:
-                need = list(picked) + (["perf/tokens_per_s", "timing/step"] if x == "tokens" else [])
-                h = common.history(uri, tuple(chosen), tuple(need))
+                h = common.history(uri, tuple(chosen), tuple(picked))
                 if h.empty:
                     st.info("No points for these metrics yet.")
                     return
-                names = common.label(runs)
                 h = smooth(h, smoothing)
                 h["run"] = h["run_id"].map(names)
-                if x == "tokens":  # generated tokens so far = cumsum(tokens/s x s/step)
-                    w = h[h["key"].isin(["perf/tokens_per_s", "timing/step"])].pivot_table(
-                        index=["run_id", "step"], columns="key", values="value")
-                    tok = (w["perf/tokens_per_s"] * w["timing/step"]).groupby(level=0).cumsum().rename("tokens")
-                    h = h.merge(tok.reset_index(), on=["run_id", "step"], how="inner")
+                if x == "tokens":  # cumulative generated tokens, summed over every raw step before downsampling
+                    h = h.merge(common.tokens(uri, tuple(chosen)), on=["run_id", "step"], how="inner")
                 cols = st.columns(2)
                 for i, key in enumerate(picked):
                     part = h[h["key"] == key]
                     if part.empty:
                         continue
-                    cols[i % 2].altair_chart(common.line_chart(part, x=x, title=key, domain=[names[r] for r in chosen]), width="stretch")
+                    cols[i % 2].altair_chart(common.line_chart(part, x=x, title=key, log_y=log_y,
+                                                               domain=[names[r] for r in chosen]), width="stretch")
                 if live:
-                    st.caption("live: refreshing every 5 s while a picked run is RUNNING")
+                    st.caption("live: refreshing every 5 s while a ticked run is RUNNING")
 
             charts()
             with st.expander("What these metrics mean (the metric catalogue)"):
@@ -74,12 +117,14 @@ if runs is not None:
         st.subheader("Config diff")
         diff = config_diff(common.params(uri, tuple(chosen)))
         if diff.empty:
-            st.caption("Pick two or more runs: only the keys that differ are listed." if len(chosen) < 2
-                       else "The picked runs have identical configs.")
+            st.caption("Tick two or more runs: only the keys that differ are listed." if len(chosen) < 2
+                       else "The ticked runs have identical configs.")
         else:
-            diff.columns = [c[:8] for c in diff.columns]
+            diff.columns = [common.short(runs)[c] for c in diff.columns]
             st.dataframe(diff, key="config_diff")
-        st.subheader("Picked runs")
+        st.subheader("Ticked runs")
         info = runs.set_index("run_id").loc[chosen, ["experiment", "name", "status", "duration_s", "start"]]
-        info.insert(0, "mlflow id", pd.Series({r: r for r in chosen}))
-        st.dataframe(info, hide_index=True)
+        info.insert(0, "page", pd.Series({r: f"/run?run={r}" for r in chosen}))
+        st.dataframe(info, hide_index=True, column_config={
+            "page": st.column_config.LinkColumn("run page", display_text="open", help="config, artifacts, "
+                                                "samples, checkpoints; tags, notes, rename, delete")})
