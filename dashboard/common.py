@@ -54,6 +54,29 @@ def summary(uri: str, run_ids: tuple[str, ...], last: tuple[str, ...], best: tup
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
+def sums(uri: str, run_ids: tuple[str, ...], keys: tuple[str, ...]) -> pd.DataFrame:
+    return Store(uri).sums(list(run_ids), list(keys))
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def lesson_ids(project: str) -> set[str]:
+    """The ids of the lessons that exist (a finding links only to those)."""
+    from rlcore.lessons import load_all
+
+    try:
+        return {x.meta.id for x in load_all(Path(project))}
+    except Exception:  # noqa: BLE001 - a broken lesson file must not break the page that links to lessons
+        return set()
+
+
+def lesson_link(lesson_id: str) -> str:
+    """'[lesson NN](/lessons?lesson=NN)' when that lesson exists, else 'lesson NN (not written yet)'."""
+    if lesson_id in lesson_ids(str(root())):
+        return f"[lesson {lesson_id}](/lessons?lesson={lesson_id})"
+    return f"lesson {lesson_id} (not written yet)"
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
 def tokens(uri: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
     return Store(uri).tokens(list(run_ids))
 
@@ -117,16 +140,14 @@ def selected_runs(runs: pd.DataFrame, default_n: int = 2) -> list[str]:
     """The selection shared by every page: the session's, else the URL's, else the newest `default_n` runs;
     ids not in `runs` are dropped. Ids may be given as prefixes in a hand-written URL."""
     ids = list(runs["run_id"])
-    if "selected_runs" in st.session_state:
-        want = st.session_state["selected_runs"]
-    else:
-        want = url_list("runs")
+    # A link or a reload carries the selection in the URL; switching pages keeps it in the session.
+    want = url_list("runs") if "runs" in st.query_params else st.session_state.get("selected_runs", [])
     kept = []
     for w in want:
         match = w if w in ids else next((r for r in ids if r.startswith(w)), None) if len(w) >= 6 else None
         if match and match not in kept:
             kept.append(match)
-    if not kept and "selected_runs" not in st.session_state and not want:
+    if not kept and "selected_runs" not in st.session_state and "runs" not in st.query_params:
         kept = ids[:default_n]
     return kept
 
@@ -154,7 +175,10 @@ def metric_table(keys: list[str] | tuple[str, ...]) -> pd.DataFrame:
                          "red flag": [m.red_flag for m in rows], "lesson": [m.lesson for m in rows]})
 
 
-PALETTE = "tableau20"  # 20 distinct hues, readable on the light and the dark theme
+# Tableau 10, then Dark2's 8: 18 hues no two alike (tableau20 pairs each hue with a pale twin, so run 1 and
+# run 2 came out as two blues), mid-luminance so they read on the light and the dark theme. Then they repeat.
+PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+           "#bab0ac", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
 
 
 def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: str = "", band: bool = True,
@@ -166,7 +190,7 @@ def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: 
     The legend lists every series in full; x zooms and pans (drag, wheel; double-click resets); steps are integer
     ticks; `log_y`: a log axis (symlog when a value is <= 0)."""
     m = BY_NAME.get(metric or title)
-    scale = alt.Scale(domain=domain, scheme=PALETTE) if domain else alt.Scale(scheme=PALETTE)
+    scale = alt.Scale(domain=domain, range=PALETTE) if domain else alt.Scale(range=PALETTE)
     legend = alt.Legend(orient="bottom", columns=2, labelLimit=0, symbolType="stroke", title=None)
     xaxis = alt.Axis(format="d", tickMinStep=1) if x == "step" else alt.Axis(format="~s") if x == "tokens" else alt.Undefined
     base = alt.Chart(frame).encode(x=alt.X(f"{x}:Q", title=x, axis=xaxis),

@@ -23,7 +23,8 @@ RUN_TAGS = ("algorithm", "rlcore.kind", "rlcore.group", "seed", "rlcore.study", 
             "mlflow.parentRunId", "lesson", "variant", "task", "model", "world_size", "warm_start.sha256",
             "rlcore.launch", "mlflow.note.content")
 # Tags rlcore itself writes that are not worth a column; every other tag is the user's and shows in `tags`.
-QUIET_TAGS = ("git_commit", "torch_threads", "rlcore.config", "rlcore.stopped_at_step")
+QUIET_TAGS = ("git_commit", "torch_threads", "rlcore.config", "rlcore.config_hash", "rlcore.owner",
+              "rlcore.stopped_at_step")
 RUN_COLUMNS = ["run_id", "name", "experiment", "status", "start", "end", "duration_s", *RUN_TAGS, "tags"]
 
 
@@ -143,6 +144,22 @@ class Store:
                 out[k] = p[p["key"] == k].set_index("run_id")["value"]
         return out
 
+    def sums(self, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
+        """Per (run, key) over every raw logged point (no downsampling): `sum`, `max` and `n`. Wall-clock parts are
+        sums over all steps, which a downsampled history would undercount."""
+        cols = ["run_id", "key", "sum", "max", "n"]
+        if not run_ids or not keys:
+            return pd.DataFrame(columns=cols)
+        if self.sqlite_path is None:
+            raw = self._history_server(run_ids, keys)
+            raw = raw.drop_duplicates(["run_id", "key", "step"], keep="last")
+            g = raw.groupby(["run_id", "key"])["value"]
+            return pd.DataFrame({"sum": g.sum(), "max": g.max(), "n": g.count()}).reset_index()[cols]
+        rm, km = ",".join("?" * len(run_ids)), ",".join("?" * len(keys))
+        return self._sql(f"SELECT run_uuid AS run_id, key, SUM(value) AS sum, MAX(value) AS max, COUNT(*) AS n "
+                         f"FROM metrics WHERE key IN ({km}) AND run_uuid IN ({rm}) GROUP BY run_uuid, key",
+                         (*keys, *run_ids))[cols]
+
     def tokens(self, run_ids: list[str]) -> pd.DataFrame:
         """Cumulative generated tokens per (run, step), from the raw rows (tokens/s x s/step of every step, before
         any downsampling), with step 0 at 0 tokens."""
@@ -215,6 +232,35 @@ class Store:
             out[int(name[5:-5])] = pd.DataFrame(table["data"], columns=table["columns"])
         return dict(sorted(out.items()))
 
+    def artifact_text(self, run_id: str, path: str) -> str:
+        return Path(self._client().download_artifacts(run_id, path)).read_text()
+
+    def artifacts(self, run_id: str) -> pd.DataFrame:
+        """The run's artifact files (two levels deep), with sizes in KB."""
+        client = self._client()
+        rows = []
+        try:
+            for f in client.list_artifacts(run_id):
+                for g in client.list_artifacts(run_id, f.path) if f.is_dir else [f]:
+                    rows.append({"path": g.path, "KB": round((g.file_size or 0) / 1024, 1) if not g.is_dir else None})
+        except Exception:  # noqa: BLE001 - no artifact store for this run
+            pass
+        return pd.DataFrame(rows, columns=["path", "KB"])
+
+    def deleted_runs(self) -> pd.DataFrame:
+        """Soft-deleted runs (MLflow's lifecycle_stage 'deleted'), which Restore brings back."""
+        if self.sqlite_path is None:
+            from mlflow.entities import ViewType
+
+            client = self._client()
+            exps = {e.experiment_id: e.name for e in client.search_experiments()}
+            found = client.search_runs(list(exps), run_view_type=ViewType.DELETED_ONLY) if exps else []
+            return pd.DataFrame([{"run_id": r.info.run_id, "name": r.info.run_name,
+                                  "experiment": exps[r.info.experiment_id]} for r in found],
+                                columns=["run_id", "name", "experiment"])
+        return self._sql("SELECT r.run_uuid AS run_id, r.name, e.name AS experiment FROM runs r JOIN experiments e "
+                         "ON r.experiment_id = e.experiment_id WHERE r.lifecycle_stage = 'deleted'")
+
     def _client(self):
         from mlflow.tracking import MlflowClient
 
@@ -250,6 +296,13 @@ def search(runs: pd.DataFrame, text: str) -> pd.DataFrame:
     cols = [c for c in runs.columns if c not in ("start", "end", "duration_s")]
     hay = runs[cols].astype(object).where(runs[cols].notna(), "").astype(str).agg(" ".join, axis=1)
     return runs[hay.str.contains(text, case=False, regex=False)]
+
+
+def merge_ticks(selected: list[str], shown: list[str], ticked: set[str]) -> list[str]:
+    """The selection after the run table's ticks: a selected run the filters hide stays selected; a shown run is
+    selected iff ticked. Order: the earlier selection first, newly ticked runs after it in table order."""
+    chosen = [r for r in selected if r not in shown or r in ticked]
+    return chosen + [r for r in shown if r in ticked and r not in chosen]
 
 
 def lesson_runs(runs: pd.DataFrame, groups: dict[str, str],
@@ -293,6 +346,76 @@ def config_diff(params: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     differing = [c for c in params.columns if params[c].astype(str).nunique(dropna=False) > 1]
     return params[differing].T
+
+
+LOWER_IS_BETTER = ("kl/mean", "kl/k3_mean")
+
+
+def group_labels(runs: pd.DataFrame, params: pd.DataFrame, by: str | None = None) -> pd.Series:
+    """run_id -> group label. `by` None: runs whose configs differ only by the seed (the `rlcore.group` tag the
+    trainer writes: experiment-confighash), labelled 'algorithm · group'; else the value of config key `by`."""
+    r = runs.set_index("run_id")
+    if by is None:
+        g = r["rlcore.group"].fillna(pd.Series(r.index, index=r.index))
+        return (r["algorithm"].fillna("?").astype(str) + " · " + g.astype(str)).rename("group")
+    return ("" + by.rsplit(".", 1)[-1] + "=" + params.reindex(r.index)[by].astype(str)).rename("group")
+
+
+def mixed_groups(groups: pd.Series, params: pd.DataFrame) -> dict[str, list[str]]:
+    """Groups whose runs' configs differ in more than the seed (logging.* names and tags ignored): group -> the
+    differing keys."""
+    out = {}
+    for g, ids in groups.groupby(groups).groups.items():
+        p = params.reindex(list(ids))
+        differing = [c for c in p.columns if c != "seed" and not c.startswith("logging.")
+                     and p[c].astype(str).nunique(dropna=False) > 1]
+        if differing:
+            out[g] = differing
+    return out
+
+
+def compare_groups(history: pd.DataFrame, groups: pd.Series, metrics: list[str],
+                   mode: str = "at") -> tuple[pd.DataFrame, dict[str, int]]:
+    """One row per group: n and, per metric, mean ± std over the group's runs of one number per run taken the same
+    way for every run. The common step of a metric is the last step every run reached; `mode`: "at" = the run's
+    value at the common step (its last point at or before it), "best" = its best value over the whole run (max;
+    min for LOWER_IS_BETTER), "auc" = the area under its curve up to the common step divided by the steps (a mean
+    that rewards learning early). Returns the table (string cells, and `_<metric>` numeric means to sort by) and
+    the common step per metric."""
+    h = history[history["run_id"].isin(groups.index)]
+    per_run: dict[str, pd.Series] = {}
+    common: dict[str, int] = {}
+    for key in metrics:
+        part = h[h["key"] == key].sort_values(["run_id", "step"])
+        if part.empty:
+            continue
+        stop = int(part.groupby("run_id")["step"].max().min())
+        common[key] = stop
+        upto = part[part["step"] <= stop]
+        if mode == "at":
+            v = upto.groupby("run_id")["value"].last()
+        elif mode == "best":
+            v = part.groupby("run_id")["vmin" if key in LOWER_IS_BETTER else "vmax"].agg(
+                "min" if key in LOWER_IS_BETTER else "max")
+        else:
+            def area(d: pd.DataFrame) -> float:
+                x, y = d["step"].to_numpy(float), d["value"].to_numpy(float)
+                if len(x) < 2 or x[-1] <= x[0]:
+                    return float(y[-1])
+                return float(((y[1:] + y[:-1]) / 2 * np.diff(x)).sum() / (x[-1] - x[0]))  # trapezoid rule
+
+            v = upto.groupby("run_id")[["step", "value"]].apply(area)
+        per_run[key] = v
+    rows = []
+    for g, ids in groups.groupby(groups).groups.items():
+        row: dict[str, object] = {"group": g, "n": len(ids)}
+        for key in metrics:
+            v = per_run.get(key, pd.Series(dtype=float)).reindex(list(ids)).dropna()
+            row[key] = ("-" if v.empty else f"{v.mean():.3f}" if len(v) == 1
+                        else f"{v.mean():.3f} ± {v.std():.3f}")
+            row[f"_{key}"] = v.mean() if len(v) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows), common
 
 
 def band(history: pd.DataFrame, groups: pd.Series) -> pd.DataFrame:

@@ -1,7 +1,10 @@
-"""Bottleneck and health findings: explicit rules over a run's logged metrics, each naming the lesson that explains it.
+"""Bottleneck and health findings: explicit rules over a run's config, its logged per-step metrics and its
+wall-clock split, each naming the lesson that explains it.
 
-A rule sees the run's params (flattened config) and a frame of its per-step metrics; it returns a finding or None.
-Thresholds are constants here, stated in each message, so a reader can check the arithmetic on the page.
+A rule sees the run's params (flattened config, strings as MLflow stores them), a frame of its per-step metrics,
+and its wall-clock split (`wall_clock`); it returns a finding or None. Advice reads the config: a rule never
+suggests turning on what is already on, and quotes the current value of the knob it suggests. Thresholds are
+constants stated in each message, so a reader can check the arithmetic on the page.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import pandas as pd
 
 from rlcore.timing import PHASES
 
+# Wall-clock parts, in the order the page stacks them: everything a run's process spends its time on.
+WALL_PARTS = ("startup", "steps", "eval", "checkpoint", "other")
+
 
 @dataclass(frozen=True)
 class Finding:
     rule: str
     severity: str  # "warn" or "info"
     message: str
-    lesson: str
+    lesson: str  # the lesson that explains it; the page links it only if that lesson exists
 
 
 def phase_shares(steps: pd.DataFrame) -> pd.Series:
@@ -32,7 +38,21 @@ def phase_shares(steps: pd.DataFrame) -> pd.Series:
     return pd.Series(shares, dtype=float)
 
 
-Rule = Callable[[dict, pd.DataFrame], "Finding | None"]
+def wall_clock(sums: dict[str, float], duration_s: float | None = None) -> pd.Series:
+    """Seconds of the run's wall-clock per part (WALL_PARTS) and `total`, from the sums of its timing metrics over
+    every logged step (`timing/<x>` -> seconds). The total is `timing/total` (logged at the end), else the last
+    `timing/wall` (a run still going, or killed), else the MLflow run's duration (runs logged before these metrics
+    existed: start-up before the run opened is then not counted). `other` = total - the parts (logging, MLflow,
+    process exit)."""
+    parts = {"startup": sums.get("timing/startup", 0.0), "steps": sums.get("timing/step", 0.0),
+             "eval": sums.get("timing/eval", 0.0),
+             "checkpoint": sums.get("timing/checkpoint", 0.0) + sums.get("timing/save", 0.0)}
+    total = sums.get("timing/total") or sums.get("max:timing/wall") or duration_s or sum(parts.values())
+    parts["other"] = max(0.0, total - sum(parts.values()))
+    return pd.Series({**parts, "total": max(total, sum(parts.values()))}, dtype=float)
+
+
+Rule = Callable[[dict, pd.DataFrame, "pd.Series | None"], "Finding | None"]
 RULES: list[Rule] = []
 
 
@@ -45,19 +65,63 @@ def _col(steps: pd.DataFrame, key: str) -> pd.Series:
     return steps[key].dropna() if key in steps else pd.Series(dtype=float)
 
 
+def _num(params: dict, key: str, default: float = 0.0) -> float:
+    try:
+        return float(params.get(key, default))
+    except (TypeError, ValueError):
+        return default
+
+
+def _share(wall: pd.Series | None, part: str) -> float:
+    return float(wall[part] / wall["total"]) if wall is not None and wall.get("total", 0) > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
 @rule
-def rollout_bound(params: dict, steps: pd.DataFrame) -> Finding | None:
+def rollout_bound(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
     share = phase_shares(steps).get("rollout", 0.0)
     if share >= 0.5:
-        return Finding("rollout_bound", "warn", f"Rollout is {share:.0%} of the step (>= 50 %): generation dominates. "
-                       "Larger batches per forward, a faster engine (KV cache, continuous batching) or shorter "
-                       "max_new_tokens buy the most here.", "28")
+        cap = params.get("rollout.max_new_tokens", "?")
+        clip = _col(steps, "response/clip_ratio")
+        cut = (f" {clip.mean():.0%} of completions hit the cap, so a lower cap would cut answers."
+               if len(clip) and clip.mean() > 0.05 else " Few completions hit the cap: a lower cap costs nothing.")
+        return Finding("rollout_bound", "warn", f"Rollout is {share:.0%} of the step (>= 50 %): generation "
+                       f"dominates. rollout.max_new_tokens is {cap}.{cut} More prompts per forward (larger "
+                       "rollout.prompts_per_step) or a faster engine buy the most here.", "28")
     return None
 
 
 @rule
-def reference_removable(params: dict, steps: pd.DataFrame) -> Finding | None:
-    beta = float(params.get("algorithm.kl_coef", 0) or 0)
+def update_bound(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+    share = phase_shares(steps).get("update", 0.0)
+    if share >= 0.5:
+        epochs, micro = int(_num(params, "algorithm.ppo_epochs", 1)), params.get("trainer.micro_batch_size", "?")
+        more = (f" algorithm.ppo_epochs = {epochs}: each extra pass costs one more update; try 1."
+                if epochs > 1 else "")
+        return Finding("update_bound", "warn", f"The update is {share:.0%} of the step (>= 50 %): forward and "
+                       f"backward over the batch dominate.{more} trainer.micro_batch_size is {micro}: larger "
+                       "micro-batches use the cores better while memory allows (same gradient: the loss is "
+                       "aggregated over the whole batch).", "05")
+    return None
+
+
+@rule
+def reference_bound(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+    share = phase_shares(steps).get("reference", 0.0)
+    kl = _col(steps, "kl/mean")
+    if share >= 0.25 and not (len(kl) and kl.abs().mean() < 1e-3):  # the tiny-KL case is reference_removable's
+        return Finding("reference_bound", "warn", f"The reference forward is {share:.0%} of the step (>= 25 %), "
+                       f"at beta = {_num(params, 'algorithm.kl_coef'):g}. It is one forward of the batch with no "
+                       "backward, so it should cost well under the update: a larger trainer.micro_batch_size "
+                       f"(now {params.get('trainer.micro_batch_size', '?')}) speeds it; beta = 0 removes it.", "03")
+    return None
+
+
+@rule
+def reference_removable(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+    beta = _num(params, "algorithm.kl_coef")
     kl = _col(steps, "kl/mean")
     if beta > 0 and len(kl) and kl.abs().mean() < 1e-3:
         ref = phase_shares(steps).get("reference", 0.0)
@@ -68,49 +132,64 @@ def reference_removable(params: dict, steps: pd.DataFrame) -> Finding | None:
 
 
 @rule
-def zero_variance_groups(params: dict, steps: pd.DataFrame) -> Finding | None:
+def zero_variance_groups(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
     z = _col(steps, "reward/zero_var_group_frac")
     if len(z) and z.mean() >= 0.4:
+        k = params.get("rollout.samples_per_prompt", "?")
+        if params.get("algorithm.group_filter", "none") not in ("none", None, ""):
+            fix = (f"The group filter ({params['algorithm.group_filter']}) is already on: it draws up to "
+                   f"algorithm.max_sample_rounds = {params.get('algorithm.max_sample_rounds', '?')} rounds, and "
+                   "each drawn round costs a rollout; a larger K (now " + str(k) + ") or harder prompts help more.")
+        else:
+            fix = (f"DAPO's dynamic sampling (algorithm.group_filter=nonzero_std) or a larger K (now {k}) "
+                   "fixes it.")
         return Finding("zero_variance_groups", "warn", f"{z.mean():.0%} of groups have zero reward variance "
-                       "(>= 40 %): their advantages are 0, so those samples are wasted compute. DAPO's dynamic "
-                       "sampling (algorithm.group_filter=nonzero_std) or a larger K fixes it.", "13")
+                       f"(>= 40 %): their advantages are 0, so those samples are wasted compute. {fix}", "13")
     return None
 
 
 @rule
-def length_cap(params: dict, steps: pd.DataFrame) -> Finding | None:
+def length_cap(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
     c = _col(steps, "response/clip_ratio")
     if len(c) and c.tail(max(1, len(c) // 4)).mean() >= 0.2:
+        shaping = " (the overlong penalty is on)" if _num(params, "algorithm.overlong_buffer") > 0 else \
+            " or add the overlong penalty"
         return Finding("length_cap", "warn", f"{c.tail(max(1, len(c) // 4)).mean():.0%} of recent completions hit "
-                       "rollout.max_new_tokens without EOS (>= 20 %): answers are cut, rewards truncated. Raise the "
-                       "cap or add the overlong penalty.", "22b")
+                       f"rollout.max_new_tokens = {params.get('rollout.max_new_tokens', '?')} without EOS (>= 20 %): "
+                       f"answers are cut, rewards truncated. Raise the cap{shaping}.", "13")
     return None
 
 
 @rule
-def entropy_collapse(params: dict, steps: pd.DataFrame) -> Finding | None:
+def entropy_collapse(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
     e = _col(steps, "actor/entropy")
     if len(e) >= 4 and e.iloc[0] > 0 and e.tail(max(1, len(e) // 4)).mean() < 0.2 * e.iloc[0]:
+        high = params.get("algorithm.clip_eps_high")
+        fix = ("Clip-higher (algorithm.clip_eps_high=0.28) or a lower lr" if high in (None, "", "None")
+               else f"Clip-higher is already on (clip_eps_high = {high}): a lower trainer.lr (now "
+                    f"{params.get('trainer.lr', '?')})")
         return Finding("entropy_collapse", "warn", f"Entropy fell from {e.iloc[0]:.3f} to "
                        f"{e.tail(max(1, len(e) // 4)).mean():.3f} nats (< 20 % of its start): the policy stops "
-                       "exploring. Clip-higher (algorithm.clip_eps_high=0.28) or a lower lr.", "13")
+                       f"exploring. {fix}.", "13")
     return None
 
 
 @rule
-def kl_blowup(params: dict, steps: pd.DataFrame) -> Finding | None:
+def kl_blowup(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
     kl = _col(steps, "kl/mean")
     if len(kl) >= 4:
         base = kl.iloc[: max(2, len(kl) // 2)].median()
         last = kl.iloc[-1]
         if last > 1.0 or (base > 0 and last > 10 * base and last > 0.01):
             return Finding("kl_blowup", "warn", f"KL to the reference jumped to {last:.3g} nats (early median "
-                           f"{base:.3g}): the policy is leaving the anchor fast. Lower lr or raise beta.", "03")
+                           f"{base:.3g}): the policy is leaving the anchor fast. Lower trainer.lr (now "
+                           f"{params.get('trainer.lr', '?')}) or raise beta (now "
+                           f"{_num(params, 'algorithm.kl_coef'):g}).", "03")
     return None
 
 
 @rule
-def logging_overhead(params: dict, steps: pd.DataFrame) -> Finding | None:
+def logging_overhead(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
     other = phase_shares(steps).get("other", 0.0)
     if other >= 0.15:
         return Finding("logging_overhead", "info", f"{other:.0%} of the step is outside every phase (>= 15 %): "
@@ -119,7 +198,7 @@ def logging_overhead(params: dict, steps: pd.DataFrame) -> Finding | None:
 
 
 @rule
-def clipped_too_much(params: dict, steps: pd.DataFrame) -> Finding | None:
+def clipped_too_much(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
     hi, lo = _col(steps, "actor/clipfrac_high"), _col(steps, "actor/clipfrac_low")
     if len(hi) and len(lo) and (hi + lo).mean() > 0.3:
         return Finding("clipped_too_much", "warn", f"{(hi + lo).mean():.0%} of tokens are clipped (> 30 %): "
@@ -127,6 +206,41 @@ def clipped_too_much(params: dict, steps: pd.DataFrame) -> Finding | None:
     return None
 
 
-def diagnose(params: dict, steps: pd.DataFrame) -> list[Finding]:
-    """All findings for one run. `steps`: one row per step, one column per metric."""
-    return [f for r in RULES if (f := r(params, steps)) is not None]
+# ------------------------------------------------------------------------------------------------ the wall-clock
+
+
+@rule
+def eval_bound(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+    share = _share(wall, "eval")
+    if share >= 0.25:
+        return Finding("eval_bound", "warn", f"Held-out evaluation is {share:.0%} of the wall-clock (>= 25 %): "
+                       f"logging.eval_every is {params.get('logging.eval_every', '?')} and task.eval_samples "
+                       f"{params.get('task.eval_samples', '?')} x task.heldout_size "
+                       f"{params.get('task.heldout_size', '?')}. Evaluate less often, or on fewer samples (the "
+                       "held-out set stays paired across runs).", "07")
+    return None
+
+
+@rule
+def startup_bound(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+    share = _share(wall, "startup")
+    if share >= 0.25:
+        return Finding("startup_bound", "info", f"Start-up is {share:.0%} of the wall-clock (>= 25 %): building "
+                       "the models, loading the warm start, opening the run. A short run pays it in full; more "
+                       f"steps per run (trainer.steps is {params.get('trainer.steps', '?')}) amortise it.", "07")
+    return None
+
+
+@rule
+def checkpoint_bound(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+    share = _share(wall, "checkpoint")
+    if share >= 0.15:
+        return Finding("checkpoint_bound", "info", f"Checkpoints and the final save are {share:.0%} of the "
+                       f"wall-clock (>= 15 %): trainer.checkpoint_every is {params.get('trainer.checkpoint_every', '?')}"
+                       ". Checkpoint less often (a resume then repeats more steps).", "07")
+    return None
+
+
+def diagnose(params: dict, steps: pd.DataFrame, wall: pd.Series | None = None) -> list[Finding]:
+    """All findings for one run. `steps`: one row per step, one column per metric; `wall`: `wall_clock(...)`."""
+    return [f for r in RULES if (f := r(params, steps, wall)) is not None]

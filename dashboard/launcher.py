@@ -118,12 +118,19 @@ def _spawn(root: Path, cmd: list[str], stem: str, file: str, overrides: list[str
     # A small Python supervisor (not a shell with SIGTERM ignored: children inherit an ignored signal, so a Stop
     # during start-up did nothing) runs the command in its own process group, passes Stop on, and records the exit
     # status however the command ended.
-    sup = [sys.executable, "-m", "dashboard.launcher", str(d / f"{launch_id}.rc"), "--", *cmd]
-    with open(d / f"{launch_id}.log", "w") as out:
+    sup = [sys.executable, "-m", "dashboard.supervise", str(d / f"{launch_id}.rc"), "--", *cmd]
+    # SIGTERM/SIGINT/SIGUSR1 are blocked (not ignored) in the supervisor from its first instruction: a Stop sent while it
+    # is still starting stays pending, and is delivered once its handler is in place (the mask is inherited).
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+    try:
+        out = open(d / f"{launch_id}.log", "w")  # noqa: SIM115 - closed below, after the child has its own copy
         proc = subprocess.Popen(sup, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "RLCORE_LAUNCH_ID": launch_id,
                                      "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
                                                                                 os.environ.get("PYTHONPATH")]))})
+        out.close()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     _CHILDREN[proc.pid] = proc
     launch = Launch(launch_id, file, overrides, proc.pid, time.time(), cmd)
     (d / f"{launch_id}.json").write_text(json.dumps(asdict(launch)))
@@ -149,32 +156,6 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def supervise(rc_path: Path, cmd: list[str]) -> int:
-    """Run `cmd`, forward SIGTERM/SIGINT to it (it decides how to close), write its exit status to `rc_path`
-    (128 + signal number when a signal ended it, as a shell reports it)."""
-    child = subprocess.Popen(cmd)
-    forwarded: list[int] = []
-
-    def forward(signum, frame) -> None:
-        forwarded.append(signum)
-        if child.poll() is None:
-            child.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    while True:
-        try:
-            code = child.wait()
-            break
-        except InterruptedError:
-            continue
-    code = 128 - code if code < 0 else code
-    tmp = rc_path.with_suffix(".rc.tmp")
-    tmp.write_text(str(code))
-    tmp.replace(rc_path)  # atomic: a reader sees no status or the whole status
-    return code
-
-
 def start_lesson(root: Path, lesson_id: str) -> Launch:
     """`rlcore lesson ID` in the background: the lesson's own plan (variants, overrides, seeds, tags)."""
     from rlcore.lessons import load_all, select
@@ -195,18 +176,14 @@ def all_launches(root: Path) -> list[Launch]:
 
 
 def stop(launch: Launch, root: Path, force: bool = False) -> None:
-    """SIGTERM to the launch's process group: the run finishes its step and closes as KILLED, a sweep re-queues its
-    trial; the supervisor records the exit status (`status` says `stopping`, then `stopped (exit N)`). `force`:
-    SIGKILL to the command (a second Stop), which the supervisor still records."""
+    """Stop: SIGTERM to the launch's supervisor, which passes it to the run: the run finishes its step and closes
+    as KILLED, a sweep re-queues its trial (`status` says `stopping`, then `stopped (exit N)`). `force` (Kill now):
+    the supervisor SIGKILLs the command, and still records its status."""
     (launches_dir(root) / f"{launch.id}.stopped").write_text(str(time.time()))
     try:
-        os.killpg(launch.pid, signal.SIGKILL if force else signal.SIGTERM)
+        os.kill(launch.pid, signal.SIGUSR1 if force else signal.SIGTERM)
     except ProcessLookupError:
         pass
-    if force:  # SIGKILL reaches the supervisor too: record what the command got
-        rc = launches_dir(root) / f"{launch.id}.rc"
-        if not rc.exists():
-            rc.write_text(str(128 + signal.SIGKILL))
 
 
 def tail(path: Path, n: int = 4000) -> str:
@@ -216,8 +193,3 @@ def tail(path: Path, n: int = 4000) -> str:
     data = path.read_bytes()[-n * 4 :].decode(errors="replace")
     lines = [line.rsplit("\r", 1)[-1] for line in data.split("\n")]
     return "\n".join(lines)[-n:]
-
-
-if __name__ == "__main__":  # the supervisor: python -m dashboard.launcher RC_PATH -- CMD...
-    sep = sys.argv.index("--")
-    sys.exit(supervise(Path(sys.argv[1]), sys.argv[sep + 1 :]))

@@ -102,7 +102,7 @@ def app(dash: Path, monkeypatch: pytest.MonkeyPatch, page: str | None = None):
     monkeypatch.chdir(dash)
     at = AppTest.from_file(APP, default_timeout=60).run()
     if page is not None:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
     assert not at.exception, [e.message for e in at.exception]
     return at
 
@@ -152,16 +152,86 @@ def test_runs_page_shows_charts_and_config_diff(dash: Path, monkeypatch: pytest.
     assert "trainer.lr" not in diff.index  # identical in every run: not listed
 
 
-def test_algorithms_page_groups_by_algorithm(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_algorithms_page_groups_seeds_of_one_config_and_compares_at_a_common_step(
+        dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default groups are configs that differ only by seed (n shown); values are taken at the step every run
+    reached (the 3-step lesson runs and the 4-step runs meet at step 3), checked against the official client."""
     at = app(dash, monkeypatch, "algorithms")
-    table = frame(at, "algorithm.name")
-    assert set(table["algorithm.name"]) >= {"grpo", "rloo"}
+    table = frame(at, "group").set_index("group")
     c = MlflowClient(tracking_settings(dash)["tracking_uri"])
     finished = [r for r in c.search_runs([e.experiment_id for e in c.search_experiments()])
                 if r.info.status == "FINISHED" and r.data.tags.get("rlcore.kind") == "rl"]
-    grpo = sum(r.data.params.get("algorithm.name") == "grpo" for r in finished)
-    assert grpo >= 2 and int(table.set_index("algorithm.name").loc["grpo", "runs"]) == grpo
+    seeds = [r for r in finished if r.info.run_name == "grpo"]
+    assert len(seeds) == 2 and len({r.data.tags["rlcore.group"] for r in seeds}) == 1
+    label = f"grpo · {seeds[0].data.tags['rlcore.group']}"
+    assert table.loc[label, "n"] == 2
+    assert sum(table["n"]) == len(finished)
+    assert any("Common step per metric: eval/sampled_reward 3, eval/greedy_accuracy 3, reward/mean 3" in x.value
+               for x in at.caption)
+    at3 = [next(m.value for m in c.get_metric_history(r.info.run_id, "reward/mean") if m.step == 3) for r in seeds]
+    mean, std = pd.Series(at3).mean(), pd.Series(at3).std()
+    assert table.loc[label, "reward/mean"] == f"{mean:.3f} ± {std:.3f}"
+    assert not at.warning  # every default group is one config
     assert len(at.get("vega_lite_chart")) >= 3
+    # grouping by one key mixes configs: the page says which keys differ
+    at.selectbox[0].set_value("algorithm.name").run()
+    assert any("Group **name=grpo** mixes configs" in w.value and "`algorithm.kl_coef`" in w.value for w in at.warning)
+
+
+def test_compare_groups_modes() -> None:
+    """At the common step (the shorter run's last), best over the whole run, and the area under the curve / steps."""
+    from dashboard.data import compare_groups
+
+    h = pd.concat([pd.DataFrame({"run_id": "a", "key": "m", "step": range(11), "value": [float(i) for i in range(11)]}),
+                   pd.DataFrame({"run_id": "b", "key": "m", "step": range(6), "value": [2.0] * 6})])
+    h["vmin"] = h["vmax"] = h["value"]
+    groups = pd.Series({"a": "A", "b": "B"})
+    at, common = compare_groups(h, groups, ["m"], "at")
+    assert common == {"m": 5} and list(at["_m"]) == [5.0, 2.0]  # not a's last value (10) at a later step
+    best, _ = compare_groups(h, groups, ["m"], "best")
+    assert list(best["_m"]) == [10.0, 2.0]
+    auc, _ = compare_groups(h, groups, ["m"], "auc")
+    assert list(auc["_m"]) == [2.5, 2.0]  # mean of 0..5 under the trapezoid rule
+
+
+def test_merge_ticks_keeps_runs_a_filter_hides() -> None:
+    from dashboard.data import merge_ticks
+
+    assert merge_ticks(["a", "b"], ["b", "c"], {"c"}) == ["a", "c"]  # a hidden: kept; b unticked; c ticked
+    assert merge_ticks([], ["b", "c"], {"c", "b"}) == ["b", "c"]
+
+
+def test_tokens_axis_counts_every_raw_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """x = tokens is the cumulative count over every logged step (it was computed after downsampling to 400 points,
+    which undercounted a 1,000-step run by ~60 %, and dropped step 0)."""
+    from mlflow.entities import Metric
+
+    from dashboard.data import Store
+
+    write_lab(tmp_path)
+    c = MlflowClient(tracking_settings(tmp_path)["tracking_uri"])
+    run = c.create_run(c.create_experiment("long"), tags={"rlcore.kind": "rl"}, run_name="long").info.run_id
+    ms = [Metric(k, v, 1000 + s, s) for s in range(1, 1001)
+          for k, v in (("perf/tokens_per_s", 100.0 + s % 7), ("timing/step", 0.5), ("reward/mean", s / 1000))]
+    ms.append(Metric("reward/mean", 0.0, 1000, 0))
+    for i in range(0, len(ms), 1000):
+        c.log_batch(run, metrics=ms[i : i + 1000])
+    c.set_terminated(run)
+    want = sum(round((100.0 + s % 7) * 0.5) for s in range(1, 1001))
+    tok = Store.for_project(tmp_path).tokens([run])
+    assert tok.iloc[0].tolist() == [run, 0, 0.0] and tok["tokens"].iloc[-1] == want
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.chdir(tmp_path)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params.update({"runs": run, "m": "reward/mean", "x": "tokens"})
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    (chart,) = at.get("vega_lite_chart")
+    data = chart_data(chart)
+    cum = dict(zip(tok["step"], tok["tokens"], strict=True))
+    assert data["tokens"].max() == want  # the old way (after downsampling) gave about 40 % of this
+    assert all(t == cum[s] for s, t in zip(data["step"], data["tokens"], strict=True))  # every point at its own count
 
 
 def test_bottlenecks_page_shows_phases_and_findings(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,16 +245,30 @@ def test_bottlenecks_page_shows_phases_and_findings(dash: Path, monkeypatch: pyt
     at = AppTest.from_file(APP, default_timeout=60)
     at.session_state["selected_runs"] = [bound]
     at.run()
-    at.switch_page("pages/bottlenecks.py").run()
+    at.switch_page("views/bottlenecks.py").run()
     assert not at.exception
     assert len(at.get("vega_lite_chart")) >= 1
     summary = frame(at, "rollout %")
     assert summary["rollout %"].iloc[0] >= 50 and summary["s/step"].gt(0).all()
-    assert any("rollout_bound" in w.value and "lesson 28" in w.value for w in at.warning)
+    assert any("rollout_bound" in w.value and "lesson 28 (not written yet)" in w.value for w in at.warning)
+    assert not any("](/lessons?lesson=28)" in w.value for w in at.warning)  # no link to a lesson that is not there
+    # the wall-clock split: parts measured by the run itself, adding up to its logged total
+    wall = frame(at, "share of wall-clock")
+    c = MlflowClient(tracking_settings(dash)["tracking_uri"])
+    total = c.get_run(bound).data.metrics["timing/total"]
+    assert wall.loc["total", "seconds"] == pytest.approx(total, abs=0.06)
+    evals = [m.value for m in c.get_metric_history(bound, "timing/eval")]
+    assert len(evals) >= 2 and wall.loc["eval", "seconds"] == pytest.approx(sum(evals), abs=0.06)  # step 0 and later
+    startup = c.get_run(bound).data.metrics["timing/startup"]
+    assert startup > 0 and wall.loc["startup", "seconds"] == pytest.approx(startup, abs=0.06)
+    steps = sum(m.value for m in c.get_metric_history(bound, "timing/step"))
+    assert wall.loc["steps", "seconds"] == pytest.approx(steps, abs=0.06)
+    parts = wall.loc[["startup", "steps", "eval", "checkpoint", "other"], "seconds"].sum()
+    assert parts == pytest.approx(total, abs=0.3)
 
 
 def test_findings_rules_fire_on_built_cases() -> None:
-    from dashboard.findings import diagnose
+    from dashboard.findings import diagnose, wall_clock
 
     steps = pd.DataFrame({"timing/step": [1.0] * 8, "timing/rollout": [0.7] * 8, "timing/update": [0.2] * 8,
                           "reward/zero_var_group_frac": [0.6] * 8, "kl/mean": [1e-5] * 8,
@@ -192,8 +276,27 @@ def test_findings_rules_fire_on_built_cases() -> None:
     rules = {f.rule: f for f in diagnose({"algorithm.kl_coef": "0.04"}, steps)}
     assert {"rollout_bound", "zero_variance_groups", "reference_removable", "entropy_collapse"} <= set(rules)
     assert rules["rollout_bound"].lesson == "28" and "70%" in rules["rollout_bound"].message
-    healthy = pd.DataFrame({"timing/step": [1.0] * 4, "timing/update": [0.9] * 4, "kl/mean": [0.01] * 4})
+    assert "group_filter=nonzero_std" in rules["zero_variance_groups"].message
+    assert "clip_eps_high=0.28" in rules["entropy_collapse"].message
+    # advice reads the config: nothing already on is suggested again
+    on = {f.rule: f for f in diagnose({"algorithm.kl_coef": "0.04", "algorithm.group_filter": "nonzero_std",
+                                        "algorithm.clip_eps_high": "0.28", "trainer.lr": "1e-4"}, steps)}
+    assert "already on" in on["zero_variance_groups"].message
+    assert "group_filter=nonzero_std" not in on["zero_variance_groups"].message
+    assert "clip_eps_high=0.28" not in on["entropy_collapse"].message and "1e-4" in on["entropy_collapse"].message
+    healthy = pd.DataFrame({"timing/step": [1.0] * 4, "timing/update": [0.45] * 4, "timing/rollout": [0.45] * 4,
+                            "kl/mean": [0.01] * 4})
     assert diagnose({"algorithm.kl_coef": "0.04"}, healthy) == []
+    update = healthy.assign(**{"timing/update": [0.8] * 4, "timing/rollout": [0.15] * 4})
+    f = {f.rule: f for f in diagnose({"algorithm.ppo_epochs": "4", "trainer.micro_batch_size": "32"}, update)}
+    assert "update_bound" in f and "ppo_epochs = 4" in f["update_bound"].message and "is 32" in f["update_bound"].message
+    ref = healthy.assign(**{"timing/reference": [0.3] * 4, "timing/rollout": [0.2] * 4, "timing/update": [0.45] * 4})
+    assert [x.rule for x in diagnose({"algorithm.kl_coef": "0.04"}, ref)] == ["reference_bound"]
+    # wall-clock rules: a run whose evaluation took 40 % of its time
+    wall = wall_clock({"timing/startup": 2.0, "timing/step": 4.0, "timing/eval": 4.0, "timing/total": 10.0})
+    assert wall["other"] == 0 and wall["total"] == 10
+    f = {x.rule: x for x in diagnose({"logging.eval_every": "5", "task.eval_samples": "4"}, healthy, wall)}
+    assert set(f) == {"eval_bound"} and "40%" in f["eval_bound"].message and "eval_every is 5" in f["eval_bound"].message
 
 
 def test_samples_page_shows_completions(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,7 +309,7 @@ def test_samples_page_shows_completions(dash: Path, monkeypatch: pytest.MonkeyPa
     at = AppTest.from_file(APP, default_timeout=60)
     at.session_state["selected_runs"] = [runs[runs["name"] == "grpo"]["run_id"].iloc[0]]
     at.run()
-    at.switch_page("pages/samples.py").run()
+    at.switch_page("views/samples.py").run()
     assert not at.exception
     t = frame(at, "completion")
     assert {"prompt", "completion", "reward"} <= set(t.columns) and len(t) > 0

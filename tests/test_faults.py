@@ -293,10 +293,49 @@ def test_launch_stop_records_the_exit_status(project: Path) -> None:
         stop_and_wait(launcher, launch, project)
     finally:
         if launch.status(project) in ("running", "stopping"):
-            os.killpg(launch.pid, signal.SIGKILL)
+            launcher.stop(launch, project, force=True)
     assert launch.status(project) == f"stopped (exit {128 + signal.SIGTERM})"
     (r,) = runs_of(project, "faults-launch")
     assert r.info.status == "KILLED"
+    assert r.data.tags["rlcore.launch"] == launch.id  # the Launch page finds the run of a launch by this tag
+
+
+def test_launch_stopped_during_start_up_stops(project: Path) -> None:
+    """Stop at once, while the interpreter is still importing: the launch must end and say `stopped (exit N)`.
+    The old wrapper shell ignored SIGTERM, and the run it started inherited the ignored signal until rlcore set its
+    own handler, so an early Stop was lost and the launch ran on (5,000 steps here) showing `running`."""
+    from dashboard import launcher
+
+    launch = launcher.start(project, "rl.yaml", ["trainer.steps=5000", "logging.experiment=faults-early-stop"])
+    try:
+        launcher.stop(launch, project)
+        deadline = time.time() + 90
+        while launch.status(project) in ("running", "stopping") and time.time() < deadline:
+            time.sleep(0.2)
+        assert launch.status(project) == f"stopped (exit {128 + signal.SIGTERM})", launcher.tail(launch.log(project))
+    finally:
+        if launch.status(project) in ("running", "stopping"):
+            launcher.stop(launch, project, force=True)
+    assert all(r.info.status != "RUNNING" for r in runs_of(project, "faults-early-stop"))
+
+
+def test_launch_that_ignores_stop_shows_stopping_and_kill_now_records_137(tmp_path: Path) -> None:
+    from dashboard import launcher
+
+    deaf = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(120)"]
+    launch = launcher._spawn(tmp_path, deaf, "deaf", "deaf.yaml", [])
+    deadline = time.time() + 30
+    while "ready" not in launcher.tail(launch.log(tmp_path)):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    launcher.stop(launch, tmp_path)
+    time.sleep(1.0)
+    assert launch.status(tmp_path) == "stopping"  # the command ignores SIGTERM: still alive, and the page says so
+    launcher.stop(launch, tmp_path, force=True)
+    while launch.status(tmp_path) == "stopping" and time.time() < deadline:
+        time.sleep(0.1)
+    assert launch.status(tmp_path) == f"stopped (exit {128 + signal.SIGKILL})"
 
 
 def stop_and_wait(launcher, launch, project: Path) -> None:

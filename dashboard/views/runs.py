@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import common
-from dashboard.data import config_diff, search, smooth
+from dashboard.data import config_diff, merge_ticks, search, smooth
 
 # The table's metric and config columns: what people sort and compare runs by.
 LAST = ["reward/mean", "eval/sampled_reward", "kl/mean"]
@@ -39,7 +39,7 @@ if runs is not None:
                                        "start", "duration_s"]].join(summary)
     table.insert(0, "show", table.index.isin(selected))
     table.insert(1, "id", table.index.str[:8])
-    table["rlcore.group"] = table["rlcore.group"].str[:8]
+    table["rlcore.group"] = table["rlcore.group"].str.rsplit("-", n=1).str[-1].str[:8]  # experiment-HASH: the hash
     # The editor's key follows the rows shown: a filter change starts a fresh editor whose ticks come from the
     # selection (an editor keeps edits by row position, which a filter would shift onto other runs).
     edited = st.data_editor(
@@ -53,9 +53,7 @@ if runs is not None:
             **{f"last:{k}": st.column_config.NumberColumn(f"{k} (last)", format="%.3f") for k in LAST},
             **{f"best:{k}": st.column_config.NumberColumn(f"{k} (best)", format="%.3f") for k in BEST},
         })
-    ticked = set(table.index[edited["show"].to_numpy()])
-    chosen = [r for r in selected if r not in table.index or r in ticked]  # hidden by a filter: kept
-    chosen += [r for r in table.index if r in ticked and r not in chosen]
+    chosen = merge_ticks(selected, list(table.index), set(table.index[edited["show"].to_numpy()]))
     if chosen != selected:
         common.set_selected(chosen)
         st.rerun()  # redraw the charts (and the table's ticks) from the new selection

@@ -40,7 +40,8 @@ if not lessons:
 else:
     ids = [x.meta.id for x in lessons]
     by_id = {x.meta.id: x for x in lessons}
-    current = st.session_state.get("lesson", ids[0])
+    # The URL names the lesson (a link or a reload opens it); the sidebar and the arrows change it.
+    current = common.url_get("lesson") or st.session_state.get("lesson", ids[0])
     current = current if current in by_id else ids[0]
     with st.sidebar:
         for part, name in PARTS.items():
@@ -51,15 +52,18 @@ else:
                     if st.button(f"{x.meta.id} · {x.meta.title}", key=f"goto-{x.meta.id}", type="tertiary"):
                         current = x.meta.id
     st.session_state["lesson"] = current
+    common.url_set("lesson", current)
     lesson = by_id[current]
     m = lesson.meta
     i = ids.index(current)
     nav = st.columns([1, 6, 1])
     if nav[0].button("← previous", disabled=i == 0):
         st.session_state["lesson"] = ids[i - 1]
+        common.url_set("lesson", ids[i - 1])
         st.rerun()
     if nav[2].button("next →", disabled=i == len(ids) - 1):
         st.session_state["lesson"] = ids[i + 1]
+        common.url_set("lesson", ids[i + 1])
         st.rerun()
     st.header(f"{m.id} · {m.title}")
     st.caption(f"{PARTS[m.part]} · force: {m.force} · {m.question}")

@@ -1,0 +1,75 @@
+"""Algorithms: finished RL runs grouped by configuration (seeds of one config form a group), each group's mean ± std
+over its seeds, and a table that compares groups fairly: at one common step, on the best value, or on the area
+under the curve up to that step, never on each run's last value at different steps."""
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboard import common
+from dashboard.data import band, compare_groups, group_labels, mixed_groups
+
+METRICS = ["eval/sampled_reward", "eval/greedy_accuracy", "reward/mean", "kl/mean", "actor/entropy",
+           "response/length_mean"]
+MODES = {"at the common step": "at", "best value": "best", "area under the curve (mean up to the common step)": "auc"}
+
+st.title("Algorithms")
+runs = common.load_runs()
+if runs is not None:
+    rl = runs[(runs["rlcore.kind"] == "rl") & (runs["status"] == "FINISHED")]
+    if rl.empty:
+        st.info("No finished RL runs yet. `rlcore run experiments/grpo.yaml --seeds 0,1,2` makes a group.")
+    else:
+        uri = common.store().uri
+        all_exps = sorted(rl["experiment"].unique())
+        exps = st.multiselect("Experiments", all_exps, default=[e for e in common.url_list("exp") if e in all_exps]
+                              or all_exps)
+        common.url_set("exp", exps if exps != all_exps else [])
+        rl = rl[rl["experiment"].isin(exps)]
+        c1, c2, c3 = st.columns(3)
+        p = common.params(uri, tuple(rl["run_id"]))
+        keys = ["config (seeds of one config)", *sorted(p.columns)] if not p.empty else ["config (seeds of one config)"]
+        by = c1.selectbox("Group by", keys, index=keys.index(common.url_get("by")) if common.url_get("by") in keys else 0,
+                          help="The default groups runs whose configs differ only by the seed (their rlcore.group "
+                          "tag). Grouping by one key instead may put different configs in one group: a warning "
+                          "then names the keys that differ.")
+        common.url_set("by", by if by != keys[0] else "")
+        objective = c2.selectbox("Sort by", METRICS, index=0)
+        mode_name = c3.selectbox("Compare", list(MODES))
+        mode = MODES[mode_name]
+        if p.empty or rl.empty:
+            st.info("No runs in these experiments.")
+        else:
+            groups = group_labels(rl, p, None if by == keys[0] else by)
+            for g, differing in mixed_groups(groups, p).items():
+                st.warning(f"Group **{g}** mixes configs that differ in more than the seed: "
+                           + ", ".join(f"`{k}`" for k in differing[:8]) + (" …" if len(differing) > 8 else "")
+                           + ". Its band is not a seed spread.")
+            h = common.history(uri, tuple(rl["run_id"]), tuple(METRICS + ["timing/step"]))
+            b = band(h[h["key"] != "timing/step"], groups)
+            n = groups.value_counts()
+            b["run"] = b["group"].map(lambda g: f"{g} (n={n[g]})")
+            cols = st.columns(2)
+            for i, key in enumerate(METRICS):
+                part = b[b["key"] == key].rename(columns={"mean": "value"})
+                if not part.empty:
+                    cols[i % 2].altair_chart(common.line_chart(part, title=f"{key} (mean ± std over seeds)", lo="lo",
+                                                               hi="hi", metric=key), width="stretch")
+            table, common_step = compare_groups(h, groups, METRICS, mode)
+            speed = h[h["key"] == "timing/step"].groupby("run_id")["value"].mean()
+            table["s/step"] = [round(float(speed.reindex(groups[groups == g].index).mean()), 3)
+                               if speed.reindex(groups[groups == g].index).notna().any() else np.nan
+                               for g in table["group"]]
+            table = table.sort_values(f"_{objective}", ascending=objective in ("kl/mean",), na_position="last")
+            what = {"at": "value at the common step", "best": "best value over the run (max; min for kl/mean)",
+                    "auc": "mean over steps up to the common step (area under the curve / steps)"}[mode]
+            st.subheader("Groups compared")
+            st.caption(f"{what}; mean ± std over each group's runs. Common step per metric: "
+                       + ", ".join(f"{k} {s}" for k, s in common_step.items())
+                       + " (the last step every run of every group reached).")
+            st.dataframe(table[[c for c in table.columns if not c.startswith("_")]], hide_index=True,
+                         key="algorithm_summary")
+            members = pd.DataFrame({"group": groups, "run": groups.index.map(common.short(runs)),
+                                    "seed": rl.set_index("run_id")["seed"].reindex(groups.index)})
+            with st.expander(f"Runs per group ({len(groups)} runs)"):
+                st.dataframe(members.sort_values(["group", "seed"]), hide_index=True)
