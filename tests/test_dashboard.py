@@ -313,6 +313,83 @@ def test_samples_page_shows_completions(dash: Path, monkeypatch: pytest.MonkeyPa
     assert not at.exception
     t = frame(at, "completion")
     assert {"prompt", "completion", "reward"} <= set(t.columns) and len(t) > 0
+    # every logged step, sorted by reward, then only the rewarded ones
+    at.multiselect[0].set_value([]).run()
+    at.selectbox[1].set_value("reward, low first").run()
+    t = frame(at, "completion")
+    assert t["reward"].is_monotonic_increasing and set(t["step"]) == {1, 2, 4}
+    if t["reward"].max() > t["reward"].min():
+        at.slider[0].set_value((0.5, float(t["reward"].max()))).run()
+        assert frame(at, "completion")["reward"].min() >= 0.5
+
+
+def test_samples_compare_two_runs_on_the_prompts_they_share(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRPO seed 0 and RLOO (seed 0) draw the same training prompts: at step 4 their completions line up prompt by
+    prompt; two steps of one run share none, and the page says why."""
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard.data import Store
+
+    store = Store.for_project(dash)
+    runs = store.runs()
+    grpo = runs[(runs["name"] == "grpo") & (runs["seed"] == "0")]["run_id"].iloc[0]
+    rloo = runs[runs["name"] == "rloo"]["run_id"].iloc[0]
+    monkeypatch.chdir(dash)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = grpo
+    at.switch_page("views/samples.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("share no prompt" in i.value for i in at.info)  # step 4 vs step 1 of one run
+    at.radio[0].set_value("another run at the same step").run()
+    at.selectbox(key="cmp_run").set_value(rloo).run()
+    both = frame(at, "reward (other)")
+    mine, other = store.samples(grpo)[4], store.samples(rloo)[4]
+    assert set(both["prompt"]) == set(mine["prompt"]) & set(other["prompt"]) and len(both) > 0
+    first = both.iloc[0]
+    assert first["Δ reward"] == pytest.approx(first["reward (other)"] - first["reward"])
+
+
+def test_run_page_manages_a_run_through_mlflow(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rename, note, tag, delete and restore from the Run page: MLflow's own client sees each change."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard.data import Store
+
+    runs = Store.for_project(dash).runs()
+    rid = runs[runs["name"] == "rloo"]["run_id"].iloc[0]
+    c = MlflowClient(tracking_settings(dash)["tracking_uri"])
+    monkeypatch.chdir(dash)
+    st.cache_data.clear()
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = rid
+    at.switch_page("views/run.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("rl" in c_.value and rid in c_.value for c_ in at.caption)
+    cfg = next(x.value for x in at.code if x.language == "yaml")
+    assert "advantage: rloo" in cfg  # the run's resolved config, from its artifact
+    try:
+        at.text_input[0].set_value("rloo-renamed")
+        at.text_area[0].set_value("baseline for the **RLOO** comparison")
+        at.text_input[1].set_value("reviewed=yes")
+        at.button[0].click().run()  # the form's Save
+        assert not at.exception, [e.message for e in at.exception]
+        r = c.get_run(rid)
+        assert r.info.run_name == "rloo-renamed" and r.data.tags["reviewed"] == "yes"
+        assert r.data.tags["mlflow.note.content"] == "baseline for the **RLOO** comparison"
+        assert frame(at, "tag").set_index("tag").loc["reviewed", "value"] == "yes"  # the page re-read the store
+        at.checkbox[0].check().run()
+        next(b for b in at.button if b.label == "Delete run").click().run()
+        assert c.get_run(rid).info.lifecycle_stage == "deleted"
+        assert rid not in set(Store.for_project(dash).runs()["run_id"])
+        next(b for b in at.button if b.label == "Restore run").click().run()
+        assert c.get_run(rid).info.lifecycle_stage == "active"
+    finally:
+        c.restore_run(rid) if c.get_run(rid).info.lifecycle_stage == "deleted" else None
+        c.update_run(rid, name="rloo")
+        c.delete_tag(rid, "reviewed") if "reviewed" in c.get_run(rid).data.tags else None
+        c.set_tag(rid, "mlflow.note.content", "")
+        st.cache_data.clear()
 
 
 def test_lessons_page_renders_text_control_and_runs(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -413,7 +490,8 @@ def test_sweeps_page_draws_a_study(dash: Path, monkeypatch: pytest.MonkeyPatch, 
     space = {"trainer.lr": FloatDistribution(1e-5, 1e-2, log=True), "algorithm.advantage": CategoricalDistribution(["grpo", "rloo"])}
     for lr, adv, value in [(1e-4, "grpo", 0.40), (3e-4, "rloo", 0.47), (1e-3, "grpo", 0.42)]:
         study.add_trial(optuna.trial.create_trial(params={"trainer.lr": lr, "algorithm.advantage": adv},
-                                                  distributions=space, value=value))
+                                                  distributions=space, value=value,
+                                                  intermediate_values={10: value - 0.1, 20: value - 0.05}))
     study.add_trial(optuna.trial.create_trial(params={"trainer.lr": 5e-3, "algorithm.advantage": "rloo"},
                                               distributions=space, state=TrialState.PRUNED))
     at = app(dash, monkeypatch, "sweeps")
@@ -422,8 +500,18 @@ def test_sweeps_page_draws_a_study(dash: Path, monkeypatch: pytest.MonkeyPatch, 
     assert any("4 trials" in c.value and "pruned 1" in c.value for c in at.caption)
     trials = frame(at, "param:trainer.lr")
     assert len(trials) == 4 and trials["value"].max() == pytest.approx(0.47)
-    # history, importance, parallel coordinates and one slice per parameter
-    assert len(at.get("vega_lite_chart")) >= 5
+    # history, intermediate values, importance, parallel coordinates and one slice per parameter
+    specs = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+    charts = {(t.get("text", "") if isinstance(t := sp.get("title", ""), dict) else t): sp for sp in specs}
+    assert len(at.get("vega_lite_chart")) >= 6
+    inter = next(v for k, v in charts.items() if k.startswith("Intermediate values"))
+    assert inter["encoding"]["color"]["field"] == "state"
+    lr = charts["Slice: trainer.lr"]
+    assert lr["encoding"]["x"]["scale"]["type"] == "log"  # sampled on a log scale: drawn on one
+    assert "scale" not in charts["Slice: algorithm.advantage"]["encoding"]["x"]
+    best = next(m for m in at.metric if m.label.startswith("Best trial"))
+    assert best.label == "Best trial: #1" and best.value == "0.47"
+    assert list(trials["run page"].dropna()) == []  # these trials have no MLflow runs: no links
 
 
 def test_launch_page_validates_and_refuses_paths_outside_experiments(dash: Path, monkeypatch) -> None:

@@ -26,6 +26,12 @@ if runs is not None:
                               or all_exps)
         common.url_set("exp", exps if exps != all_exps else [])
         rl = rl[rl["experiment"].isin(exps)]
+        trials = rl["rlcore.trial"].notna()
+        if trials.any() and not st.toggle(f"Include sweep trials ({int(trials.sum())} runs)", value=False,
+                                          help="Each trial is its own config, and a pruned one stops early, which "
+                                          "would pull the common step down for every group. The Sweeps page "
+                                          "compares trials."):
+            rl = rl[~trials]
         c1, c2, c3 = st.columns(3)
         p = common.params(uri, tuple(rl["run_id"]))
         keys = ["config (seeds of one config)", *sorted(p.columns)] if not p.empty else ["config (seeds of one config)"]

@@ -43,12 +43,13 @@ if runs is not None:
                 "run", var_name="part", value_name="seconds")
             long["share"] = long["seconds"] / long["run"].map(wl["total"].rename(index=names))
             st.altair_chart(alt.Chart(long).mark_bar().encode(
-                x=alt.X("seconds:Q", stack="zero", title="seconds of wall-clock"), y=alt.Y("run:N", title=None),
+                x=alt.X("seconds:Q", stack="zero", title="seconds of wall-clock"),
+                y=alt.Y("run:N", title=None, axis=alt.Axis(labelLimit=0)),
                 color=alt.Color("part:N", sort=list(WALL_PARTS), scale=alt.Scale(scheme="tableau10")),
                 order=alt.Order("part_order:Q"),
                 tooltip=["run", "part", alt.Tooltip("seconds:Q", format=".1f"), alt.Tooltip("share:Q", format=".1%")])
                 .transform_calculate(part_order=f"indexof({list(WALL_PARTS)}, datum.part)")
-                .properties(height=40 + 28 * len(walls)), width="stretch")
+                .properties(height=70 + 36 * len(walls)), width="stretch")
         for run_id in chosen:
             h = common.history(uri, (run_id,), tuple(TIMING + HEALTH), max_points=2000)
             steps = h.pivot_table(index="step", columns="key", values="value").sort_index()

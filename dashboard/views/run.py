@@ -28,7 +28,7 @@ if runs is not None:
     c[3].metric("steps", f"{int(done) if pd.notna(done) else 0} / {total if isinstance(total, str) else '-'}")
     c[4].metric("duration", f"{r['duration_s']:.0f} s")
     st.caption(f"experiment {r['experiment']} · id {run_id} · started {r['start']:%Y-%m-%d %H:%M:%S}"
-               + (f" · group {r['rlcore.group'][:8]}" if isinstance(r["rlcore.group"], str) else "")
+               + (f" · group {r['rlcore.group']}" if isinstance(r["rlcore.group"], str) else "")
                + (f" · launched from the Launch page ({r['rlcore.launch']})" if isinstance(r["rlcore.launch"], str) else ""))
     if isinstance(r["mlflow.note.content"], str) and r["mlflow.note.content"]:
         st.info(r["mlflow.note.content"])
@@ -80,7 +80,8 @@ if runs is not None:
         st.subheader("Config")
         try:
             text = (common.store().artifact_text(run_id, "config.yaml"))
-            st.code(yaml.safe_dump(yaml.safe_load(text), sort_keys=False), language="yaml")
+            with st.container(height=420):  # the whole resolved config, scrollable
+                st.code(yaml.safe_dump(yaml.safe_load(text), sort_keys=False), language="yaml")
         except Exception as e:  # noqa: BLE001 - a run without its config artifact: say so
             st.caption(f"no config.yaml artifact ({type(e).__name__})")
     st.subheader("Artifacts and checkpoints")

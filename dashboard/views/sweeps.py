@@ -90,7 +90,8 @@ else:
             safe = {p: p[len("param:"):].replace(".", "_") for p in params}
             chart_df = done.rename(columns=safe)
             hist = alt.Chart(chart_df).mark_circle(size=60).encode(
-                x="trial:Q", y=alt.Y("value:Q", scale=alt.Scale(zero=False)), tooltip=["trial", "value", *safe.values()])
+                x=alt.X("trial:Q", axis=alt.Axis(format="d", tickMinStep=1)), y=alt.Y("value:Q", scale=alt.Scale(zero=False)),
+                tooltip=["trial", "value", *safe.values()])
             hist += alt.Chart(chart_df).mark_line(color="firebrick", interpolate="step-after").encode(x="trial:Q", y="best so far:Q")
             c1, c2 = st.columns(2)
             c1.altair_chart(hist.properties(title="Optimisation history", height=260), width="stretch")
