@@ -122,19 +122,27 @@ def apptest_time(root: Path, page: str, selected: list[str], at=None) -> tuple[f
     return elapsed, at
 
 
+FLOOR_APP = 'import streamlit as st\nst.title("floor")\n'
+
+
 def browser_times(root: Path, selected: list[str], repeats: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Per page (and `floor`: a one-line Streamlit app, what any Streamlit page costs in this browser), the cold
+    and warm times of each repeat."""
     from playwright.sync_api import sync_playwright
 
-    out: dict[str, tuple[list[float], list[float]]] = {p: ([], []) for p in PAGES}
+    (root / "floor.py").write_text(FLOOR_APP)
+    out: dict[str, tuple[list[float], list[float]]] = {p: ([], []) for p in ["floor", *PAGES]}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
         for _ in range(repeats):
-            for page_name in PAGES:
+            for page_name in ["floor", *PAGES]:
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", 0))
                     port = s.getsockname()[1]
-                server = subprocess.Popen([sys.executable, "-m", "rlcore.cli", "dashboard", "--port", str(port)],
-                                          cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                cmd = ([sys.executable, "-m", "streamlit", "run", "floor.py", "--server.port", str(port),
+                        "--server.headless", "true", "--browser.gatherUsageStats", "false"] if page_name == "floor"
+                       else [sys.executable, "-m", "rlcore.cli", "dashboard", "--port", str(port)])
+                server = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                 url = f"http://127.0.0.1:{port}"
                 try:
                     for _ in range(240):
@@ -144,7 +152,7 @@ def browser_times(root: Path, selected: list[str], repeats: int) -> dict[str, tu
                         except OSError:
                             time.sleep(0.25)
                     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                    path = URL.get(page_name, f"/{page_name}?")
+                    path = "/?" if page_name == "floor" else URL.get(page_name, f"/{page_name}?")
                     target = f"{url}{path}{'' if path.endswith(('?', '&')) else '?'}runs={','.join(selected)}"
                     for i in range(2):  # cold, then warm (a reload: same server, caches filled)
                         t = time.perf_counter()
@@ -152,7 +160,7 @@ def browser_times(root: Path, selected: list[str], repeats: int) -> dict[str, tu
                         page.wait_for_selector("h1", timeout=120_000)
                         page.wait_for_timeout(100)
                         page.wait_for_function(
-                            "() => !document.querySelector('[data-testid=\"stStatusWidget\"]') && "
+                            "() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === 'notRunning' && "
                             "[...document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]')]"
                             ".every(c => c.querySelector('canvas, svg'))", timeout=120_000)
                         out[page_name][i].append(time.perf_counter() - t - 0.1)
@@ -213,6 +221,8 @@ def main() -> None:
                 print(f"{page:12s} {rows[page][0]:14.2f} {rows[page][1]:14.2f}", flush=True)
         if not args.no_browser:
             b = browser_times(root, selected, args.repeats)
+            print(f"{'(floor)':12s} {'':14s} {'':14s} {statistics.median(b['floor'][0]):14.2f} "
+                  f"{statistics.median(b['floor'][1]):14.2f}   a one-line Streamlit app: what any page costs here")
             for page in PAGES:
                 print(f"{page:12s} {rows[page][0]:14.2f} {rows[page][1]:14.2f} {statistics.median(b[page][0]):14.2f} "
                       f"{statistics.median(b[page][1]):14.2f}")

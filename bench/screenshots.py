@@ -61,12 +61,19 @@ def main() -> None:
                 page.goto(url + path)
                 page.wait_for_selector("h1", timeout=60_000)
                 page.wait_for_timeout(300)
-                page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
+                page.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === 'notRunning'",
                                        timeout=60_000)
                 page.wait_for_timeout(1500)  # vega draws after the data arrives
                 page.screenshot(path=str(args.out / f"{name}.png"), full_page=True)
                 errors = page.locator('[data-testid="stException"]').count()
                 print(f"{name:16s} {time.perf_counter() - t:5.1f} s  exceptions: {errors}  -> {args.out / name}.png")
+            dark = browser.new_page(viewport={"width": 1400, "height": 2400}, color_scheme="dark")  # the system theme
+            dark.goto(url + pages["runs"])
+            dark.wait_for_selector("h1", timeout=60_000)
+            dark.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === 'notRunning'", timeout=60_000)
+            dark.wait_for_timeout(1500)
+            dark.screenshot(path=str(args.out / "runs-dark.png"), full_page=True)
+            print(f"runs-dark              -> {args.out / 'runs-dark'}.png")
             browser.close()
     finally:
         proc.terminate()

@@ -28,6 +28,10 @@ QUIET_TAGS = ("git_commit", "torch_threads", "rlcore.config", "rlcore.config_has
 RUN_COLUMNS = ["run_id", "name", "experiment", "status", "start", "end", "duration_s", *RUN_TAGS, "tags"]
 
 
+# Raw points (summed over the asked runs and keys) above which `history` reads a grid of steps (see there).
+GRID_ABOVE = 300_000
+
+
 class StoreError(RuntimeError):
     """The store cannot be read (missing file, server down); pages show the message instead of a traceback."""
 
@@ -144,6 +148,55 @@ class Store:
                 out[k] = p[p["key"] == k].set_index("run_id")["value"]
         return out
 
+    def last_steps(self, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
+        """run_id, key, step: the last logged step of each run and key (MLflow's `latest_metrics`: no scan)."""
+        if not run_ids or not keys:
+            return pd.DataFrame(columns=["run_id", "key", "step"])
+        if self.sqlite_path is None:
+            h = self._history_server(run_ids, keys)
+            return h.groupby(["run_id", "key"], as_index=False)["step"].max()
+        rm, km = ",".join("?" * len(run_ids)), ",".join("?" * len(keys))
+        return self._sql(f"SELECT run_uuid AS run_id, key, step FROM latest_metrics WHERE key IN ({km}) "
+                         f"AND run_uuid IN ({rm})", (*keys, *run_ids))
+
+    def values_at(self, run_ids: list[str], steps: dict[str, int]) -> dict[str, pd.Series]:
+        """Per key: run_id -> the run's value at its last logged step at or before `steps[key]`, read exactly
+        (through the (run, key, step) index: a few rows per run, however long the runs)."""
+        if self.sqlite_path is None:
+            h = self._history_server(run_ids, list(steps))
+            return per_run_values(h.assign(vmin=h["value"], vmax=h["value"]), list(steps), "at", steps)
+        ids = ",".join("(?)" for _ in run_ids)
+        out = {}
+        for key, step in steps.items():
+            # one index seek per run: its last point at or before the step
+            at = self._sql(f"WITH ids(run_uuid) AS (VALUES {ids}) SELECT run_uuid AS run_id, (SELECT value FROM metrics "
+                           f"{self._run_key_step_index()} WHERE metrics.run_uuid = ids.run_uuid AND key = ? AND step <= ? "
+                           "ORDER BY step DESC, timestamp DESC LIMIT 1) AS value FROM ids", (*run_ids, key, step))
+            out[key] = at.dropna().set_index("run_id")["value"]
+        return out
+
+    def _run_key_step_index(self) -> str:
+        """`INDEXED BY` MLflow's (run_uuid, key, step) index where the store has it (SQLite's planner otherwise
+        picks the primary key, which starts with `key`, and scans every run's points of that key)."""
+        if not hasattr(self, "_rks"):
+            names = set(self._sql("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'metrics'")["name"])
+            self._rks = "INDEXED BY index_metrics_run_uuid_key_step" if "index_metrics_run_uuid_key_step" in names else ""
+        return self._rks
+
+    def extremes(self, run_ids: list[str], keys: list[str]) -> dict[str, pd.Series]:
+        """Per key: run_id -> the run's best value over every logged point (max; min for LOWER_IS_BETTER)."""
+        if self.sqlite_path is None:
+            h = self._history_server(run_ids, keys)
+            return per_run_values(h.assign(vmin=h["value"], vmax=h["value"]), keys, "best")
+        rm = ",".join("?" * len(run_ids))
+        out = {}
+        for key in keys:
+            agg = "MIN" if key in LOWER_IS_BETTER else "MAX"
+            v = self._sql(f"SELECT run_uuid AS run_id, {agg}(value) AS v FROM metrics WHERE key = ? AND run_uuid IN "
+                          f"({rm}) GROUP BY run_uuid", (key, *run_ids))
+            out[key] = v.set_index("run_id")["v"]
+        return out
+
     def sums(self, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
         """Per (run, key) over every raw logged point (no downsampling): `sum`, `max` and `n`. Wall-clock parts are
         sums over all steps, which a downsampled history would undercount."""
@@ -181,21 +234,68 @@ class Store:
         zero = pd.DataFrame({"run_id": tok["run_id"].unique(), "step": 0, "tokens": 0.0})
         return pd.concat([zero, tok], ignore_index=True).sort_values(["run_id", "step"]).reset_index(drop=True)
 
-    def history(self, run_ids: list[str], keys: list[str], max_points: int = 400) -> pd.DataFrame:
-        """Long frame run_id, key, step, value, vmin, vmax, time_s (seconds since the run's first point),
-        downsampled to at most `max_points` buckets per (run, key)."""
+    def history(self, run_ids: list[str], keys: list[str], max_points: int = 400,
+                grid_above: int | None = None) -> pd.DataFrame:
+        """Long frame run_id, key, step, value, vmin, vmax, time_s (seconds since the run's first point), at most
+        ~`max_points` points per (run, key).
+
+        Up to `grid_above` (default GRID_ABOVE) raw points in all, every point is read and bucketed (`downsample`: each bucket's last value
+        and its min/max band). Above that (many runs of long runs: the cost is turning millions of rows into Python
+        objects, not SQLite's scan), a key logged at every step is read on a grid of every k-th step, plus each run's
+        last point (from `latest_metrics`), with no band (vmin = vmax = value); the frame's `attrs["stride"]` says
+        k per key. A key logged sparsely (held-out eval) stays whole."""
         cols = ["run_id", "key", "step", "value", "vmin", "vmax", "time_s"]
         if not run_ids or not keys:
             return pd.DataFrame(columns=cols)
         if self.sqlite_path is None:
             raw = self._history_server(run_ids, keys)
-        else:
-            rm, km = ",".join("?" * len(run_ids)), ",".join("?" * len(keys))
-            raw = self._sql(f"SELECT run_uuid AS run_id, key, step, value, timestamp FROM metrics "
-                            f"WHERE key IN ({km}) AND run_uuid IN ({rm})", (*keys, *run_ids))
-        if raw.empty:
+            return downsample(raw, max_points)[cols] if not raw.empty else pd.DataFrame(columns=cols)
+        rm, km = ",".join("?" * len(run_ids)), ",".join("?" * len(keys))
+        latest = self._sql(f"SELECT run_uuid AS run_id, key, step, value, timestamp FROM latest_metrics "
+                           f"WHERE key IN ({km}) AND run_uuid IN ({rm})", (*keys, *run_ids))
+        if latest.empty:
             return pd.DataFrame(columns=cols)
-        return downsample(raw, max_points)[cols]
+        above = GRID_ABOVE if grid_above is None else grid_above
+        strides = self._strides(latest, max_points) if (latest["step"] + 1).sum() > above else {}
+        full = [k for k in keys if strides.get(k, 1) == 1]
+        parts = []
+        if full:
+            fm = ",".join("?" * len(full))
+            raw = self._sql(f"SELECT run_uuid AS run_id, key, step, value, timestamp FROM metrics "
+                            f"WHERE key IN ({fm}) AND run_uuid IN ({rm})", (*full, *run_ids))
+            if not raw.empty:
+                parts.append(downsample(raw, max_points))
+        for stride in sorted({v for v in strides.values() if v > 1}):
+            ks = [k for k, v in strides.items() if v == stride]
+            gm = ",".join("?" * len(ks))
+            grid = self._sql(f"SELECT run_uuid AS run_id, key, step, value, timestamp FROM metrics WHERE key IN ({gm}) "
+                             f"AND run_uuid IN ({rm}) AND step % {stride} = 0", (*ks, *run_ids))
+            grid = pd.concat([grid, latest[latest["key"].isin(ks)]], ignore_index=True)
+            grid = grid.sort_values(["run_id", "key", "step", "timestamp"]).drop_duplicates(
+                ["run_id", "key", "step"], keep="last")
+            parts.append(grid.assign(vmin=grid["value"], vmax=grid["value"]))
+        if not parts:
+            return pd.DataFrame(columns=cols)
+        out = pd.concat(parts, ignore_index=True)
+        if "time_s" not in out or out["time_s"].isna().any():  # the grid's rows: seconds since the run's first point
+            t0 = out.groupby("run_id")["timestamp"].transform("min")
+            fresh = (out["timestamp"] - t0) / 1000.0
+            out["time_s"] = out["time_s"].fillna(fresh) if "time_s" in out else fresh
+        out = out[cols]
+        out.attrs["stride"] = {k: v for k, v in strides.items() if v > 1}
+        return out
+
+    def _strides(self, latest: pd.DataFrame, max_points: int) -> dict[str, int]:
+        """Per key, the step stride that leaves about `max_points` points per run: 1 for a key logged sparsely.
+        How densely a key is logged is counted on one run (the longest), through the (run, key, step) index."""
+        out = {}
+        for key, part in latest.groupby("key"):
+            longest = part.loc[part["step"].idxmax()]
+            n = int(self._sql("SELECT COUNT(*) AS n FROM metrics WHERE run_uuid = ? AND key = ?",
+                              (longest["run_id"], key))["n"].iloc[0])
+            steps_per_point = (longest["step"] + 1) / max(n, 1)
+            out[key] = 1 if n <= max_points else max(1, round(n / max_points * steps_per_point))
+        return out
 
     def _history_server(self, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
         """The server's bulk route: one request per metric for all runs (MLflow's UI uses the same endpoint)."""
@@ -374,29 +474,31 @@ def mixed_groups(groups: pd.Series, params: pd.DataFrame) -> dict[str, list[str]
     return out
 
 
-def compare_groups(history: pd.DataFrame, groups: pd.Series, metrics: list[str],
-                   mode: str = "at") -> tuple[pd.DataFrame, dict[str, int]]:
-    """One row per group: n and, per metric, mean ± std over the group's runs of one number per run taken the same
-    way for every run. The common step of a metric is the last step every run reached; `mode`: "at" = the run's
-    value at the common step (its last point at or before it), "best" = its best value over the whole run (max;
-    min for LOWER_IS_BETTER), "auc" = the area under its curve up to the common step divided by the steps (a mean
-    that rewards learning early). Returns the table (string cells, and `_<metric>` numeric means to sort by) and
-    the common step per metric."""
-    h = history[history["run_id"].isin(groups.index)]
-    per_run: dict[str, pd.Series] = {}
-    common: dict[str, int] = {}
+def common_steps(last: pd.DataFrame) -> dict[str, int]:
+    """Per key, the last step every run reached: the min over runs of each run's last logged step. `last`:
+    run_id, key, step (the last step of each run and key)."""
+    return {k: int(v) for k, v in last.groupby("key")["step"].min().items()}
+
+
+def per_run_values(history: pd.DataFrame, metrics: list[str], mode: str,
+                   common: dict[str, int] | None = None) -> dict[str, pd.Series]:
+    """One number per run and metric, taken the same way for every run. `mode`: "at" = the run's value at the
+    common step (its last point at or before it), "best" = its best value over the run (max; min for
+    LOWER_IS_BETTER; the buckets' vmin/vmax, exact whatever the downsampling), "auc" = the area under its curve up
+    to the common step divided by the steps (trapezoid rule on the points read; a mean that rewards learning early).
+    The common step defaults to the last step every run of `history` reached."""
+    out: dict[str, pd.Series] = {}
     for key in metrics:
-        part = h[h["key"] == key].sort_values(["run_id", "step"])
+        part = history[history["key"] == key].sort_values(["run_id", "step"])
         if part.empty:
             continue
-        stop = int(part.groupby("run_id")["step"].max().min())
-        common[key] = stop
+        stop = (common or {}).get(key, int(part.groupby("run_id")["step"].max().min()))
         upto = part[part["step"] <= stop]
         if mode == "at":
-            v = upto.groupby("run_id")["value"].last()
+            out[key] = upto.groupby("run_id")["value"].last()
         elif mode == "best":
-            v = part.groupby("run_id")["vmin" if key in LOWER_IS_BETTER else "vmax"].agg(
-                "min" if key in LOWER_IS_BETTER else "max")
+            low = key in LOWER_IS_BETTER
+            out[key] = part.groupby("run_id")["vmin" if low else "vmax"].agg("min" if low else "max")
         else:
             def area(d: pd.DataFrame) -> float:
                 x, y = d["step"].to_numpy(float), d["value"].to_numpy(float)
@@ -404,8 +506,13 @@ def compare_groups(history: pd.DataFrame, groups: pd.Series, metrics: list[str],
                     return float(y[-1])
                 return float(((y[1:] + y[:-1]) / 2 * np.diff(x)).sum() / (x[-1] - x[0]))  # trapezoid rule
 
-            v = upto.groupby("run_id")[["step", "value"]].apply(area)
-        per_run[key] = v
+            out[key] = upto.groupby("run_id")[["step", "value"]].apply(area)
+    return out
+
+
+def group_table(per_run: dict[str, pd.Series], groups: pd.Series, metrics: list[str]) -> pd.DataFrame:
+    """One row per group: n and, per metric, mean ± std over the group's runs (string cells), and `_<metric>`
+    numeric means to sort by."""
     rows = []
     for g, ids in groups.groupby(groups).groups.items():
         row: dict[str, object] = {"group": g, "n": len(ids)}
@@ -415,7 +522,15 @@ def compare_groups(history: pd.DataFrame, groups: pd.Series, metrics: list[str],
                         else f"{v.mean():.3f} ± {v.std():.3f}")
             row[f"_{key}"] = v.mean() if len(v) else np.nan
         rows.append(row)
-    return pd.DataFrame(rows), common
+    return pd.DataFrame(rows)
+
+
+def compare_groups(history: pd.DataFrame, groups: pd.Series, metrics: list[str],
+                   mode: str = "at") -> tuple[pd.DataFrame, dict[str, int]]:
+    """`group_table` of `per_run_values` computed from one history frame, and the common step per metric."""
+    h = history[history["run_id"].isin(groups.index)]
+    common = common_steps(h.groupby(["run_id", "key"], as_index=False)["step"].max())
+    return group_table(per_run_values(h, metrics, mode, common), groups, metrics), common
 
 
 def band(history: pd.DataFrame, groups: pd.Series) -> pd.DataFrame:

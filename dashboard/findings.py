@@ -30,11 +30,24 @@ class Finding:
 
 def phase_shares(steps: pd.DataFrame) -> pd.Series:
     """Share of the total step time spent in each phase, plus 'other' (step minus the phases); empty without
-    step timings."""
+    step timings. A frame that carries exact shares in `attrs["shares"]` (summed in SQL over every step, when the
+    frame itself is downsampled) gives those."""
+    if "shares" in steps.attrs:
+        return pd.Series(steps.attrs["shares"], dtype=float)
     total = steps["timing/step"].sum() if "timing/step" in steps else 0.0
     shares = {p: steps.get(f"timing/{p}", pd.Series(dtype=float)).sum() / total for p in PHASES} if total else {}
     if shares:
         shares["other"] = max(0.0, 1 - sum(shares.values()))
+    return pd.Series(shares, dtype=float)
+
+
+def shares_from_sums(sums: dict[str, float]) -> pd.Series:
+    """`phase_shares` from the sums of `timing/<phase>` and `timing/step` over every step."""
+    total = sums.get("timing/step", 0.0)
+    if not total:
+        return pd.Series(dtype=float)
+    shares = {p: sums.get(f"timing/{p}", 0.0) / total for p in PHASES}
+    shares["other"] = max(0.0, 1 - sum(shares.values()))
     return pd.Series(shares, dtype=float)
 
 

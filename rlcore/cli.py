@@ -304,9 +304,12 @@ def dashboard(
     if not app_path.is_file():
         _fail(f"{app_path}: the dashboard is not installed beside rlcore")
     typer.echo(f"dashboard: http://{host}:{port}  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
+    # dashboard.serve: `streamlit run app.py` with the pages' heavy imports done before the server starts
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "dashboard.serve", "--server.address", host,
                                       "--server.port", str(port), "--server.headless", "true",
-                                      "--browser.gatherUsageStats", "false"]))
+                                      "--browser.gatherUsageStats", "false"],
+                                     env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                         filter(None, [str(app_path.parent.parent), os.environ.get("PYTHONPATH")]))}))
 
 
 @app.command()

@@ -6,8 +6,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 PHASES = ("rollout", "reward", "reference", "old_logprob", "values", "advantage", "update", "sync")
 
 
@@ -22,6 +20,8 @@ class PhaseTimer:
         try:
             yield
         finally:
+            import torch  # here, not at the top: the dashboard reads PHASES without loading torch (~1 s)
+
             if torch.cuda.is_available():  # GPU work is async: wait for it so the time lands in this phase
                 torch.cuda.synchronize()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0

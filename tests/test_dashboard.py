@@ -526,8 +526,62 @@ def test_launch_page_validates_and_refuses_paths_outside_experiments(dash: Path,
         launcher.resolve(dash, "/etc/passwd")
 
 
+def test_launch_page_links_a_launch_to_its_run_with_its_step(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run started from the Launch page carries `rlcore.launch`; the page finds it by that tag and shows its
+    name, a link to its Run page and its step out of trainer.steps."""
+    import streamlit as st
+
+    from dashboard import launcher
+    from dashboard.data import Store
+
+    runs = Store.for_project(dash).runs()
+    rid = runs[runs["name"] == "rloo"]["run_id"].iloc[0]
+    record = launcher.Launch("20261130-000000-rl-linked", "rl.yaml", [], 999999, time.time(), ["python", "-m", "x"])
+    path = launcher.launches_dir(dash) / f"{record.id}.json"
+    path.write_text(json.dumps(record.__dict__))
+    (launcher.launches_dir(dash) / f"{record.id}.rc").write_text("0")
+    c = MlflowClient(tracking_settings(dash)["tracking_uri"])
+    c.set_tag(rid, "rlcore.launch", record.id)
+    try:
+        st.cache_data.clear()
+        at = app(dash, monkeypatch, "launch")
+        text = " ".join(m.value for m in at.markdown)
+        assert f"[rloo ({rid[:8]})](/run?run={rid}) · FINISHED · step 4/4" in text
+        assert any(e.label == f"{record.id} · rl.yaml · finished" for e in at.expander)
+    finally:
+        c.delete_tag(rid, "rlcore.launch")
+        path.unlink()
+        st.cache_data.clear()
+
+
 def test_empty_and_missing_store_give_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_lab(tmp_path)
     for page in (None, "algorithms", "bottlenecks", "samples"):
         at = app(tmp_path, monkeypatch, page)
         assert any("no MLflow store" in i.value or "no runs" in i.value.lower() for i in at.info)
+
+
+def test_palette_reads_on_the_light_and_the_dark_theme() -> None:
+    """Every series colour has >= 3:1 contrast (WCAG 2.1, non-text) on Streamlit's light and dark backgrounds, and
+    no two are near-duplicates (the old tableau20 put a blue and a pale blue on runs 1 and 2)."""
+    from itertools import combinations
+
+    from dashboard.common import PALETTE
+
+    def rgb(h: str) -> list[float]:
+        return [int(h[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+
+    def luminance(h: str) -> float:
+        c = [x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4 for x in rgb(h)]
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    def contrast(a: str, b: str) -> float:
+        hi, lo = sorted([luminance(a), luminance(b)], reverse=True)
+        return (hi + 0.05) / (lo + 0.05)
+
+    assert len(PALETTE) >= 10
+    for c in PALETTE:
+        assert contrast(c, "#ffffff") >= 3 and contrast(c, "#0e1117") >= 3, c
+    closest = min(sum((x - y) ** 2 for x, y in zip(rgb(a), rgb(b), strict=True)) ** 0.5
+                  for a, b in combinations(PALETTE, 2))
+    assert closest > 0.15

@@ -56,7 +56,7 @@ def settled(page, timeout_ms: int = 60_000) -> None:
     """Wait until the page's script has finished (Streamlit's "running" widget is gone), then a moment for the
     last elements to paint. `networkidle` does not wait for it: the script streams over a websocket."""
     page.wait_for_timeout(300)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
+    page.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === 'notRunning'", timeout=timeout_ms)
     page.wait_for_timeout(300)
 
 
@@ -222,6 +222,7 @@ def test_launch_stop_records_the_exit_status_and_shows_it(server: str, page, das
         page.get_by_role("button", name="Stop").click()
         page.wait_for_selector(f"text={launch.id} · rl.yaml · stopped (exit 143)", timeout=120_000)
         no_exception(page)
+        page.screenshot(path=str(SHOTS / "launch-stopped.png"), full_page=True)
     finally:
         if launch.status(dash) in ("running", "stopping"):
             launcher.stop(launch, dash, force=True)

@@ -2,15 +2,15 @@
 over its seeds, and a table that compares groups fairly: at one common step, on the best value, or on the area
 under the curve up to that step, never on each run's last value at different steps."""
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from dashboard import common
-from dashboard.data import band, compare_groups, group_labels, mixed_groups
+from dashboard.data import LOWER_IS_BETTER, band, common_steps, group_labels, group_table, mixed_groups, per_run_values
 
 METRICS = ["eval/sampled_reward", "eval/greedy_accuracy", "reward/mean", "kl/mean", "actor/entropy",
            "response/length_mean"]
+CHARTED = 6  # groups drawn by default: more lines than this stop being readable
 MODES = {"at the common step": "at", "best value": "best", "area under the curve (mean up to the common step)": "auc"}
 
 st.title("Algorithms")
@@ -51,9 +51,28 @@ if runs is not None:
                 st.warning(f"Group **{g}** mixes configs that differ in more than the seed: "
                            + ", ".join(f"`{k}`" for k in differing[:8]) + (" …" if len(differing) > 8 else "")
                            + ". Its band is not a seed spread.")
-            h = common.history(uri, tuple(rl["run_id"]), tuple(METRICS + ["timing/step"]))
-            b = band(h[h["key"] != "timing/step"], groups)
+            ids = tuple(groups.index)
+            # The table first, from exact per-run numbers (no history is read for "at the common step"); the
+            # charts then read the histories of the groups they draw only.
+            at_step = common_steps(common.last_steps(uri, ids, tuple(METRICS)))
+            if mode == "at":
+                per_run = common.values_at(uri, ids, tuple(at_step.items()))
+            elif mode == "best":
+                per_run = common.extremes(uri, ids, tuple(METRICS))
+            else:
+                per_run = per_run_values(common.history(uri, ids, tuple(METRICS), 200, 0), METRICS, "auc", at_step)
+            table = group_table(per_run, groups, METRICS)
+            speed = common.values_mean(uri, ids, "timing/step")
+            table["s/step"] = [round(float(speed.reindex(groups[groups == g].index).mean()), 3)
+                               for g in table["group"]]
+            table = table.sort_values(f"_{objective}", ascending=objective in LOWER_IS_BETTER, na_position="last")
             n = groups.value_counts()
+            drawn = st.multiselect("Groups in the charts", list(table["group"]),
+                                   default=list(table["group"].head(CHARTED)),
+                                   help=f"The {CHARTED} best by the sort metric at first; the table lists every group.")
+            # grid_above=0: a grid of steps shared by every seed (the bands here are across seeds, not min/max)
+            h = common.history(uri, tuple(groups[groups.isin(drawn)].index), tuple(METRICS), 400, 0)
+            b = band(h, groups)
             b["run"] = b["group"].map(lambda g: f"{g} (n={n[g]})")
             cols = st.columns(2)
             for i, key in enumerate(METRICS):
@@ -61,17 +80,11 @@ if runs is not None:
                 if not part.empty:
                     cols[i % 2].altair_chart(common.line_chart(part, title=f"{key} (mean ± std over seeds)", lo="lo",
                                                                hi="hi", metric=key), width="stretch")
-            table, common_step = compare_groups(h, groups, METRICS, mode)
-            speed = h[h["key"] == "timing/step"].groupby("run_id")["value"].mean()
-            table["s/step"] = [round(float(speed.reindex(groups[groups == g].index).mean()), 3)
-                               if speed.reindex(groups[groups == g].index).notna().any() else np.nan
-                               for g in table["group"]]
-            table = table.sort_values(f"_{objective}", ascending=objective in ("kl/mean",), na_position="last")
             what = {"at": "value at the common step", "best": "best value over the run (max; min for kl/mean)",
                     "auc": "mean over steps up to the common step (area under the curve / steps)"}[mode]
             st.subheader("Groups compared")
             st.caption(f"{what}; mean ± std over each group's runs. Common step per metric: "
-                       + ", ".join(f"{k} {s}" for k, s in common_step.items())
+                       + ", ".join(f"{k} {s}" for k, s in at_step.items())
                        + " (the last step every run of every group reached).")
             st.dataframe(table[[c for c in table.columns if not c.startswith("_")]], hide_index=True,
                          key="algorithm_summary")
