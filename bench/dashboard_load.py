@@ -122,6 +122,18 @@ def apptest_time(root: Path, page: str, selected: list[str], at=None) -> tuple[f
     return elapsed, at
 
 
+# Charts each page draws on this store (the wait is for all of them: React paints them after the script ends).
+CHARTS = {"runs": 5, "algorithms": 6, "sweeps": 6, "bottlenecks": 4}
+
+
+def done(charts: int) -> str:
+    """JS: the script has run to its end (Streamlit's own e2e tests wait on this attribute) and `charts` charts
+    are on the page, each drawn."""
+    return ("() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === "
+            "'notRunning' && (c => c.length >= " + str(charts) + " && [...c].every(x => x.querySelector('canvas, svg')))"
+            "(document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]'))")
+
+
 FLOOR_APP = 'import streamlit as st\nst.title("floor")\n'
 
 
@@ -159,10 +171,7 @@ def browser_times(root: Path, selected: list[str], repeats: int) -> dict[str, tu
                         page.goto(target) if i == 0 else page.reload()
                         page.wait_for_selector("h1", timeout=120_000)
                         page.wait_for_timeout(100)
-                        page.wait_for_function(
-                            "() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === 'notRunning' && "
-                            "[...document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]')]"
-                            ".every(c => c.querySelector('canvas, svg'))", timeout=120_000)
+                        page.wait_for_function(done(CHARTS.get(page_name, 0)), timeout=120_000)
                         out[page_name][i].append(time.perf_counter() - t - 0.1)
                         assert page.locator('[data-testid="stException"]').count() == 0, page_name
                     page.close()

@@ -11,6 +11,7 @@ from dashboard.data import LOWER_IS_BETTER, band, common_steps, group_labels, gr
 METRICS = ["eval/sampled_reward", "eval/greedy_accuracy", "reward/mean", "kl/mean", "actor/entropy",
            "response/length_mean"]
 CHARTED = 6  # groups drawn by default: more lines than this stop being readable
+POINTS = 150  # per group and metric: a half-width chart is ~550 px wide, and each point costs the browser time
 MODES = {"at the common step": "at", "best value": "best", "area under the curve (mean up to the common step)": "auc"}
 
 st.title("Algorithms")
@@ -71,7 +72,7 @@ if runs is not None:
                                    default=list(table["group"].head(CHARTED)),
                                    help=f"The {CHARTED} best by the sort metric at first; the table lists every group.")
             # grid_above=0: a grid of steps shared by every seed (the bands here are across seeds, not min/max)
-            h = common.history(uri, tuple(groups[groups.isin(drawn)].index), tuple(METRICS), 400, 0)
+            h = common.history(uri, tuple(groups[groups.isin(drawn)].index), tuple(METRICS), POINTS, 0)
             b = band(h, groups)
             b["run"] = b["group"].map(lambda g: f"{g} (n={n[g]})")
             cols = st.columns(2)

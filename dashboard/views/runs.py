@@ -12,6 +12,7 @@ LAST = ["reward/mean", "eval/sampled_reward", "kl/mean"]
 BEST = ["eval/sampled_reward"]
 PARAMS = ["trainer.lr", "algorithm.kl_coef", "rollout.samples_per_prompt", "trainer.steps"]
 X_AXES = ["step", "time_s", "tokens"]
+POINTS = 300  # per run and metric (with its min/max band): enough for a half-width chart, cheap for the browser
 
 st.title("Runs")
 runs = common.load_runs()
@@ -82,16 +83,21 @@ if runs is not None:
             x_url = common.url_get("x", "step")
             x = c3.radio("x axis", X_AXES, index=X_AXES.index(x_url) if x_url in X_AXES else 0)
             log_y = c4.toggle("log y", value=common.url_get("log") == "1")
+            # min/max of each downsampled bucket: readable for a few runs, clutter (and ~0.1 s of browser time per
+            # run and chart) for many, so on by default up to 3 runs
+            band = c4.toggle("min/max band", value=common.url_get("band", "1" if len(chosen) <= 3 else "0") == "1",
+                             help="The range of the raw points each drawn point stands for.")
             common.url_set("m", picked if picked != [k for k in common.DEFAULT_METRICS if k in keys] else [])
             common.url_set("smooth", smoothing or "")
             common.url_set("x", "" if x == "step" else x)
             common.url_set("log", "1" if log_y else "")
+            common.url_set("band", "" if band == (len(chosen) <= 3) else ("1" if band else "0"))
             live = runs.set_index("run_id").loc[chosen, "status"].eq("RUNNING").any()
             names = common.short(runs)
 
             @st.fragment(run_every=5 if live else None)
             def charts() -> None:
-                h = common.history(uri, tuple(chosen), tuple(picked))
+                h = common.history(uri, tuple(chosen), tuple(picked), POINTS)
                 if h.empty:
                     st.info("No points for these metrics yet.")
                     return
@@ -104,7 +110,7 @@ if runs is not None:
                     part = h[h["key"] == key]
                     if part.empty:
                         continue
-                    cols[i % 2].altair_chart(common.line_chart(part, x=x, title=key, log_y=log_y,
+                    cols[i % 2].altair_chart(common.line_chart(part, x=x, title=key, log_y=log_y, band=band,
                                                                domain=[names[r] for r in chosen]), width="stretch")
                 if live:
                     st.caption("live: refreshing every 5 s while a ticked run is RUNNING")
