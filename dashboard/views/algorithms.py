@@ -55,7 +55,8 @@ if runs is not None:
             ids = tuple(groups.index)
             # The table first, from exact per-run numbers (no history is read for "at the common step"); the
             # charts then read the histories of the groups they draw only.
-            at_step = common_steps(common.last_steps(uri, ids, tuple(METRICS)))
+            last = common_steps(common.last_steps(uri, ids, tuple(METRICS)))
+            at_step = {k: last[k] for k in METRICS if k in last}  # in the table's order
             if mode == "at":
                 per_run = common.values_at(uri, ids, tuple(at_step.items()))
             elif mode == "best":
