@@ -215,7 +215,9 @@ def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: 
     ticks; `log_y`: a log axis (symlog when a value is <= 0)."""
     m = BY_NAME.get(metric or title)
     scale = alt.Scale(domain=domain, range=PALETTE) if domain else alt.Scale(range=PALETTE)
-    legend = alt.Legend(orient="bottom", columns=2, labelLimit=0, symbolType="circle", symbolOpacity=1, title=None)
+    # two legend columns while labels are short; one when they are long (two would clip them at the chart's edge)
+    ncol = 2 if len(frame) and frame[color].astype(str).str.len().max() <= 30 else 1
+    legend = alt.Legend(orient="bottom", columns=ncol, labelLimit=0, symbolType="circle", symbolOpacity=1, title=None)
     xaxis = alt.Axis(format="d", tickMinStep=1) if x == "step" else alt.Axis(format="~s") if x == "tokens" else alt.Undefined
     base = alt.Chart(frame).encode(x=alt.X(f"{x}:Q", title=x, axis=xaxis),
                                    color=alt.Color(f"{color}:N", scale=scale, legend=legend))
@@ -231,9 +233,9 @@ def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: 
     if band and lo in frame and hi in frame:
         layers.insert(0, base.mark_area(opacity=0.18).encode(y=alt.Y(f"{lo}:Q", scale=yscale), y2=f"{hi}:Q"))
     heading = alt.TitleParams(text=title, subtitle=textwrap.wrap(f"{m.unit} · {m.formula}", 70), subtitleFontSize=10,
-                              anchor="start") if m else title
+                              subtitleColor="#8a8f98", anchor="start") if m else title  # mid grey: both themes
     # Streamlit fits the whole chart (title, legend, axes) into `height`: grow it with the legend's rows so the
     # plot itself keeps ~220 px however many runs are drawn.
-    rows = -(-frame[color].nunique() // 2) if len(frame) else 1
+    rows = -(-frame[color].nunique() // ncol) if len(frame) else 1
     height = 220 + (44 if m else 20) + 20 * rows + 40
     return alt.layer(*layers).properties(title=heading, height=height).interactive(bind_y=False)

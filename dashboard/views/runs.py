@@ -85,8 +85,8 @@ if runs is not None:
             log_y = c4.toggle("log y", value=common.url_get("log") == "1")
             # min/max of each downsampled bucket: readable for a few runs, clutter (and ~0.1 s of browser time per
             # run and chart) for many, so on by default up to 3 runs
-            band = c4.toggle("min/max band", value=common.url_get("band", "1" if len(chosen) <= 3 else "0") == "1",
-                             help="The range of the raw points each drawn point stands for.")
+            band = c4.toggle("band", value=common.url_get("band", "1" if len(chosen) <= 3 else "0") == "1",
+                             help="Min/max of the raw points each drawn point stands for.")
             common.url_set("m", picked if picked != [k for k in common.DEFAULT_METRICS if k in keys] else [])
             common.url_set("smooth", smoothing or "")
             common.url_set("x", "" if x == "step" else x)
