@@ -76,12 +76,13 @@ if runs is not None:
             h = common.history(uri, tuple(groups[groups.isin(drawn)].index), tuple(METRICS), POINTS, 0)
             b = band(h, groups)
             b["run"] = b["group"].map(lambda g: f"{g} (n={n[g]})")
+            domain = sorted(b["run"].unique())  # a group keeps its colour in every chart, even where it has no line
             cols = st.columns(2)
             for i, key in enumerate(METRICS):
                 part = b[b["key"] == key].rename(columns={"mean": "value"})
                 if not part.empty:
                     cols[i % 2].altair_chart(common.line_chart(part, title=f"{key} (mean ± std over seeds)", lo="lo",
-                                                               hi="hi", metric=key), width="stretch")
+                                                               hi="hi", metric=key, domain=domain), width="stretch")
             what = {"at": "value at the common step", "best": "best value over the run (max; min for kl/mean)",
                     "auc": "mean over steps up to the common step (area under the curve / steps)"}[mode]
             st.subheader("Groups compared")
