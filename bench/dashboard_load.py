@@ -21,20 +21,18 @@ import argparse
 import os
 import random
 import shutil
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dashboard.common import DEFAULT_METRICS  # noqa: E402
+from dashboard.serve import background  # noqa: E402
 from rlcore.metrics import CATALOGUE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,21 +146,9 @@ def browser_times(root: Path, selected: list[str], repeats: int) -> dict[str, tu
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
         for _ in range(repeats):
             for page_name in ["floor", *PAGES]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-                cmd = ([sys.executable, "-m", "streamlit", "run", "floor.py", "--server.port", str(port),
-                        "--server.headless", "true", "--browser.gatherUsageStats", "false"] if page_name == "floor"
-                       else [sys.executable, "-m", "rlcore.cli", "dashboard", "--port", str(port)])
-                server = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-                url = f"http://127.0.0.1:{port}"
-                try:
-                    for _ in range(240):
-                        try:
-                            urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
-                            break
-                        except OSError:
-                            time.sleep(0.25)
+                floor = [sys.executable, "-m", "streamlit", "run", "floor.py", "--server.headless", "true",
+                         "--browser.gatherUsageStats", "false"]
+                with background(root, floor if page_name == "floor" else None, timeout_s=120) as url:
                     page = browser.new_page(viewport={"width": 1400, "height": 1000})
                     path = "/?" if page_name == "floor" else URL.get(page_name, f"/{page_name}?")
                     target = f"{url}{path}{'' if path.endswith(('?', '&')) else '?'}runs={','.join(selected)}"
@@ -175,9 +161,6 @@ def browser_times(root: Path, selected: list[str], repeats: int) -> dict[str, tu
                         out[page_name][i].append(time.perf_counter() - t - 0.1)
                         assert page.locator('[data-testid="stException"]').count() == 0, page_name
                     page.close()
-                finally:
-                    server.terminate()
-                    server.wait(timeout=30)
         browser.close()
     return out
 

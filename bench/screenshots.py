@@ -9,11 +9,8 @@ the URL, and saves one full-page PNG per page (the Runs page also with x = token
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,19 +31,9 @@ def main() -> None:
     rl = runs[(runs["rlcore.kind"] == "rl") & (runs["status"] == "FINISHED") & runs["rlcore.trial"].isna()]
     # one run per algorithm first, so the charts compare algorithms
     picked = ",".join(rl.drop_duplicates("algorithm")["run_id"].head(args.runs))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "rlcore.cli", "dashboard", "--port", str(port)],
-                            cwd=args.project, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+    from dashboard.serve import background
+
+    with background(args.project) as url:
         args.out.mkdir(parents=True, exist_ok=True)
         pages = {"runs": f"/?runs={picked}", "runs-tokens-log": f"/?runs={picked}&x=tokens&log=1",
                  "algorithms": "/algorithms", "sweeps": "/sweeps", "bottlenecks": f"/bottlenecks?runs={picked}",
@@ -75,9 +62,6 @@ def main() -> None:
             dark.screenshot(path=str(args.out / "runs-dark.png"), full_page=True)
             print(f"runs-dark              -> {args.out / 'runs-dark'}.png")
             browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,14 @@ its own work. Importing them before the server starts moves that cost to start-u
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 APP = Path(__file__).resolve().parent / "app.py"
@@ -28,6 +35,43 @@ def warm() -> None:
     import rlcore.lessons  # noqa: F401
     import rlcore.loading  # noqa: F401
     import rlcore.sweep  # noqa: F401
+
+
+@contextmanager
+def background(cwd: Path, command: list[str] | None = None, env: dict[str, str] | None = None,
+               timeout_s: float = 60) -> Iterator[str]:
+    """A server on a free 127.0.0.1 port, run in `cwd`, for tests and benchmarks: yields its URL once
+    `/_stcore/health` answers, and stops it afterwards. `command` defaults to `rlcore dashboard`; it gets
+    `--port N` appended (a plain `streamlit run` command gets `--server.port N`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = command or [sys.executable, "-m", "rlcore.cli", "dashboard"]
+    cmd = [*cmd, "--server.port" if "streamlit" in cmd else "--port", str(port)]
+    log = tempfile.TemporaryFile()  # not a pipe: a server whose pipe nobody reads blocks once it is full
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    proc.kill()
+                    log.seek(0)
+                    raise RuntimeError(f"the server did not start: {log.read()[-2000:].decode(errors='replace')}") \
+                        from None
+                time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 if __name__ == "__main__":

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from dashboard.serve import background
 from rlcore.tracking import tracking_settings
 from tests.test_dashboard import dash  # noqa: F401 - the store filled by real runs
 
@@ -23,33 +20,11 @@ PAGES = ["", "algorithms", "sweeps", "bottlenecks", "samples", "run", "lessons",
 SHOTS = Path(os.environ.get("RLCORE_SCREENSHOTS", Path(__file__).resolve().parent.parent / "outputs" / "screenshots"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(dash: Path):  # noqa: F811
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
-    env.pop("MLFLOW_TRACKING_URI")
-    proc = subprocess.Popen([sys.executable, "-m", "rlcore.cli", "dashboard", "--port", str(port)], cwd=dash,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"dashboard did not start: {proc.stdout.read()[-2000:]}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the lab's own mlflow.yml
+    with background(dash, env=env) as url:
+        yield url
 
 
 def settled(page, timeout_ms: int = 60_000) -> None:
@@ -156,23 +131,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def repo_server():
     """The dashboard over this repository's own lessons/ (the store may be empty: the text is what is checked)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rlcore.cli", "dashboard", "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"dashboard did not start: {proc.stdout.read()[-2000:]}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    with background(REPO) as url:
+        yield url
 
 
 def test_every_lesson_renders_its_formulas(repo_server: str, page) -> None:
