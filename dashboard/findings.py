@@ -222,36 +222,33 @@ def clipped_too_much(params: dict, steps: pd.DataFrame, wall: pd.Series | None) 
 # ------------------------------------------------------------------------------------------------ the wall-clock
 
 
-@rule
-def eval_bound(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
-    share = _share(wall, "eval")
-    if share >= 0.25:
-        return Finding("eval_bound", "warn", f"Held-out evaluation is {share:.0%} of the wall-clock (>= 25 %): "
-                       f"logging.eval_every is {params.get('logging.eval_every', '?')} and task.eval_samples "
-                       f"{params.get('task.eval_samples', '?')} x task.heldout_size "
-                       f"{params.get('task.heldout_size', '?')}. Evaluate less often, or on fewer samples (the "
-                       "held-out set stays paired across runs).", "07")
-    return None
+def wall_rule(name: str, part: str, limit: float, severity: str, what: str, advice: Callable[[dict], str]) -> Rule:
+    """A rule that fires when `part` of the wall-clock (WALL_PARTS) takes `limit` or more of it."""
+
+    def fn(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+        share = _share(wall, part)
+        if share >= limit:
+            return Finding(name, severity, f"{what} is {share:.0%} of the wall-clock (>= {limit:.0%}): "
+                           f"{advice(params)}", "07")
+        return None
+
+    fn.__name__ = name
+    return rule(fn)
 
 
-@rule
-def startup_bound(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
-    share = _share(wall, "startup")
-    if share >= 0.25:
-        return Finding("startup_bound", "info", f"Start-up is {share:.0%} of the wall-clock (>= 25 %): building "
-                       "the models, loading the warm start, opening the run. A short run pays it in full; more "
-                       f"steps per run (trainer.steps is {params.get('trainer.steps', '?')}) amortise it.", "07")
-    return None
-
-
-@rule
-def checkpoint_bound(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
-    share = _share(wall, "checkpoint")
-    if share >= 0.15:
-        return Finding("checkpoint_bound", "info", f"Checkpoints and the final save are {share:.0%} of the "
-                       f"wall-clock (>= 15 %): trainer.checkpoint_every is {params.get('trainer.checkpoint_every', '?')}"
-                       ". Checkpoint less often (a resume then repeats more steps).", "07")
-    return None
+eval_bound = wall_rule(
+    "eval_bound", "eval", 0.25, "warn", "Held-out evaluation",
+    lambda p: f"logging.eval_every is {p.get('logging.eval_every', '?')} and task.eval_samples "
+              f"{p.get('task.eval_samples', '?')} x task.heldout_size {p.get('task.heldout_size', '?')}. Evaluate less "
+              "often, or on fewer samples (the held-out set stays paired across runs).")
+startup_bound = wall_rule(
+    "startup_bound", "startup", 0.25, "info", "Start-up",
+    lambda p: "building the models, loading the warm start, opening the run. A short run pays it in full; more "
+              f"steps per run (trainer.steps is {p.get('trainer.steps', '?')}) amortise it.")
+checkpoint_bound = wall_rule(
+    "checkpoint_bound", "checkpoint", 0.15, "info", "Checkpoints and the final save",
+    lambda p: f"trainer.checkpoint_every is {p.get('trainer.checkpoint_every', '?')}. Checkpoint less often (a "
+              "resume then repeats more steps).")
 
 
 def diagnose(params: dict, steps: pd.DataFrame, wall: pd.Series | None = None) -> list[Finding]:
