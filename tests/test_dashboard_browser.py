@@ -179,8 +179,17 @@ def test_launch_stop_records_the_exit_status_and_shows_it(server: str, page, das
     page.wait_for_selector("text=started ", timeout=30_000)
     launch = launcher.all_launches(dash)[0]
     try:
-        page.get_by_role("button", name="Stop").click()
-        page.wait_for_selector(f"text={launch.id} · rl.yaml · stopped (exit 143)", timeout=120_000)
+        # our button by its key (Streamlit's own header shows a "Stop" button while a script runs)
+        # (while a rerun paints, the old copy of the button stays on the page too: wait for the run to end)
+        page.wait_for_selector(f".st-key-stop-{launch.id} button", timeout=60_000)
+        settled(page)
+        page.locator(f".st-key-stop-{launch.id} button >> visible=true").first.click(timeout=60_000)
+        try:
+            page.wait_for_selector(f"text={launch.id} · rl.yaml · stopped (exit 143)", timeout=120_000)
+        except Exception as e:  # noqa: BLE001 - say what the launch did instead
+            raise AssertionError(f"status {launch.status(dash)!r}, stop requested: "
+                                 f"{(launcher.launches_dir(dash) / (launch.id + '.stopped')).exists()}; log: "
+                                 f"{launcher.tail(launch.log(dash))[-600:]}") from e
         no_exception(page)
         page.screenshot(path=str(SHOTS / "launch-stopped.png"), full_page=True)
     finally:

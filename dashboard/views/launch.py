@@ -30,7 +30,23 @@ else:
         st.session_state["watch"] = launch.id
 
 ACTIVE = ("running", "stopping")
-any_running = any(x.status(root) in ACTIVE for x in launcher.all_launches(root))
+active = {x.id: (x, x.status(root)) for x in launcher.all_launches(root) if x.status(root) in ACTIVE}
+st.session_state["active_launches"] = sorted((k, v[1]) for k, v in active.items())
+# Stop and Kill live here, outside the panel that refreshes every 3 s: a click on a button that a timed rerun is
+# redrawing at that moment could be lost.
+for launch, status in active.values():
+    c1, c2 = st.columns([5, 1])
+    c1.markdown(f"**{launch.id}** · {launch.file} · {status}")
+    if status == "running" and c2.button("Stop", key=f"stop-{launch.id}",
+                                         help="SIGTERM: the run finishes its step, checkpoints, closes as KILLED"):
+        launcher.stop(launch, root)
+        time.sleep(0.5)
+        st.rerun()
+    if status == "stopping" and c2.button("Kill now", key=f"kill-{launch.id}",
+                                          help="SIGKILL: no checkpoint of the last step"):
+        launcher.stop(launch, root, force=True)
+        time.sleep(0.5)
+        st.rerun()
 
 
 def progress(launch: launcher.Launch) -> None:
@@ -55,11 +71,14 @@ def progress(launch: launcher.Launch) -> None:
             st.progress(min(1.0, done / total))
 
 
-@st.fragment(run_every=3 if any_running else None)
+@st.fragment(run_every=3 if active else None)
 def launches_panel() -> None:
     launches = launcher.all_launches(root)
     if not launches:
         return
+    now_active = sorted((x.id, x.status(root)) for x in launches if x.status(root) in ACTIVE)
+    if now_active != st.session_state.get("active_launches"):
+        st.rerun()  # a launch started, ended or began stopping: redraw its Stop/Kill row above
     st.subheader("Launches")
     for launch in launches[:20]:
         status = launch.status(root)
@@ -67,17 +86,6 @@ def launches_panel() -> None:
             st.code(" ".join(launch.command[2:]), language="bash")
             progress(launch)
             st.text(launcher.tail(launch.log(root)) or "(no output yet)")
-            if status == "running" and st.button("Stop", key=f"stop-{launch.id}",
-                                                 help="SIGTERM: the run finishes its step, checkpoints, closes as KILLED"):
-                launcher.stop(launch, root)
-                time.sleep(0.5)
-                st.rerun()
-            if status == "stopping":
-                st.caption("stopping: the run finishes its current step and writes a checkpoint")
-                if st.button("Kill now", key=f"kill-{launch.id}", help="SIGKILL: no checkpoint of the last step"):
-                    launcher.stop(launch, root, force=True)
-                    time.sleep(0.5)
-                    st.rerun()
 
 
 launches_panel()
