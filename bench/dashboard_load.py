@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dashboard.common import DEFAULT_METRICS  # noqa: E402
-from dashboard.serve import background  # noqa: E402
+from dashboard.serve import SCRIPT_DONE, background  # noqa: E402
 from rlcore.metrics import CATALOGUE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,10 +125,8 @@ CHARTS = {"runs": 5, "algorithms": 6, "sweeps": 6, "bottlenecks": 4}
 
 
 def done(charts: int) -> str:
-    """JS: the script has run to its end (Streamlit's own e2e tests wait on this attribute) and `charts` charts
-    are on the page, each drawn."""
-    return ("() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === "
-            "'notRunning' && (c => c.length >= " + str(charts) + " && [...c].every(x => x.querySelector('canvas, svg')))"
+    """JS: the script has run to its end and `charts` charts are on the page, each drawn."""
+    return (f"() => ({SCRIPT_DONE})() && (c => c.length >= {charts} && [...c].every(x => x.querySelector('canvas, svg')))"
             "(document.querySelectorAll('[data-testid=\"stVegaLiteChart\"]'))")
 
 

@@ -31,7 +31,7 @@ def main() -> None:
     rl = runs[(runs["rlcore.kind"] == "rl") & (runs["status"] == "FINISHED") & runs["rlcore.trial"].isna()]
     # one run per algorithm first, so the charts compare algorithms
     picked = ",".join(rl.drop_duplicates("algorithm")["run_id"].head(args.runs))
-    from dashboard.serve import background
+    from dashboard.serve import SCRIPT_DONE, background
 
     with background(args.project) as url:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ def main() -> None:
                 page.goto(url + path)
                 page.wait_for_selector("h1", timeout=60_000)
                 page.wait_for_timeout(300)
-                page.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === 'notRunning'",
+                page.wait_for_function(SCRIPT_DONE,
                                        timeout=60_000)
                 page.wait_for_timeout(1500)  # vega draws after the data arrives
                 page.screenshot(path=str(args.out / f"{name}.png"), full_page=True)
@@ -57,7 +57,7 @@ def main() -> None:
             dark = browser.new_page(viewport={"width": 1400, "height": 2400}, color_scheme="dark")  # the system theme
             dark.goto(url + pages["runs"])
             dark.wait_for_selector("h1", timeout=60_000)
-            dark.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === 'notRunning'", timeout=60_000)
+            dark.wait_for_function(SCRIPT_DONE, timeout=60_000)
             dark.wait_for_timeout(1500)
             dark.screenshot(path=str(args.out / "runs-dark.png"), full_page=True)
             print(f"runs-dark              -> {args.out / 'runs-dark'}.png")

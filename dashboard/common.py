@@ -175,6 +175,14 @@ def selected_runs(runs: pd.DataFrame, default_n: int = 2) -> list[str]:
     return kept
 
 
+def url_run(runs: pd.DataFrame) -> str:
+    """The one run a page shows (Run, Samples): the URL's `run` (an id or a prefix), else the first selected run,
+    else the newest."""
+    ids = list(runs["run_id"])
+    want = url_get("run") or next(iter(selected_runs(runs, 1)), ids[0])
+    return next((r for r in ids if r.startswith(want)), ids[0])
+
+
 def set_selected(chosen: list[str]) -> None:
     st.session_state["selected_runs"] = list(chosen)
     url_set("runs", list(chosen))

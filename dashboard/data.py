@@ -242,8 +242,8 @@ class Store:
         Up to `grid_above` (default GRID_ABOVE) raw points in all, every point is read and bucketed (`downsample`: each bucket's last value
         and its min/max band). Above that (many runs of long runs: the cost is turning millions of rows into Python
         objects, not SQLite's scan), a key logged at every step is read on a grid of every k-th step, plus each run's
-        last point (from `latest_metrics`), with no band (vmin = vmax = value); the frame's `attrs["stride"]` says
-        k per key. A key logged sparsely (held-out eval) stays whole."""
+        last point (from `latest_metrics`), with no band (vmin = vmax = value). A key logged sparsely (held-out
+        eval) stays whole."""
         cols = ["run_id", "key", "step", "value", "vmin", "vmax", "time_s"]
         if not run_ids or not keys:
             return pd.DataFrame(columns=cols)
@@ -281,9 +281,7 @@ class Store:
             t0 = out.groupby("run_id")["timestamp"].transform("min")
             fresh = (out["timestamp"] - t0) / 1000.0
             out["time_s"] = out["time_s"].fillna(fresh) if "time_s" in out else fresh
-        out = out[cols]
-        out.attrs["stride"] = {k: v for k, v in strides.items() if v > 1}
-        return out
+        return out[cols]
 
     def _strides(self, latest: pd.DataFrame, max_points: int) -> dict[str, int]:
         """Per key, the step stride that leaves about `max_points` points per run: 1 for a key logged sparsely.
@@ -523,14 +521,6 @@ def group_table(per_run: dict[str, pd.Series], groups: pd.Series, metrics: list[
             row[f"_{key}"] = v.mean() if len(v) else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def compare_groups(history: pd.DataFrame, groups: pd.Series, metrics: list[str],
-                   mode: str = "at") -> tuple[pd.DataFrame, dict[str, int]]:
-    """`group_table` of `per_run_values` computed from one history frame, and the common step per metric."""
-    h = history[history["run_id"].isin(groups.index)]
-    common = common_steps(h.groupby(["run_id", "key"], as_index=False)["step"].max())
-    return group_table(per_run_values(h, metrics, mode, common), groups, metrics), common
 
 
 def band(history: pd.DataFrame, groups: pd.Series) -> pd.DataFrame:

@@ -37,6 +37,11 @@ def warm() -> None:
     import rlcore.sweep  # noqa: F401
 
 
+# JS for a browser: the page's script has run to its end (the attribute Streamlit's own e2e tests wait on).
+SCRIPT_DONE = ("() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') "
+               "=== 'notRunning'")
+
+
 @contextmanager
 def background(cwd: Path, command: list[str] | None = None, env: dict[str, str] | None = None,
                timeout_s: float = 60) -> Iterator[str]:

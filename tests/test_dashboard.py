@@ -180,7 +180,11 @@ def test_algorithms_page_groups_seeds_of_one_config_and_compares_at_a_common_ste
 
 def test_compare_groups_modes() -> None:
     """At the common step (the shorter run's last), best over the whole run, and the area under the curve / steps."""
-    from dashboard.data import compare_groups
+    from dashboard.data import common_steps, group_table, per_run_values
+
+    def compare_groups(h: pd.DataFrame, groups: pd.Series, metrics: list[str], mode: str):  # as the page does it
+        common = common_steps(h.groupby(["run_id", "key"], as_index=False)["step"].max())
+        return group_table(per_run_values(h, metrics, mode, common), groups, metrics), common
 
     h = pd.concat([pd.DataFrame({"run_id": "a", "key": "m", "step": range(11), "value": [float(i) for i in range(11)]}),
                    pd.DataFrame({"run_id": "b", "key": "m", "step": range(6), "value": [2.0] * 6})])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dashboard.serve import background
+from dashboard.serve import SCRIPT_DONE, background
 from rlcore.tracking import tracking_settings
 from tests.test_dashboard import dash  # noqa: F401 - the store filled by real runs
 
@@ -31,7 +31,7 @@ def settled(page, timeout_ms: int = 60_000) -> None:
     """Wait until the page's script has finished (Streamlit's "running" widget is gone), then a moment for the
     last elements to paint. `networkidle` does not wait for it: the script streams over a websocket."""
     page.wait_for_timeout(300)
-    page.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === 'notRunning'", timeout=timeout_ms)
+    page.wait_for_function(SCRIPT_DONE, timeout=timeout_ms)
     page.wait_for_timeout(300)
 
 

@@ -30,9 +30,7 @@ runs = common.load_runs()
 if runs is not None:
     labels = common.label(runs)
     ids = list(labels)
-    want = common.url_get("run") or next(iter(common.selected_runs(runs, 1)), ids[0])
-    want = next((r for r in ids if r.startswith(want)), ids[0])
-    run_id = st.selectbox("Run", ids, index=ids.index(want), format_func=labels.get)
+    run_id = st.selectbox("Run", ids, index=ids.index(common.url_run(runs)), format_func=labels.get)
     common.url_set("run", run_id)
     uri = common.store().uri
     t = all_samples(uri, run_id)
