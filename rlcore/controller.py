@@ -28,12 +28,13 @@ from rlcore.critic import Critic, explained_variance
 from rlcore.evaluation import evaluate
 from rlcore.metrics import batch_metrics, peak_memory_mb, reset_peak_memory, sample_rows
 from rlcore.model import build_policy
+from rlcore.prompts import PromptFormat
 from rlcore.reference import Reference
-from rlcore.reward import overlong_penalty, score
+from rlcore.reward import Scorer, overlong_penalty, reward_search_path
 from rlcore.rollout import ENGINES, RolloutEngine, Sampling, fill_groups
 from rlcore.seeding import seed_everything
 from rlcore.sft import warm_start_dir, warm_start_tags
-from rlcore.tasks import AdditionTask, make_task
+from rlcore.tasks import DatasetTask, Task, make_task
 from rlcore.timing import PhaseTimer
 from rlcore.tools import make_tool
 from rlcore.tracking import CONFIG_TAG, Tracker, git_commit, project_root
@@ -57,7 +58,8 @@ class Loop:
 
     cfg: ExperimentConfig
     acc: Accelerator
-    task: AdditionTask
+    task: Task
+    scorer: Scorer
     tokenizer: PreTrainedTokenizerBase
     engine: RolloutEngine
     reference: Reference | None
@@ -74,14 +76,20 @@ def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None) -> L
     rank, world, n = acc.process_index, acc.num_processes, cfg.rollout.prompts_per_step
     seed_everything(cfg.seed)
     policy, tokenizer = build_policy(cfg.model, warm_start)
+    task = make_task(cfg.task, cfg._base_dir)
+    if isinstance(task, DatasetTask):
+        task.check_budget(cfg.trainer.steps, cfg.rollout.prompts_per_step)
+    fmt = PromptFormat(cfg.prompt, chat=cfg.model.use_chat_template)
+    fmt.check(tokenizer, [p.prompt for p in task.heldout], "a held-out prompt")  # before any run exists
     needs = requirements(cfg.algorithm)
     reference = Reference(policy) if needs.reference else None  # beta = 0: no reference at all
     critic = Critic(policy, cfg, acc) if needs.values else None
     trainer = Trainer(policy, cfg, acc, critic)
-    engine = ENGINES[cfg.rollout.engine](trainer.unwrapped, tokenizer, seed=cfg.seed, chat=cfg.model.use_chat_template,
+    engine = ENGINES[cfg.rollout.engine](trainer.unwrapped, tokenizer, seed=cfg.seed, fmt=fmt,
                                          tool=make_tool(cfg.task.tool), max_tool_calls=cfg.task.max_tool_calls,
                                          mask_tool_output=cfg.task.mask_tool_output)
-    return Loop(cfg=cfg, acc=acc, task=make_task(cfg.task), tokenizer=tokenizer, engine=engine, reference=reference,
+    scorer = Scorer(cfg.reward, task, reward_search_path(cfg))
+    return Loop(cfg=cfg, acc=acc, task=task, scorer=scorer, tokenizer=tokenizer, engine=engine, reference=reference,
                 trainer=trainer, critic=critic, needs=needs, local=slice(rank * n // world, (rank + 1) * n // world),
                 group_filter=lookup(GROUP_FILTERS, cfg.algorithm.group_filter, "group_filter"), warm_start=warm_start)
 
@@ -94,8 +102,10 @@ def build_for(cfg: ExperimentConfig, root: Path) -> Loop:
     return build(cfg, acc, ws)
 
 
-def sample(loop: Loop, problems: list[Problem], timer: PhaseTimer, round_: int = 0) -> RolloutBatch:
-    """Rollout and reward for this process's share of `problems` (round_ keeps group ids unique across rounds)."""
+def sample(loop: Loop, problems: list[Problem], timer: PhaseTimer, scored: dict[str, float],
+           round_: int = 0) -> RolloutBatch:
+    """Rollout and reward for this process's share of `problems` (round_ keeps group ids unique across rounds);
+    the reward's metrics go to `scored` (reward/errors summed over rounds, component means from the first)."""
     cfg, r = loop.cfg, loop.cfg.rollout
     with timer("rollout"):
         batch = loop.engine.generate(problems, r.samples_per_prompt, Sampling(r.max_new_tokens, r.temperature, r.top_p),
@@ -104,7 +114,12 @@ def sample(loop: Loop, problems: list[Problem], timer: PhaseTimer, round_: int =
             batch.reduce_sum = lambda t: loop.acc.reduce(t.to(loop.acc.device), reduction="sum").cpu()
     with timer("reward"):
         batch.shaping = overlong_penalty(batch, cfg.algorithm, r.max_new_tokens)  # [B] 0 unless DAPO shaping is on
-        batch.rewards = score(loop.task, batch) + batch.shaping  # [B] the verifier's reward, plus shaping
+        rewards, metrics = loop.scorer.score(batch)  # [B] sum_i w_i * component_i
+        batch.rewards = rewards + batch.shaping  # [B] the verifiers' reward, plus shaping
+    if "reward/errors" in metrics:
+        scored["reward/errors"] = scored.get("reward/errors", 0.0) + metrics.pop("reward/errors")
+    for k, v in metrics.items():
+        scored.setdefault(k, v)
     return batch
 
 
@@ -112,10 +127,11 @@ def step(loop: Loop, problems: list[Problem],
          draw: Callable[[], list[Problem]] | None = None) -> tuple[RolloutBatch, dict[str, float]]:
     """One RL step over the global list of `problems` (`draw` gives more, for a group filter's extra rounds)."""
     cfg, r, timer, needs = loop.cfg, loop.cfg.rollout, PhaseTimer(), loop.needs
-    batch = sample(loop, problems, timer)
+    scored: dict[str, float] = {}
+    batch = sample(loop, problems, timer, scored)
     filtered: dict[str, float] = {}
     if needs.resample:  # a group filter that draws more rounds (DAPO's dynamic sampling)
-        more = (lambda i: sample(loop, draw(), timer, i)) if draw is not None else None
+        more = (lambda i: sample(loop, draw(), timer, scored, i)) if draw is not None else None
         batch, filtered = fill_groups(batch, r.samples_per_prompt, loop.group_filter, more,
                                       cfg.algorithm.max_sample_rounds, loop.tokenizer.pad_token_id)
     if needs.reference:  # beta = 0: no reference model, no forward, timing/reference stays 0
@@ -133,7 +149,10 @@ def step(loop: Loop, problems: list[Problem],
         stats = loop.trainer.update(batch)
     with timer("sync"):
         moved = loop.engine.load_weights(loop.trainer.unwrapped)  # weight-sync: 0 bytes when shared
-    metrics = stats | filtered | batch_metrics(batch, loop.acc, r.samples_per_prompt) | timer.metrics()
+    metrics = (stats | filtered | batch_metrics(batch, loop.acc, r.samples_per_prompt) | scored
+               | timer.metrics())
+    if loop.engine.fmt.cfg.max_tokens is not None:
+        metrics["prompt/truncated"] = float(loop.engine.fmt.take_truncated())
     if batch.values is not None:
         metrics["critic/explained_var"] = explained_variance(batch)
     metrics["perf/tokens_per_s"] = metrics.pop("_gen_tokens") / metrics["timing/step"]
@@ -222,7 +241,7 @@ def begin(loop: Loop, tracker: Tracker | None, out: RunResult, on_start, fresh: 
     timing = {"timing/startup": time.perf_counter() - t0}
     if fresh:
         t = time.perf_counter()
-        out.first_eval = out.last_eval = evaluate(loop.engine, loop.task, loop.cfg)
+        out.first_eval = out.last_eval = evaluate(loop.engine, loop.task, loop.cfg, loop.scorer)
         timing["timing/eval"] = time.perf_counter() - t
         tracker.log(0, out.first_eval)
     tracker.log(step, timing)
@@ -265,7 +284,7 @@ def report(loop: Loop, tracker: Tracker | None, out: RunResult, bar, i: int, bat
         return False
     if i % cfg.logging.eval_every == 0 or i == cfg.trainer.steps:
         t = time.perf_counter()
-        out.last_eval = evaluate(loop.engine, loop.task, cfg)
+        out.last_eval = evaluate(loop.engine, loop.task, cfg, loop.scorer)
         metrics["timing/eval"] = time.perf_counter() - t
         tracker.log(i, out.last_eval)
         if on_eval is not None:

@@ -20,14 +20,18 @@ import torch.nn.functional as F
 
 from rlcore.batch import Problem
 from rlcore.config import ExperimentConfig
-from rlcore.reward import score
+from rlcore.reward import Scorer
 from rlcore.rollout import RolloutEngine, Sampling, encode_prompts, positions
-from rlcore.tasks import AdditionTask
+from rlcore.tasks import Task
 
 
 def exact_applies(engine: RolloutEngine, cfg: ExperimentConfig) -> bool:
-    """Whether the reward has exactly one rewarded token sequence per prompt (see the module doc)."""
-    return cfg.task.eval_exact and engine.tool is None and cfg.model.name_or_path is None and not engine.chat
+    """Whether the reward has exactly one rewarded token sequence per prompt (see the module doc): the default
+    character model on addition with its own verifier, plain prompts, no tool."""
+    return (cfg.task.eval_exact and engine.tool is None and cfg.model.name_or_path is None
+            and not cfg.model.use_chat_template and cfg.task.name == "addition"
+            and [c.fn for c in cfg.reward.components] == ["task"] and cfg.reward.extract == "none"
+            and cfg.prompt.model_dump(exclude_defaults=True) == {})
 
 
 @torch.no_grad()
@@ -63,23 +67,51 @@ def answer_scores(engine: RolloutEngine, problems: list[Problem], max_new_tokens
 
 
 @torch.no_grad()
-def heldout_rewards(engine: RolloutEngine, task: AdditionTask, cfg: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per held-out prompt: greedy reward [P] and expected reward at T = 1 [P] (exact, or the mean of k samples).
+def heldout_rewards(engine: RolloutEngine, task: Task, cfg: ExperimentConfig,
+                    scorer: Scorer | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per held-out prompt: greedy accuracy [P] (the reward's first component) and expected reward at T = 1 [P]
+    (exact, or the mean of k samples; None when task.eval_samples is 0).
 
     The sampled path's noise comes from its own generator seeded by the held-out set's seed, not the run's: every
     eval of every run draws the same uniforms, so comparisons are paired, and evaluating never shifts the training
-    sampler's random stream.
+    sampler's random stream. Prompts are generated in chunks of trainer.micro_batch_size (greedy rows do not depend
+    on their neighbours; sampled rows draw their noise by global row, so chunking changes nothing either).
     """
     heldout, T = task.heldout, cfg.rollout.max_new_tokens
     if exact_applies(engine, cfg):
         return answer_scores(engine, heldout, T, chunk=cfg.trainer.micro_batch_size)
-    noise = torch.Generator().manual_seed(cfg.task.heldout_seed + 1)  # its own: the training stream never moves
-    greedy = engine.generate(heldout, 1, Sampling(T, greedy=True), generator=noise)
-    sampled = engine.generate(heldout, cfg.task.eval_samples, Sampling(T, temperature=1.0), generator=noise)
-    return score(task, greedy), score(task, sampled).view(len(heldout), cfg.task.eval_samples).mean(1)
+    scorer = scorer or Scorer(cfg.reward, task)
+    counted = engine.fmt.truncated if engine.fmt is not None else 0
+    n, chunk, k = len(heldout), max(1, cfg.trainer.micro_batch_size), cfg.task.eval_samples
+
+    def noise(skip: int = 0) -> torch.Generator:
+        """The eval generator, past the greedy pass's `skip` rows of uniforms (its own: training's never moves)."""
+        g = torch.Generator().manual_seed(cfg.task.heldout_seed + 1)
+        if skip:
+            torch.rand((skip, T), generator=g)
+        return g
+
+    greedy = []
+    for i in range(0, n, chunk):
+        b = engine.generate(heldout, 1, Sampling(T, greedy=True), rows=slice(i, i + chunk), generator=noise())
+        greedy.append(scorer.accuracy(b.answers, b.finished.tolist(), b.problems))
+    sampled = None
+    if k:
+        out = []
+        for i in range(0, n, max(1, chunk // k)):
+            b = engine.generate(heldout, k, Sampling(T, temperature=1.0), rows=slice(i, i + max(1, chunk // k)),
+                                generator=noise(skip=n))
+            out.append(scorer.total(b.answers, b.finished.tolist(), b.problems))
+        sampled = torch.cat(out).view(n, k).mean(1)
+    if engine.fmt is not None:
+        engine.fmt.truncated = counted  # held-out prompts were checked before the run; they are not training's count
+    return torch.cat(greedy), sampled
 
 
-def evaluate(engine: RolloutEngine, task: AdditionTask, cfg: ExperimentConfig) -> dict[str, float]:
+def evaluate(engine: RolloutEngine, task: Task, cfg: ExperimentConfig, scorer: Scorer | None = None) -> dict[str, float]:
     """eval/greedy_accuracy and eval/sampled_reward (expected reward at T = 1); see heldout_rewards."""
-    greedy, sampled = heldout_rewards(engine, task, cfg)
-    return {"eval/greedy_accuracy": float(greedy.mean()), "eval/sampled_reward": float(sampled.mean())}
+    greedy, sampled = heldout_rewards(engine, task, cfg, scorer)
+    out = {"eval/greedy_accuracy": float(greedy.mean())}
+    if sampled is not None:
+        out["eval/sampled_reward"] = float(sampled.mean())
+    return out

@@ -5,6 +5,7 @@ validated against the schema (rlcore.config), warm starts and model paths checke
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from rlcore.config import ConfigError, ExperimentConfig, ModelConfig
 
 # ---------------------------------------------------------------------------------------------- validation
 
-_UNION_TAGS = {"float", "int", "categorical", "addition"}  # discriminator tags pydantic puts in locations
+_UNION_TAGS = {"float", "int", "categorical", "addition", "reasoning_gym", "dataset"}  # discriminator tags pydantic puts in locations
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -196,6 +197,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     here = Path(path).resolve()
     cfg = validate_dict(raw, base_dir=here.parent)
     check_model_source(cfg.model)
+    check_workload(cfg)
     if cfg.model.warm_start is not None:
         ws = cfg.resolve_path(cfg.model.warm_start)
         if not ws.is_file():
@@ -213,10 +215,38 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     return cfg
 
 
+def check_workload(cfg: ExperimentConfig) -> None:
+    """What the schema alone cannot see, checked before any run exists: the task builds (a reasoning-gym generator
+    by that name and options, dataset files and columns that exist) and every reward function can be imported."""
+    from rlcore.reward import RewardImportError, resolve_fn, reward_search_path
+    from rlcore.tasks import make_task
+
+    if cfg.kind == "sft" and cfg.task.name != "addition":
+        raise ConfigError(f"kind: sft trains the addition warm start; task.name {cfg.task.name!r} has no SFT path")
+    for i, comp in enumerate(cfg.reward.components):
+        try:
+            resolve_fn(comp.fn, reward_search_path(cfg))
+        except RewardImportError as e:
+            raise ConfigError(f"reward.components.{i}.fn: {e}") from None
+        if comp.fn == "math_verify" and importlib.util.find_spec("math_verify") is None:
+            raise ConfigError(f"reward.components.{i}.fn: math_verify needs the math-verify package: "
+                              'pip install -e ".[tasks]"')
+    if cfg.task.name != "addition":
+        make_task(cfg.task, cfg._base_dir)  # raises ConfigError naming the key
+
+
 def check_model_source(m: ModelConfig) -> None:
     """A local `name_or_path` must be a model directory (its config.json), caught here rather than as a tokenizer
-    error after the run has been set up."""
+    error after the run has been set up; a named source (rlcore.sources) must have its package installed."""
     if m.name_or_path is None:
+        return
+    from rlcore import sources
+
+    if m.name_or_path in sources.SOURCES:
+        try:
+            sources.check(m.name_or_path)
+        except sources.SourceUnavailable as e:
+            raise ConfigError(f"model.name_or_path: {m.name_or_path!r} {e}") from None
         return
     p = Path(m.name_or_path).expanduser()
     if p.exists() and not p.is_dir():

@@ -35,6 +35,11 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("reward/mean", "reward", "mean of sequence rewards over the step's B = prompts x K completions", "01"),
     MetricDef("reward/std", "reward", "std of sequence rewards over the batch", "01"),
     MetricDef("reward/overlong_penalty", "reward", "mean DAPO overlong shaping added to the reward (0 when off)", "13"),
+    MetricDef("reward/errors", "samples", "reward-function calls this step that raised or returned a non-finite value "
+              "(each scored 0); logged for every reward but the addition task's own verifier", "01"),
+    MetricDef("reward/<component>", "reward", "unweighted mean of one reward component (reward.components[].name) "
+              "over the batch; logged when the reward has more than one component", "01"),
+    MetricDef("prompt/truncated", "prompts", "training prompts cut to prompt.max_tokens this step (overflow: truncate)", "01"),
     MetricDef("reward/zero_var_group_frac", "fraction", "groups whose K rewards are all equal (zero GRPO advantage: wasted samples)", "02"),
     # rollout (dynamic sampling)
     MetricDef("rollout/rounds", "rounds", "rollout rounds this step (1 without a group filter)", "13"),
@@ -158,7 +163,36 @@ HEALTH: dict[str, tuple[str, str]] = {
 }
 
 CATALOGUE = [MetricDef(m.name, m.unit, m.formula, m.lesson, *HEALTH.get(m.name, ("", ""))) for m in CATALOGUE]
-BY_NAME: dict[str, MetricDef] = {m.name: m for m in CATALOGUE}
+
+
+class _Catalogue(dict):
+    """name -> MetricDef; a name of a family (`reward/<component>`) resolves to the family's entry."""
+
+    FAMILIES = {"reward/": "reward/<component>"}
+
+    def _family(self, key: object) -> str | None:
+        if isinstance(key, str) and "/" in key:
+            fam = self.FAMILIES.get(key.split("/", 1)[0] + "/")
+            if fam is not None and re.fullmatch(r"[a-z][a-z0-9_]*", key.split("/", 1)[1]):
+                return fam
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or (self._family(key) is not None and key != self._family(key))
+
+    def __getitem__(self, key: str) -> MetricDef:
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        fam = self._family(key)
+        if fam is None:
+            raise KeyError(key)
+        return dict.__getitem__(self, fam)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+BY_NAME: dict[str, MetricDef] = _Catalogue({m.name: m for m in CATALOGUE})
 
 
 # ------------------------------------------------------------------------------------------ computed

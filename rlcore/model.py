@@ -58,8 +58,13 @@ def tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaFor
 
 
 def load_pretrained(path_or_id: str | Path, cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load an HF causal LM and its tokenizer from a local directory or (only if allowed) the hub."""
+    """Load an HF causal LM and its tokenizer from a local directory, a named local source (rlcore.sources,
+    converted once and cached) or (only if allowed) the hub."""
+    from rlcore import sources
+
     local_only = not cfg.allow_download
+    if str(path_or_id) in sources.SOURCES:
+        path_or_id = sources.resolve(str(path_or_id))
     local = Path(path_or_id).expanduser()
     if local_only and not local.is_dir():
         raise FileNotFoundError(
@@ -74,10 +79,36 @@ def load_pretrained(path_or_id: str | Path, cfg: ModelConfig) -> tuple[PreTraine
 
 
 def build_policy(cfg: ModelConfig, warm_start_dir: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """The model RL starts from: an HF model, a cached warm start, or a fresh tiny model."""
+    """The model RL starts from: an HF model, a cached warm start, or a fresh tiny model; with `model.lora`, wrapped
+    with fresh adapters (B = 0, so the policy starts as the base model exactly)."""
     if cfg.name_or_path is not None:
-        return load_pretrained(cfg.name_or_path, cfg)
-    if warm_start_dir is not None:
-        return load_pretrained(warm_start_dir, cfg.model_copy(update={"allow_download": False}))
-    tokenizer = char_tokenizer()
-    return tiny_model(cfg, tokenizer), tokenizer
+        model, tokenizer = load_pretrained(cfg.name_or_path, cfg)
+    elif warm_start_dir is not None:
+        model, tokenizer = load_pretrained(warm_start_dir, cfg.model_copy(update={"allow_download": False}))
+    else:
+        tokenizer = char_tokenizer()
+        model = tiny_model(cfg, tokenizer)
+    return (with_lora(model, cfg) if cfg.lora is not None else model), tokenizer
+
+
+def with_lora(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    """peft's LoRA on `cfg.lora.target_modules`; only the adapters require grad."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                            target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights an update changes: every entry of the state dict, or with LoRA only the adapters' (what
+    checkpoints and weight-sync carry)."""
+    state = model.state_dict()
+    if not is_lora(model):
+        return state
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in names}

@@ -1,24 +1,203 @@
-"""Reward: the role that scores a batch's completions. The task's verifier gives each completion its reward; shaping
-(DAPO's overlong punishment) is added on top. Later reward models and environments are other scorers here.
+"""Reward: the role that scores a batch's completions.
+
+The reward is a weighted sum of components (`reward.components`), each a function with one signature,
+
+    fn(completion: str, answer: str, **info) -> float
+
+where `info` holds `extracted` (what `reward.extract` found in the completion, or None), `finished` (the completion
+ended with EOS), `prompt`, `metadata` (the task's record, e.g. a reasoning-gym entry), `tag` and the component's
+`params`. Built-ins are below; a user function is named by import path (`mypkg.rewards:score`). A function that
+raises or returns a non-finite number scores 0 for that sample and is counted (reward/errors): one bad sample never
+stops a run. Shaping (DAPO's overlong punishment) is added on top. Reward models are other scorers here later.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlcore.batch import RolloutBatch
 
 if TYPE_CHECKING:
-    from rlcore.config import AlgorithmConfig
-    from rlcore.tasks import AdditionTask
+    from rlcore.config import AlgorithmConfig, RewardConfig
+    from rlcore.tasks import Task
+
+RewardFn = Callable[..., float]
+
+# ------------------------------------------------------------------------------------------ answer extraction
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
-def score(task: AdditionTask, batch: RolloutBatch) -> torch.Tensor:
-    """The reward role: sequence rewards [B] for a RolloutBatch's decoded completions."""
-    triples = zip(batch.answers, batch.finished.tolist(), batch.problems, strict=True)
-    return torch.tensor([task.reward(c, f, p) for c, f, p in triples])
+def extract_tag(text: str, tag: str = "answer") -> str | None:
+    """The content of the last <tag>...</tag> (stripped), or None."""
+    found = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", text, flags=re.S)
+    return found[-1].strip() if found else None
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...}, braces balanced (so \\boxed{\\frac{1}{2}} gives \\frac{1}{2}), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in the text (thousands commas dropped), or None."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def extract(text: str, how: str, tag: str = "answer") -> str | None:
+    """`reward.extract`: none (the whole completion, stripped), tag, boxed or last_number."""
+    if how == "none":
+        return text.strip()
+    return {"tag": lambda t: extract_tag(t, tag), "boxed": extract_boxed, "last_number": extract_last_number}[how](text)
+
+
+# ------------------------------------------------------------------------------------------ built-in verifiers
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text.strip().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def exact(completion: str, answer: str, extracted: str | None = None, **_: Any) -> float:
+    """1 iff the extracted answer equals the reference, both stripped."""
+    return float(extracted is not None and extracted.strip() == answer.strip())
+
+
+def numeric(completion: str, answer: str, extracted: str | None = None, tolerance: float = 1e-6, **_: Any) -> float:
+    """1 iff both parse as numbers and |x - y| <= tolerance * max(1, |y|) (relative above 1, absolute below)."""
+    x, y = _number(extracted), _number(answer)
+    return float(x is not None and y is not None and abs(x - y) <= tolerance * max(1.0, abs(y)))
+
+
+def math_verify(completion: str, answer: str, extracted: str | None = None, **_: Any) -> float:
+    """1 iff `math_verify` (Hugging Face) judges the answer equivalent to the reference: LaTeX, \\boxed{}, fractions,
+    sets. It parses the whole completion when nothing was extracted. Known false negatives; pip install math-verify."""
+    from math_verify import parse, verify
+
+    gold = parse(answer if "$" in answer or "\\" in answer else f"${answer}$")
+    pred = parse(f"\\boxed{{{extracted}}}" if extracted is not None else completion)
+    return float(bool(gold) and bool(pred) and verify(gold, pred))
+
+
+def format_reward(completion: str, answer: str, tag: str = "answer", **_: Any) -> float:
+    """1 iff the completion holds exactly one <tag>...</tag> with something in it (the format the prompt asks for)."""
+    found = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", completion, flags=re.S)
+    return float(len(found) == 1 and bool(found[0].strip()))
+
+
+BUILTINS: dict[str, RewardFn | None] = {
+    "task": None,  # the task's own verifier (addition: exact with EOS; reasoning_gym: score_answer; dataset: exact)
+    "exact": exact,
+    "numeric": numeric,
+    "math_verify": math_verify,
+    "format": format_reward,
+}
+
+
+class RewardImportError(ValueError):
+    """A reward function named by import path that cannot be used (the message says why)."""
+
+
+def import_fn(path: str, search: tuple[Path, ...] = ()) -> RewardFn:
+    """`package.module:function` -> the function. `search` directories (the experiment's folder, the working
+    directory) are tried as import roots, so `examples.rewards:score` works from a checkout."""
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name:
+        raise RewardImportError(f"{path!r} is neither a built-in ({', '.join(BUILTINS)}) nor `module:function`")
+    added = [str(p) for p in search if str(p) not in sys.path]
+    sys.path[:0] = added
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure to import is the user's to see, on one line
+        raise RewardImportError(f"cannot import {module!r} ({type(e).__name__}: {e})") from None
+    finally:
+        for p in added:
+            if p in sys.path:
+                sys.path.remove(p)
+    fn = getattr(mod, name, None)
+    if not callable(fn):
+        raise RewardImportError(f"{module!r} has no function {name!r}")
+    return fn
+
+
+def reward_search_path(cfg) -> tuple[Path, ...]:
+    """Where user reward functions are imported from besides sys.path: the experiment's folder and the working
+    directory."""
+    return (cfg._base_dir, Path.cwd())
+
+
+def resolve_fn(name: str, search: tuple[Path, ...] = ()) -> RewardFn | None:
+    """A component's function: a built-in (None for `task`) or a user function by import path."""
+    return BUILTINS[name] if name in BUILTINS else import_fn(name, search)
+
+
+# ------------------------------------------------------------------------------------------ the reward role
+
+class Scorer:
+    """Scores a batch: one row of component scores per completion, their weighted sum, and the metrics."""
+
+    def __init__(self, cfg: RewardConfig, task: Task, search: tuple[Path, ...] = ()):
+        self.cfg, self.task = cfg, task
+        self.fns = [(c, resolve_fn(c.fn, search) or task.verify) for c in cfg.components]
+        self.weights = torch.tensor([c.weight for c in cfg.components])  # [C]
+        # The addition task's own verifier cannot fail; every other reward counts its failures (reward/errors).
+        self.count_errors = [c.fn for c in cfg.components] != ["task"] or not getattr(task, "infallible", False)
+
+    def components(self, texts: list[str], finished: list[bool], problems: list) -> tuple[torch.Tensor, int]:
+        """Unweighted scores [B, C], and how many (sample, component) calls failed (raised or non-finite: 0)."""
+        out = torch.zeros((len(texts), len(self.fns)))
+        errors = 0
+        for i, (text, done, problem) in enumerate(zip(texts, finished, problems, strict=True)):
+            got = extract(text, self.cfg.extract, self.cfg.tag)
+            info = {"extracted": got, "finished": done, "prompt": problem.prompt, "metadata": problem.meta or {},
+                    "tag": self.cfg.tag}
+            for j, (comp, fn) in enumerate(self.fns):
+                try:
+                    value = float(fn(text, problem.answer, **info, **comp.params))
+                except Exception:  # noqa: BLE001 - a user's reward function failing on one sample must not stop the run
+                    value = math.nan
+                if not math.isfinite(value):
+                    errors, value = errors + 1, 0.0
+                out[i, j] = value
+        return out, errors
+
+    def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The reward role: sequence rewards [B] and reward/<component> means (all processes), reward/errors."""
+        parts, errors = self.components(batch.answers, batch.finished.tolist(), batch.problems)  # [B, C]
+        totals = batch.reduce_sum(torch.cat([parts.sum(0), torch.tensor([float(len(batch)), float(errors)])]))
+        n = float(totals[-2])
+        metrics = {"reward/errors": float(totals[-1])} if self.count_errors else {}
+        if len(self.fns) > 1:
+            metrics |= {f"reward/{c.name}": float(totals[j]) / n for j, (c, _) in enumerate(self.fns)}
+        return parts @ self.weights, metrics
+
+    def accuracy(self, texts: list[str], finished: list[bool], problems: list) -> torch.Tensor:
+        """The first component's score per sample [B] (what eval/greedy_accuracy reports)."""
+        return self.components(texts, finished, problems)[0][:, 0]
+
+    def total(self, texts: list[str], finished: list[bool], problems: list) -> torch.Tensor:
+        return self.components(texts, finished, problems)[0] @ self.weights
 
 
 def overlong_penalty(batch: RolloutBatch, cfg: AlgorithmConfig, max_new_tokens: int) -> torch.Tensor:

@@ -23,15 +23,18 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlcore.batch import Problem, RolloutBatch
+from rlcore.model import trainable_state
+from rlcore.prompts import PromptFormat
 from rlcore.tools import Calculator
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], width: int | None = None, chat: bool = False
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], width: int | None = None, fmt: PromptFormat | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts to `width` (default: the longest). Returns ids [n, P], mask [n, P]."""
-    if chat:
-        rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    """Format (rlcore.prompts; default: BOS + the question) and left-pad prompts to `width` (default: the longest).
+    Returns ids [n, P], mask [n, P]."""
+    if fmt is not None:
+        rows = [fmt.ids(tokenizer, p) for p in prompts]
     else:
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         rows = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -86,11 +89,12 @@ class Engine(Protocol):
 class RolloutEngine:
     """The first engine: samples completions from `model`, the policy module itself (weight-sync is free)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, chat: bool = False,
-                 tool: Calculator | None = None, max_tool_calls: int = 1, mask_tool_output: bool = True):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int,
+                 fmt: PromptFormat | None = None, tool: Calculator | None = None, max_tool_calls: int = 1,
+                 mask_tool_output: bool = True):
         self.model = model
         self.tokenizer = tokenizer
-        self.chat = chat
+        self.fmt = fmt
         self.generator = torch.Generator().manual_seed(seed)
         self.tool, self.max_tool_calls = tool, max_tool_calls
         # False only to show the bug (lesson 08): the tool's tokens enter response_mask with the policy's log-prob
@@ -121,12 +125,15 @@ class RolloutEngine:
         noise = torch.rand((n_global * k, max_new_tokens), generator=generator or self.generator)  # [B_global, T]
         width = None
         if rows is not None:
-            width = encode_prompts(self.tokenizer, [p.prompt for p in problems], chat=self.chat)[0].shape[1]
+            width = encode_prompts(self.tokenizer, [p.prompt for p in problems], fmt=self.fmt)[0].shape[1]
             idx = range(n_global)[rows]
             problems = problems[rows]
             noise = noise[idx.start * k : idx.stop * k]
             group_offset += idx.start
-        ids, mask = encode_prompts(self.tokenizer, [p.prompt for p in problems], width, self.chat)  # [n, P]
+        counted = self.fmt.truncated if self.fmt is not None and rows is not None else None
+        ids, mask = encode_prompts(self.tokenizer, [p.prompt for p in problems], width, self.fmt)  # [n, P]
+        if counted is not None:  # the global pass above counted every process's truncated prompts already
+            self.fmt.truncated = counted
         ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # [B, P]
         group = torch.arange(len(problems)).repeat_interleave(k) + group_offset  # [B]
         B, P = ids.shape
@@ -224,18 +231,20 @@ class SeparateEngine(RolloutEngine):
     """An engine with its own copy of the weights, refreshed by weight-sync after every update (how vLLM/SGLang
     engines are fed); the copy is what `timing/sync` and `perf/sync_mb` measure (lesson 06)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, chat: bool = False,
-                 tool: Calculator | None = None, max_tool_calls: int = 1, mask_tool_output: bool = True):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int,
+                 fmt: PromptFormat | None = None, tool: Calculator | None = None, max_tool_calls: int = 1,
+                 mask_tool_output: bool = True):
         copy_ = copy.deepcopy(model).eval()
         copy_.requires_grad_(False)
-        super().__init__(copy_, tokenizer, seed, chat, tool, max_tool_calls, mask_tool_output)
+        super().__init__(copy_, tokenizer, seed, fmt, tool, max_tool_calls, mask_tool_output)
 
     @torch.no_grad()
     def load_weights(self, policy: torch.nn.Module) -> int:
         """Copy the policy's weights into the engine's model; returns the bytes moved."""
         moved = 0
-        for dst, src in zip(self.model.state_dict().values(), policy.state_dict().values(), strict=True):
-            dst.copy_(src)
+        mine = self.model.state_dict()
+        for name, src in trainable_state(policy).items():  # with LoRA: the adapters only
+            mine[name].copy_(src)
             moved += src.numel() * src.element_size()
         return moved
 
@@ -252,9 +261,12 @@ def token_logprobs(
     """
     device = model.device
     mask = batch.attention_mask.to(device)
-    out = model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions(mask), use_cache=False)
-    P, T = batch.prompt_len, batch.response_mask.shape[1]
-    logits = out.logits[:, P - 1 : P + T - 1].float()  # [B, T, V] position t predicts response token t
+    T = batch.response_mask.shape[1]
+    # Only the last T + 1 positions reach the LM head: a real model's prompt is most of the sequence, and its
+    # logits over a 49k vocabulary would cost more memory than the rest of the forward pass.
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions(mask), use_cache=False,
+                logits_to_keep=T + 1)
+    logits = out.logits[:, :T].float()  # [B, T, V] the position before response token t predicts it
     logp_all = F.log_softmax(logits, -1)  # [B, T, V]
     logp = logp_all.gather(-1, batch.responses.to(device).unsqueeze(-1)).squeeze(-1)  # [B, T]
     entropy = None

@@ -1,18 +1,70 @@
-"""Verifiable tasks: a prompt stream, a fixed held-out set, and a reward function.
+"""Tasks: a resumable stream of training problems, a fixed held-out set, and the task's own verifier.
 
-The default task is integer addition: prompt `A+B=`, target completion `C<eos>` with C = A + B, operands of
-`min_digits`..`max_digits` digits. Reward is 1 iff the completion (up to EOS) is exactly C and ended with EOS.
+A task is anything with this interface (`Task`); `make_task` picks one by `task.name`:
+- `addition` (the default): prompt `A+B=`, target completion `C<eos>` with C = A + B, operands of
+  `min_digits`..`max_digits` digits; reward 1 iff the completion (up to EOS) is exactly C and ended with EOS.
+- `reasoning_gym`: any procedural generator of the reasoning-gym package, verified by its own `score_answer`.
+- `dataset`: rows of local JSONL / Parquet / CSV files (Hugging Face `datasets`, no hub), shuffled per epoch.
+
+Every stream saves and restores its position in O(1) (`state_dict`), so a resumed run draws exactly the problems an
+uninterrupted one would have.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
 
 from rlcore.batch import Problem
-from rlcore.config import TaskConfig
+from rlcore.config import AnyTaskConfig, ConfigError, DatasetTaskConfig, ReasoningGymTaskConfig, TaskConfig
 
+
+class Stream(Protocol):
+    """An endless iterator of training problems that knows its position."""
+
+    position: int
+
+    def __next__(self) -> Problem: ...
+
+    def take(self, n: int) -> list[Problem]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Task(Protocol):
+    heldout: list[Problem]
+
+    def stream(self, seed: int, state: dict | None = None) -> Stream: ...
+
+    def verify(self, completion: str, answer: str, **info: Any) -> float:
+        """The `task` reward component (see rlcore.reward for the signature)."""
+        ...
+
+
+class _Taking:
+    def __iter__(self) -> Iterator[Problem]:
+        return self
+
+    def take(self, n: int) -> list[Problem]:
+        return [next(self) for _ in range(n)]
+
+
+def derived_seed(*parts: object) -> int:
+    """A 31-bit seed from several values: streams of different seeds (and the held-out set) never share a range of
+    a generator that seeds item i with seed + i (reasoning-gym's do)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "big") >> 1
+
+
+# ------------------------------------------------------------------------------------------------ addition
 
 class AdditionTask:
+    infallible = True  # its verifier is a string comparison: reward/errors is not logged for it
+
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
         rng = random.Random(cfg.heldout_seed)
@@ -50,12 +102,12 @@ class AdditionTask:
                 return self._problem(a, b)
 
     @staticmethod
-    def reward(completion: str, finished: bool, problem: Problem) -> float:
+    def verify(completion: str, answer: str, finished: bool = True, **_: Any) -> float:
         """1.0 iff the completion is exactly the answer and the model ended it with EOS."""
-        return float(finished and completion == problem.answer)
+        return float(finished and completion == answer)
 
 
-class PromptStream:
+class PromptStream(_Taking):
     """A task's training prompts for one seed: an iterator that knows its position and can be saved and resumed.
 
     Resuming restores the generator's state (O(1)), not a replay of every prompt drawn so far; the prompts are the
@@ -65,15 +117,9 @@ class PromptStream:
     def __init__(self, task: AdditionTask, seed: int):
         self.task, self.rng, self.position = task, random.Random(seed), 0
 
-    def __iter__(self) -> PromptStream:
-        return self
-
     def __next__(self) -> Problem:
         self.position += 1
         return self.task.draw(self.rng)
-
-    def take(self, n: int) -> list[Problem]:
-        return [next(self) for _ in range(n)]
 
     def state_dict(self) -> dict:
         return {"position": self.position, "rng": self.rng.getstate()}
@@ -83,5 +129,194 @@ class PromptStream:
         self.rng.setstate(state["rng"])
 
 
-def make_task(cfg: TaskConfig) -> AdditionTask:
-    return {"addition": AdditionTask}[cfg.name](cfg)
+# ------------------------------------------------------------------------------------------------ reasoning-gym
+
+def reasoning_gym_dataset(cfg: ReasoningGymTaskConfig, seed: int, size: int):
+    """Build the generator, turning reasoning-gym's errors (unknown name, unknown or invalid option) into a
+    ConfigError naming the key."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise ConfigError('task.name: reasoning_gym needs the reasoning-gym package: pip install -e ".[tasks]"') from None
+    names = reasoning_gym.factory.DATASETS
+    if cfg.dataset not in names:
+        near = [n for n in sorted(names) if cfg.dataset.split("_")[0] in n][:6]
+        hint = f" (similar: {', '.join(near)})" if near else f" ({len(names)} generators: reasoning_gym.factory.DATASETS)"
+        raise ConfigError(f"task.dataset: unknown reasoning-gym generator {cfg.dataset!r}{hint}")
+    try:
+        return reasoning_gym.create_dataset(cfg.dataset, seed=seed, size=size, **cfg.config)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        raise ConfigError(f"task.config: {cfg.dataset} rejects it: {e or type(e).__name__}") from None
+
+
+class ReasoningGymTask:
+    """Training items are generator entries idx = 0, 1, ... of a seed derived from the run's seed (reasoning-gym
+    seeds entry idx with seed + idx, so the position is the whole state); the held-out set is entries 0..N-1 of a
+    seed derived from `heldout_seed`."""
+
+    STREAM_SIZE = 2**31 - 1  # virtual: entries are generated on demand
+
+    def __init__(self, cfg: ReasoningGymTaskConfig):
+        self.cfg = cfg
+        self._heldout_ds = reasoning_gym_dataset(cfg, derived_seed("heldout", cfg.heldout_seed), cfg.heldout_size)
+        self.heldout = [self._problem(self._heldout_ds[i]) for i in range(cfg.heldout_size)]
+        self._heldout_questions = {p.prompt for p in self.heldout}
+
+    @staticmethod
+    def _problem(entry: dict) -> Problem:
+        return Problem(prompt=entry["question"], answer=str(entry["answer"]), meta=entry)
+
+    def stream(self, seed: int, state: dict | None = None) -> IndexStream:
+        ds = reasoning_gym_dataset(self.cfg, derived_seed("train", seed), self.STREAM_SIZE)
+        out = IndexStream(lambda i: self._problem(ds[i]), skip=self._heldout_questions)
+        if state is not None:
+            out.load_state_dict(state)
+        return out
+
+    def verify(self, completion: str, answer: str, extracted: str | None = None, metadata: dict | None = None,
+               **_: Any) -> float:
+        """reasoning-gym's own `score_answer(extracted, entry)` (partial credit where the generator gives it)."""
+        return float(self._heldout_ds.score_answer(answer=extracted, entry=metadata))
+
+
+class IndexStream(_Taking):
+    """Problems by index 0, 1, ...; those whose question is held out are skipped. State = the next index."""
+
+    def __init__(self, item, skip: set[str]):
+        self.item, self.skip, self.position, self.index = item, skip, 0, 0
+
+    def __next__(self) -> Problem:
+        while True:
+            p = self.item(self.index)
+            self.index += 1
+            if p.prompt not in self.skip:
+                self.position += 1
+                return p
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.index = state["position"], state["index"]
+
+
+# ------------------------------------------------------------------------------------------------ local datasets
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def read_rows(path: Path, cfg: DatasetTaskConfig, key: str) -> list[Problem]:
+    """A local file as problems, through `datasets` (no hub); every problem is a ConfigError naming the key."""
+    if not path.is_file():
+        raise ConfigError(f"task.{key}: no such file {str(path)!r}")
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"task.{key}: {path.name}: unknown file type (use {', '.join(_FORMATS)})")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - a malformed file is the user's to see, on one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"task.{key}: cannot read {path.name}: {first}") from None
+    for col in ("prompt_column", "answer_column"):
+        if getattr(cfg, col) not in ds.column_names:
+            raise ConfigError(f"task.{col}: {getattr(cfg, col)!r} is not a column of {path.name} "
+                              f"(columns: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise ConfigError(f"task.{key}: {path.name} has no rows")
+    prompts, answers = ds[cfg.prompt_column], ds[cfg.answer_column]
+    for i, (q, a) in enumerate(zip(prompts, answers, strict=True)):
+        if q is None or a is None or not str(q).strip():
+            raise ConfigError(f"task.{key}: {path.name} row {i}: empty {cfg.prompt_column if q is None or not str(q).strip() else cfg.answer_column}")
+    rest = [c for c in ds.column_names if c not in (cfg.prompt_column, cfg.answer_column)]
+    extra = {c: ds[c] for c in rest}
+    return [Problem(prompt=str(q), answer=str(a), meta={c: extra[c][i] for c in rest})
+            for i, (q, a) in enumerate(zip(prompts, answers, strict=True))]
+
+
+class DatasetTask:
+    """Training rows are visited epoch by epoch, each epoch a fresh seeded permutation (or file order); the
+    held-out set is a file or a seeded fraction of the training file."""
+
+    def __init__(self, cfg: DatasetTaskConfig, base_dir: Path = Path(".")):
+        self.cfg = cfg
+        rows = read_rows(resolve(cfg.train, base_dir), cfg, "train")
+        if cfg.heldout is not None:
+            held = read_rows(resolve(cfg.heldout, base_dir), cfg, "heldout")
+        else:
+            order = list(range(len(rows)))
+            random.Random(cfg.heldout_seed).shuffle(order)
+            n_held = max(1, round(cfg.heldout_frac * len(rows)))
+            if n_held >= len(rows):
+                raise ConfigError(f"task.heldout_frac: {cfg.heldout_frac} of {len(rows)} rows leaves none to train on")
+            held_idx = set(order[:n_held])
+            held = [rows[i] for i in sorted(held_idx)]
+            rows = [r for i, r in enumerate(rows) if i not in held_idx]
+        self.heldout = held[: cfg.heldout_size]
+        self.rows = rows
+
+    def check_budget(self, steps: int, prompts_per_step: int) -> None:
+        """task.epochs caps how many passes the run may make over the training rows."""
+        need, have = steps * prompts_per_step, (self.cfg.epochs or 0) * len(self.rows)
+        if self.cfg.epochs is not None and need > have:
+            raise ConfigError(f"task.epochs: {steps} steps x {prompts_per_step} prompts need {need} problems, "
+                              f"{self.cfg.epochs} epoch(s) of {len(self.rows)} training rows give {have}")
+
+    def stream(self, seed: int, state: dict | None = None) -> EpochStream:
+        out = EpochStream(self.rows, seed, self.cfg.shuffle)
+        if state is not None:
+            out.load_state_dict(state)
+        return out
+
+    @staticmethod
+    def verify(completion: str, answer: str, extracted: str | None = None, **_: Any) -> float:
+        """Exact match of the extracted answer and the reference, both stripped."""
+        return float(extracted is not None and extracted.strip() == answer.strip())
+
+
+class EpochStream(_Taking):
+    """Rows in epoch order. State = (epoch, index within the epoch): the permutation of an epoch is a function of
+    (seed, epoch), so resuming recomputes it instead of storing it. An epoch that has handed out its last row moves
+    to the next epoch before it is saved, so a resume at the boundary starts the next epoch, neither repeating nor
+    skipping one."""
+
+    def __init__(self, rows: list[Problem], seed: int, shuffle: bool):
+        self.rows, self.seed, self.shuffle = rows, seed, shuffle
+        self.epoch, self.index, self.position = 0, 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        if self.shuffle:
+            random.Random(derived_seed("epoch", self.seed, epoch)).shuffle(order)
+        return order
+
+    def __next__(self) -> Problem:
+        p = self.rows[self._order[self.index]]
+        self.index, self.position = self.index + 1, self.position + 1
+        if self.index == len(self.rows):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        return p
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.epoch, self.index = state["position"], state["epoch"], state["index"]
+        self._order = self._permutation(self.epoch)
+
+
+def resolve(p: str, base_dir: Path) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def make_task(cfg: AnyTaskConfig, base_dir: Path = Path(".")) -> Task:
+    if isinstance(cfg, ReasoningGymTaskConfig):
+        return ReasoningGymTask(cfg)
+    if isinstance(cfg, DatasetTaskConfig):
+        return DatasetTask(cfg, base_dir)
+    return AdditionTask(cfg)

@@ -22,6 +22,7 @@ from rlcore.algorithm import KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm, kl
 from rlcore.batch import LossInputs, RolloutBatch
 from rlcore.config import ConfigError, ExperimentConfig, TrainerConfig
 from rlcore.critic import Critic
+from rlcore.model import is_lora, trainable_state
 from rlcore.rollout import token_logprobs
 
 
@@ -108,7 +109,7 @@ class Trainer:
     def __init__(self, policy: PreTrainedModel, cfg: ExperimentConfig, accelerator: Accelerator,
                  critic: Critic | None = None):
         self.cfg, self.acc = cfg, accelerator
-        optimizer, scheduler = adamw(policy.parameters(), cfg.trainer)
+        optimizer, scheduler = adamw([p for p in policy.parameters() if p.requires_grad], cfg.trainer)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
         self.critic = critic
         self.learners = [Learner("actor", self.model, self.optimizer, self._loss)]
@@ -187,12 +188,14 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything the update needs to continue: weights, optimizers, schedule, the non-finite streak."""
-        state = {"policy": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"policy": trainable_state(self.unwrapped), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
         return state | (self.critic.state_dict() if self.critic is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
-        self.unwrapped.load_state_dict(state["policy"])
+        missing, unexpected = self.unwrapped.load_state_dict(state["policy"], strict=not is_lora(self.unwrapped))
+        if unexpected or any("lora_" in k for k in missing):  # with LoRA only the frozen base may be missing
+            raise ValueError(f"checkpoint does not fit the policy: missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.nonfinite_streak = state["nonfinite_streak"]

@@ -87,6 +87,6 @@ def test_heldout_is_excluded_from_training_stream() -> None:
     stream = task.stream(0)
     seen = {next(stream).prompt for _ in range(2000)}
     assert len(held) == 30 and not (held & seen) and len(seen) == 100 - 30
-    assert AdditionTask.reward("579", True, Problem("123+456=", "579")) == 1.0
-    assert AdditionTask.reward("579", False, Problem("123+456=", "579")) == 0.0
-    assert AdditionTask.reward("57", True, Problem("123+456=", "579")) == 0.0
+    assert AdditionTask.verify("579", "579", finished=True) == 1.0
+    assert AdditionTask.verify("579", "579", finished=False) == 0.0
+    assert AdditionTask.verify("57", "579", finished=True) == 0.0
