@@ -278,7 +278,7 @@ def test_reasoning_gym_task_runs_end_to_end(name: str, config: dict, lab: Path, 
     state = checkpoint.load(next((lab / "outputs" / res.run_id / "checkpoints").glob("*.pt")))
     assert state["stream"]["position"] == 2  # step 1's two prompts
     task = make_task(cfg.task)
-    assert len(task.heldout) == 4 and all(p.meta["source_dataset"] == name for p in task.heldout)
+    assert len(task.heldout) == 4 and all(p.meta["metadata"]["source_dataset"] == name for p in task.heldout)
     train = task.stream(cfg.seed).take(50)
     assert not {p.prompt for p in train} & {p.prompt for p in task.heldout}
     assert task.stream(cfg.seed + 1).take(3) != task.stream(cfg.seed).take(3)  # another seed, other problems
