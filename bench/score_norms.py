@@ -18,7 +18,7 @@ import torch
 from rlcore.config import ExperimentConfig
 from rlcore.loading import load_experiment
 from rlcore.model import build_policy
-from rlcore.reward import score
+from rlcore.reward import Scorer
 from rlcore.rollout import RolloutEngine, Sampling, token_logprobs
 from rlcore.sft import warm_start_dir
 from rlcore.tasks import make_task
@@ -31,7 +31,7 @@ def score_norms(cfg: ExperimentConfig, prompts: int) -> tuple[torch.Tensor, torc
     stream = task.stream(cfg.seed)
     batch = RolloutEngine(model, tokenizer, seed=cfg.seed).generate(
         [next(stream) for _ in range(prompts)], cfg.rollout.samples_per_prompt, Sampling(cfg.rollout.max_new_tokens))
-    rewards = score(task, batch)  # [B]
+    rewards = Scorer(cfg.reward, task).score(batch)[0]  # [B]
     logp, _ = token_logprobs(model, batch)  # [B, T]
     seq_logp = (logp * batch.response_mask).sum(-1)  # [B] log pi(y|x) of each completion
     params = [p for p in model.parameters() if p.requires_grad]

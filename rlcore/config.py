@@ -180,7 +180,7 @@ class ReasoningGymTaskConfig(_TextTask):
     `score_answer`. The training stream and the held-out set are generators of their own seeds; a training item
     whose question is in the held-out set is skipped."""
 
-    name: Literal["reasoning_gym"]
+    name: Literal["reasoning_gym"] = Field(description="A reasoning-gym generator as the task.")
     dataset: str = Field(..., min_length=1, description="Generator name, e.g. basic_arithmetic, chain_sum, countdown, "
                          "gsm_symbolic (reasoning_gym.factory.DATASETS lists them).")
     config: dict[str, Any] = Field(default_factory=dict, description="The generator's own options (its *Config "
@@ -191,7 +191,7 @@ class DatasetTaskConfig(_TextTask):
     """Local files read with Hugging Face `datasets` (JSON lines, Parquet or CSV by extension; nothing from a hub).
     Each row is one problem: a prompt column and an answer column."""
 
-    name: Literal["dataset"]
+    name: Literal["dataset"] = Field(description="Rows of local files as the task.")
     train: str = Field(..., min_length=1, description="Training file (.jsonl/.json, .parquet or .csv), relative to the experiment file.")
     heldout: str | None = Field(None, description="Held-out file; None splits `heldout_frac` of `train` off with heldout_seed.")
     heldout_frac: float = Field(0.1, gt=0, lt=1, description="Share of `train` held out when `heldout` is not given.")
@@ -428,7 +428,8 @@ class ExperimentConfig(_Section):
     kind: Literal["rl", "sft"] = Field("rl", description="`rl`: the RL loop. `sft`: supervised warm start.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds python, numpy, torch and the sampler; same seed + config = same numbers.")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    task: TaskSpec = Field(default_factory=TaskConfig)
+    task: TaskSpec = Field(default_factory=TaskConfig, description="The task, chosen by task.name: addition (the "
+                           "default), reasoning_gym or dataset; each has its own keys.")
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

@@ -252,7 +252,8 @@ def open_run(loop: Loop, tracker: Tracker | None, root: Path, extra_tags: dict[s
     if tracker is None:
         return nullcontext()
     cfg = loop.cfg
-    tags = {"algorithm": cfg.algorithm.name, "task": cfg.task.name, "model": cfg.model.name_or_path or "tiny-llama",
+    task = cfg.task.name + (f":{cfg.task.dataset}" if cfg.task.name == "reasoning_gym" else "")
+    tags = {"algorithm": cfg.algorithm.name, "task": task, "model": cfg.model.name_or_path or "tiny-llama",
             "git_commit": git_commit(root), "rlcore.kind": "rl", "seed": str(cfg.seed),
             "world_size": str(loop.acc.num_processes), "rlcore.group": cfg.seed_group(),
             "torch_threads": str(torch.get_num_threads()), CONFIG_TAG: cfg.config_hash(),

@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 
 from rlcore.config import ConfigError, _Section
 from rlcore.loading import load_experiment, parse_yaml, read_text_file, validate_model
-from rlcore.metrics import BY_NAME
+from rlcore.metrics import NAMED
 
 PARTS = {"0": "Orientation", "I": "Part I — the framework", "II": "Part II — algorithms", "III": "Part III — production",
          "IV": "Part IV — the engineer", "V": "Part V — synthesis"}
@@ -52,7 +52,7 @@ class LessonMeta(_Section):
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, value: list[str]) -> list[str]:
-        unknown = [m for m in value if m not in BY_NAME]
+        unknown = [m for m in value if m not in NAMED]  # a lesson names catalogue entries, not a family's members
         if unknown:
             raise ValueError(f"unknown metric {unknown[0]!r} (not in rlcore.metrics.CATALOGUE)")
         return value

@@ -193,6 +193,7 @@ class _Catalogue(dict):
 
 
 BY_NAME: dict[str, MetricDef] = _Catalogue({m.name: m for m in CATALOGUE})
+NAMED = frozenset(m.name for m in CATALOGUE if "<" not in m.name)  # the exact names (no family)
 
 
 # ------------------------------------------------------------------------------------------ computed

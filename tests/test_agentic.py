@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import torch
 
 from rlcore.batch import Problem, RolloutBatch
-from rlcore.config import AlgorithmConfig, ExperimentConfig
+from rlcore.config import AlgorithmConfig, ExperimentConfig, RewardConfig
 from rlcore.model import char_tokenizer
-from rlcore.reward import score
+from rlcore.reward import Scorer
 from rlcore.rollout import RolloutEngine, Sampling
 from rlcore.sft import _encode
+from rlcore.tasks import AdditionTask
 from rlcore.tools import Calculator
 
 
@@ -90,7 +91,7 @@ def test_mask_off_needs_a_tool() -> None:
 
 
 def score_rows(b: RolloutBatch) -> list[float]:
-    return score(SimpleNamespace(reward=lambda c, f, p: float(f and c == p.answer)), b).tolist()
+    return Scorer(RewardConfig(), AdditionTask.__new__(AdditionTask)).score(b)[0].tolist()
 
 
 def test_turn_cap_leaves_later_calls_as_text() -> None:

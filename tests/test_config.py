@@ -28,7 +28,7 @@ BAD = [
     ("rollout: {top_p: 1.5}", "rollout.top_p: must be <= 1.0, got 1.5"),
     ("rollout: {samples_per_prompt: 0}", "rollout.samples_per_prompt: must be > 0, got 0"),
     ("task: {min_digits: 3, max_digits: 1}", "task: min_digits must be <= max_digits, got 3 > 1"),
-    ("task: {name: sorting}", "task.name: must be one of 'addition', got 'sorting'"),
+    ("task: {name: sorting}", "task.name: must be one of 'addition', 'reasoning_gym', 'dataset', got 'sorting'"),
     ("model: {tiny: {hidden_size: 30, num_heads: 4}}", "model.tiny: num_heads must divide hidden_size"),
     ("model: {name_or_path: /x, warm_start: sft.yaml}", "model: set either name_or_path or warm_start, not both"),
     ("algorithm: {overlong_buffer: 8}", "algorithm.overlong_buffer must be < rollout.max_new_tokens, got 8 >= 8"),
@@ -85,15 +85,27 @@ def test_every_shipped_experiment_validates() -> None:
 
 
 def test_defaults_document_every_field() -> None:
+    import typing
+
+    seen = []
+
+    def sections(ann) -> list:
+        """The schema classes inside an annotation: itself, or the members of a union (task, model.lora)."""
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            return [ann]
+        return [m for a in typing.get_args(ann) for m in sections(a)]
+
     def walk(model):
+        seen.append(model.__name__)
         for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and hasattr(ann, "model_fields"):
-                walk(ann)
-            else:
+            inner = sections(field.annotation)
+            for m in inner:
+                walk(m)
+            if not inner or len(inner) > 1 or type(None) in typing.get_args(field.annotation):
                 assert field.description, f"{model.__name__}.{name} has no description"
 
     walk(ExperimentConfig)
+    assert {"ReasoningGymTaskConfig", "DatasetTaskConfig", "LoraConfig", "RewardComponent"} <= set(seen)
 
 
 def test_flatten_gives_dotted_keys() -> None:

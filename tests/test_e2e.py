@@ -86,7 +86,7 @@ def test_failed_run_is_marked_failed(lab: Path, monkeypatch: pytest.MonkeyPatch)
     def boom(*a, **k):
         raise RuntimeError("reward server exploded")
 
-    monkeypatch.setattr(controller, "score", boom)
+    monkeypatch.setattr(controller.Scorer, "score", boom)
     cfg = load_experiment(lab / "rl.yaml", ["logging.run_name=doomed"])
     with pytest.raises(RuntimeError, match="reward server exploded"):
         run(cfg, root=lab)

@@ -23,7 +23,8 @@ def test_grpo_learns_a_verifiable_preference(lab: Path, monkeypatch: pytest.Monk
     32-wide model to show a clean gain in CI time; the slow test below shows it on the default model."""
     from rlcore.tasks import AdditionTask
 
-    monkeypatch.setattr(AdditionTask, "reward", staticmethod(lambda c, f, p: float(f and c.startswith("1"))))
+    monkeypatch.setattr(AdditionTask, "verify",
+                        staticmethod(lambda c, a, finished=True, **_: float(finished and c.startswith("1"))))
     cfg = load_experiment(lab / "rl.yaml", ["trainer.steps=40", "rollout.prompts_per_step=16",
                                             "rollout.samples_per_prompt=8", "trainer.micro_batch_size=64",
                                             "task.eval_samples=16", "logging.eval_every=40", "logging.num_samples=0",

@@ -205,7 +205,7 @@ def test_dataset_with_custom_reward_runs_and_shows_its_components(lab: Path, tmp
                            "task.heldout_size=8", "logging.eval_every=2", "trainer.checkpoint_every=0",
                            "trainer.micro_batch_size=8", "logging.experiment=test-sums"])
     task = DatasetTask(cfg.task, cfg._base_dir)
-    assert len(task.rows) == 192 and len(task.heldout) == 8  # 240 rows, 20 % held out (then 8 of them used)
+    assert len(task.rows) == 960 and len(task.heldout) == 8  # 1,200 rows, 20 % held out (of those, 8 used here)
     res = run(cfg, root=lab)
     h = history(lab, res.run_id)
     for k in ("reward/correct", "reward/digits", "reward/carry", "reward/errors", "eval/greedy_accuracy"):
@@ -316,6 +316,10 @@ def test_lora_reference_is_the_base_model_and_checkpoints_carry_only_adapters(la
     assert state and all("lora_" in k for k in state)
     n_adapter = sum(v.numel() for v in state.values())
     assert n_adapter < 0.5 * sum(p.numel() for p in policy.parameters())
+    from rlcore.rollout import SeparateEngine
+
+    engine = SeparateEngine(policy, loop.tokenizer, seed=0)
+    assert engine.load_weights(policy) == 4 * n_adapter  # weight-sync moves the fp32 adapters, nothing else
 
     res = run(cfg, root=lab)
     ckpt = checkpoint_file = next((lab / "outputs" / res.run_id / "checkpoints").glob("*.pt"))
@@ -348,7 +352,7 @@ def test_smollm2_loads_offline_and_runs_one_step(lab: Path, monkeypatch: pytest.
     assert sources.resolve("smollm2-135m-instruct") == folder  # cached: the second call converts nothing
     cfg = load_experiment(REPO / "experiments" / "smollm2_basic_arithmetic_lora.yaml",
                           ["trainer.steps=1", "rollout.prompts_per_step=1", "rollout.samples_per_prompt=2",
-                           "rollout.max_new_tokens=6", "task.heldout_size=2", "trainer.checkpoint_every=0",
+                           "rollout.max_new_tokens=12", "task.heldout_size=2", "trainer.checkpoint_every=0",
                            "trainer.micro_batch_size=2", "logging.experiment=test-smollm2", "logging.num_samples=2"])
     res = run(cfg, root=lab)
     h = history(lab, res.run_id)

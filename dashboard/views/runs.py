@@ -8,7 +8,7 @@ from dashboard import common
 from dashboard.data import config_diff, merge_ticks, search, smooth
 
 # The table's metric and config columns: what people sort and compare runs by.
-LAST = ["reward/mean", "eval/sampled_reward", "kl/mean"]
+LAST = ["reward/mean", "eval/greedy_accuracy", "eval/sampled_reward", "kl/mean"]
 BEST = ["eval/sampled_reward"]
 PARAMS = ["trainer.lr", "algorithm.kl_coef", "rollout.samples_per_prompt", "trainer.steps"]
 X_AXES = ["step", "time_s", "tokens"]
