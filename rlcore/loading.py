@@ -232,7 +232,9 @@ def check_workload(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"reward.components.{i}.fn: math_verify needs the math-verify package: "
                               'pip install -e ".[tasks]"')
     if cfg.task.name != "addition":
-        make_task(cfg.task, cfg._base_dir)  # raises ConfigError naming the key
+        task = make_task(cfg.task, cfg._base_dir)  # raises ConfigError naming the key
+        if hasattr(task, "check_budget"):
+            task.check_budget(cfg.trainer.steps, cfg.rollout.prompts_per_step)
 
 
 def check_model_source(m: ModelConfig) -> None:
