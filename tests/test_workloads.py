@@ -203,7 +203,10 @@ def test_dataset_with_custom_reward_runs_and_shows_its_components(lab: Path, tmp
     cfg = load_experiment(REPO / "examples" / "sums_dataset.yaml",
                           ["trainer.steps=2", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
                            "task.heldout_size=8", "logging.eval_every=2", "trainer.checkpoint_every=0",
-                           "trainer.micro_batch_size=8", "logging.experiment=test-sums"])
+                           "trainer.micro_batch_size=8", "logging.experiment=test-sums",
+                           # the lab's small warm start: the shipped one lives in the project, not in this lab,
+                           # and would be trained here from scratch (minutes)
+                           f"model.warm_start={lab / 'sft.yaml'}"])
     task = DatasetTask(cfg.task, cfg._base_dir)
     assert len(task.rows) == 960 and len(task.heldout) == 8  # 1,200 rows, 20 % held out (of those, 8 used here)
     res = run(cfg, root=lab)
