@@ -114,6 +114,16 @@ def run(
                        + ("bit-identical to it" if same else "NOT bit-identical to it (another CPU, thread count or "
                           "library version), see its MANIFEST.json"))
         return
+    if cfg.kind == "preferences":
+        if resume:
+            raise ConfigError("--resume: a `kind: preferences` experiment is written once, atomically; run it again")
+        from rlcore.preferences import PAIRS, run_preferences
+
+        out, card, run_id = run_preferences(cfg, root)
+        agree = "-" if card["true_agreement"] is None else f"{card['true_agreement']:.3f}"
+        typer.echo(f"{card['pairs']} pairs ({card['ties']} ties, {card['flipped']} flipped; labels agree with the "
+                   f"true reward on {agree} of the pairs it decides) in {out / PAIRS}  (MLflow run {run_id})")
+        return
     from rlcore.controller import run as run_rl
 
     checkpoint_path = choose_checkpoint(cfg, root) if resume else None

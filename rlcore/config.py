@@ -413,6 +413,23 @@ class TrainerConfig(_Section):
         return value
 
 
+class PreferencesConfig(_Section):
+    """`kind: preferences`: sample completions from the policy and label pairs with a simulated annotator whose
+    judgement is the task's true reward, with noise and an optional bias (lesson 15)."""
+
+    prompts: int = Field(256, gt=0, le=1_000_000, description="Prompts drawn from the task's training stream (seeded by `seed`).")
+    samples_per_prompt: int = Field(4, ge=2, le=1024, description="Completions per prompt (rollout.temperature/top_p/max_new_tokens); "
+                                    "they are paired at random without repeats, so K/2 pairs per prompt.")
+    label_noise: float = Field(0.0, ge=0, le=0.5, description="Probability that the annotator's label is flipped "
+                               "(the pair accuracy any reward model can reach on fresh pairs is then 1 - label_noise).")
+    bias: Literal["none", "longer"] = Field(
+        "none", description="How the annotator breaks ties of the true reward: `none` by a fair coin, `longer` for the "
+        "longer completion (a length bias a reward model will learn).",
+    )
+    skip_ties: bool = Field(False, description="Leave out pairs whose true rewards are equal (labels there carry no "
+                            "information about correctness, only the tie-break).")
+
+
 class LoggingConfig(_Section):
     experiment: str = Field("rlcore", min_length=1, max_length=250, pattern=r"\S",
                             description="MLflow experiment name.")
@@ -425,13 +442,16 @@ class LoggingConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    kind: Literal["rl", "sft"] = Field("rl", description="`rl`: the RL loop. `sft`: supervised warm start.")
+    kind: Literal["rl", "sft", "preferences"] = Field(
+        "rl", description="`rl`: the RL loop. `sft`: supervised warm start. `preferences`: a labelled pairs data set "
+        "sampled from the policy (rlcore.preferences).")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds python, numpy, torch and the sampler; same seed + config = same numbers.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskSpec = Field(default_factory=TaskConfig, description="The task, chosen by task.name: addition (the "
                            "default), reasoning_gym or dataset; each has its own keys.")
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)

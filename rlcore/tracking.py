@@ -260,6 +260,10 @@ class Tracker:
     def log_table(self, step: int, rows: list[dict[str, Any]], name: str = "samples") -> None:
         self._queue.put(("table", step, rows, name))
 
+    def log_artifact(self, path: Path) -> None:
+        """A file of this run (written now, not queued: it is the run's output, e.g. a preference data set)."""
+        self.client.log_artifact(self.run_id, str(path))
+
     def set_tag(self, key: str, value: str) -> None:
         """A tag, written in order with the metrics by the background writer (and kept through an outage)."""
         self._queue.put(("tag", key, value))

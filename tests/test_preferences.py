@@ -1,0 +1,74 @@
+"""Preference data from the task: the simulated annotator's labels, and the versioned data set a run writes."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rlcore.config import PreferencesConfig
+from rlcore.loading import load_experiment
+from rlcore.preferences import CARD, PAIRS, build, label_pairs, run_preferences
+from rlcore.tracking import tracking_settings
+from tests.conftest import dedent
+
+
+def test_annotator_prefers_the_true_reward_breaks_ties_and_flips_at_the_noise_rate() -> None:
+    rng = random.Random(0)
+    clean = PreferencesConfig(label_noise=0.0)
+    for _ in range(200):
+        scores = [rng.choice([0.0, 1.0]) for _ in range(4)]
+        for p in label_pairs(scores, [1, 2, 3, 4], clean, rng):
+            assert len({p["chosen"], p["rejected"]}) == 2 and not p["flipped"]
+            assert p["tie"] == (scores[p["chosen"]] == scores[p["rejected"]])
+            assert p["tie"] or scores[p["chosen"]] > scores[p["rejected"]]
+    longer = PreferencesConfig(bias="longer")
+    pairs = label_pairs([1.0, 1.0, 1.0, 1.0], [5, 2, 7, 3], longer, random.Random(1))
+    assert len(pairs) == 2 and all(p["tie"] and p["chosen"] in (0, 2) or p["chosen"] == 3 for p in pairs)
+    assert all([5, 2, 7, 3][p["chosen"]] > [5, 2, 7, 3][p["rejected"]] for p in pairs)
+    noisy = PreferencesConfig(label_noise=0.3)
+    rng = random.Random(2)
+    labels = [p for _ in range(3000) for p in label_pairs([1.0, 0.0], [1, 1], noisy, rng)]
+    wrong = sum(p["chosen"] == 1 for p in labels) / len(labels)
+    assert abs(wrong - 0.3) < 0.03 and all(p["flipped"] == (p["chosen"] == 1) for p in labels)
+    assert label_pairs([1.0, 1.0], [1, 1], PreferencesConfig(skip_ties=True), rng) == []
+
+
+def _prefs(lab: Path, tmp_path: Path, noise: float) -> Path:
+    exp = tmp_path / f"prefs{noise}.yaml"
+    exp.write_text(dedent(f"""
+        kind: preferences
+        model: {{warm_start: {lab / 'sft.yaml'}}}
+        task: {{min_digits: 1, max_digits: 1, heldout_size: 16}}
+        rollout: {{max_new_tokens: 4}}
+        preferences: {{prompts: 24, samples_per_prompt: 4, label_noise: {noise}}}
+        logging: {{experiment: test-prefs}}
+    """))
+    return exp
+
+
+def test_preference_run_writes_a_versioned_data_set_once(lab: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(lab)
+    cfg = load_experiment(_prefs(lab, tmp_path, 0.0))
+    out, card, run_id = run_preferences(cfg, lab)
+    rows = [json.loads(line) for line in (out / PAIRS).read_text().splitlines()]
+    assert len(rows) == card["pairs"] == 24 * 2  # K = 4: two disjoint pairs per prompt
+    decided = [r for r in rows if not r["tie"]]
+    assert card["ties"] == len(rows) - len(decided) and card["true_agreement"] == 1.0
+    assert all(r["chosen_reward"] > r["rejected_reward"] for r in decided) and card["flipped"] == 0
+    assert all(r["chosen"] != r["rejected"] or r["tie"] for r in rows)
+    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
+    run = c.get_run(run_id)
+    assert run.data.tags["rlcore.kind"] == "preferences" and run.data.tags["rlcore.prefs.pairs"] == "48"
+    assert {a.path for a in c.list_artifacts(run_id)} >= {PAIRS, CARD, "config.yaml"}
+    # the same config is the same data set: found, not rebuilt; built elsewhere it is byte-identical
+    again, card2 = build(cfg, lab)
+    assert again == out and card2["sha256"] == card["sha256"]
+    elsewhere, card3 = build(cfg, tmp_path)
+    assert elsewhere != out and card3["sha256"] == card["sha256"]
+    noisy = load_experiment(_prefs(lab, tmp_path, 0.5))
+    _, card4 = build(noisy, lab)
+    assert card4["flipped"] > 0 and card4["true_agreement"] < 1.0
