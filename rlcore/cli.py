@@ -114,6 +114,14 @@ def run(
                        + ("bit-identical to it" if same else "NOT bit-identical to it (another CPU, thread count or "
                           "library version), see its MANIFEST.json"))
         return
+    if cfg.kind == "reward_model":
+        from rlcore.reward_model import train_reward_model
+
+        run_id, metrics, out = train_reward_model(cfg, root)
+        typer.echo(f"reward model saved to {out}  (MLflow run {run_id}): held-out pair accuracy "
+                   f"{metrics['rm/heldout_accuracy']:.3f} against the labels, {metrics['rm/heldout_true_accuracy']:.3f} "
+                   "against the true reward")
+        return
     if cfg.kind == "preferences":
         if resume:
             raise ConfigError("--resume: a `kind: preferences` experiment is written once, atomically; run it again")

@@ -430,6 +430,18 @@ class PreferencesConfig(_Section):
                             "information about correctness, only the tie-break).")
 
 
+class RewardModelConfig(_Section):
+    """`kind: reward_model`: a Bradley-Terry reward model trained on a `kind: preferences` data set (lesson 15)."""
+
+    pairs: str | None = Field(None, description="Path (relative to this YAML) of the `kind: preferences` experiment "
+                              "whose pairs it trains on; built on first use and cached by its config hash.")
+    heldout_frac: float = Field(0.2, gt=0, lt=1, description="Share of the prompts (with all their pairs) held out, seeded by `seed`.")
+    epochs: int = Field(2, gt=0, le=1000, description="Passes over the training pairs.")
+    batch_size: int = Field(32, gt=0, le=100_000, description="Pairs per optimizer step.")
+    center_coef: float = Field(0.0, ge=0, description="Reward centring (Eisenstein et al., 2023): adds c * mean((r_c + r_r)^2) "
+                               "so scores stay near 0 and are comparable across runs. 0 = off.")
+
+
 class LoggingConfig(_Section):
     experiment: str = Field("rlcore", min_length=1, max_length=250, pattern=r"\S",
                             description="MLflow experiment name.")
@@ -442,9 +454,9 @@ class LoggingConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    kind: Literal["rl", "sft", "preferences"] = Field(
+    kind: Literal["rl", "sft", "preferences", "reward_model"] = Field(
         "rl", description="`rl`: the RL loop. `sft`: supervised warm start. `preferences`: a labelled pairs data set "
-        "sampled from the policy (rlcore.preferences).")
+        "sampled from the policy (rlcore.preferences). `reward_model`: a Bradley-Terry reward model on such pairs.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds python, numpy, torch and the sampler; same seed + config = same numbers.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskSpec = Field(default_factory=TaskConfig, description="The task, chosen by task.name: addition (the "
@@ -452,6 +464,7 @@ class ExperimentConfig(_Section):
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)

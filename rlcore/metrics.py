@@ -86,6 +86,14 @@ CATALOGUE: list[MetricDef] = [
               "exactly (char model, no tool), else the mean of k samples", "01"),
     # sft warm start
     MetricDef("sft/loss", "nats", "token mean cross-entropy on the completion tokens", "01"),
+    # reward model (kind: reward_model)
+    MetricDef("rm/loss", "nats", "mean Bradley-Terry loss -log sigma(r_chosen - r_rejected) over the step's pairs (+ centring)", "15"),
+    MetricDef("rm/accuracy", "fraction", "training pairs of the step whose chosen completion scores higher", "15"),
+    MetricDef("rm/heldout_accuracy", "fraction", "held-out pairs ranked as labelled, among those whose true rewards "
+              "differ (the labels carry the data set's label_noise: about 1 - label_noise is the ceiling)", "15"),
+    MetricDef("rm/heldout_true_accuracy", "fraction", "held-out pairs with different true rewards ranked as the true "
+              "reward ranks them (noise-free: the model may beat its noisy labels)", "15"),
+    MetricDef("rm/heldout_margin", "reward", "mean r_chosen - r_rejected over held-out pairs", "15"),
     # timing: seconds per phase of one step (lesson 07 is this picture)
     MetricDef("timing/rollout", "s", "sampling completions (prefill + KV-cached decode)", "07"),
     MetricDef("timing/reward", "s", "decoding and scoring completions", "07"),

@@ -78,8 +78,9 @@ def test_override_reaches_the_config() -> None:
 
 
 def test_every_shipped_experiment_validates() -> None:
-    files = sorted(EXPERIMENTS.glob("*.yaml"))
-    assert files
+    files = sorted([*EXPERIMENTS.glob("*.yaml"), *EXPERIMENTS.glob("prefs/*.yaml"),
+                    *(EXPERIMENTS.parent / "examples").glob("*.yaml")])
+    assert len(files) > 15
     for f in files:
         load_experiment(f)
 
