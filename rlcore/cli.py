@@ -114,6 +114,15 @@ def run(
                        + ("bit-identical to it" if same else "NOT bit-identical to it (another CPU, thread count or "
                           "library version), see its MANIFEST.json"))
         return
+    if cfg.kind == "dpo":
+        from rlcore.dpo import train_dpo
+
+        run_id, before, after, out = train_dpo(cfg, root)
+        typer.echo(f"\n{file} finished. MLflow run id: {run_id}")
+        for key in (k for k in ("eval/greedy_accuracy", "eval/sampled_reward") if k in before and k in after):
+            typer.echo(f"  {key}: {before[key]:.3f} -> {after[key]:.3f}")
+        typer.echo(f"  final policy: {out}")
+        return
     if cfg.kind == "reward_model":
         from rlcore.reward_model import train_reward_model
 

@@ -442,6 +442,29 @@ class RewardModelConfig(_Section):
                                "so scores stay near 0 and are comparable across runs. 0 = off.")
 
 
+class DPOConfig(_Section):
+    """`kind: dpo`: direct preference optimisation of the policy on a `kind: preferences` data set, against the
+    frozen starting policy as reference (lesson 16)."""
+
+    pairs: str | None = Field(None, description="Path (relative to this YAML) of the `kind: preferences` experiment "
+                              "whose pairs it trains on; built on first use and cached by its config hash.")
+    loss: str = Field("sigmoid", description="A key of rlcore.pairwise.PAIR_LOSSES: `sigmoid` (DPO, Rafailov et al. "
+                      "2023) or `ipo` (Azar et al. 2023).")
+    beta: float = Field(0.1, gt=0, le=100, description="beta: the implicit reward is beta * (log pi - log pi_ref); "
+                        "for IPO the target log-ratio margin is 1 / (2 beta).")
+    epochs: int = Field(1, gt=0, le=1000, description="Passes over the pairs.")
+    batch_size: int = Field(32, gt=0, le=100_000, description="Pairs per optimizer step.")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        from rlcore.pairwise import PAIR_LOSSES
+
+        if value not in PAIR_LOSSES:
+            raise ValueError(f"unknown {value!r}, valid: {', '.join(sorted(PAIR_LOSSES))}")
+        return value
+
+
 class LoggingConfig(_Section):
     experiment: str = Field("rlcore", min_length=1, max_length=250, pattern=r"\S",
                             description="MLflow experiment name.")
@@ -454,9 +477,10 @@ class LoggingConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    kind: Literal["rl", "sft", "preferences", "reward_model"] = Field(
+    kind: Literal["rl", "sft", "preferences", "reward_model", "dpo"] = Field(
         "rl", description="`rl`: the RL loop. `sft`: supervised warm start. `preferences`: a labelled pairs data set "
-        "sampled from the policy (rlcore.preferences). `reward_model`: a Bradley-Terry reward model on such pairs.")
+        "sampled from the policy (rlcore.preferences). `reward_model`: a Bradley-Terry reward model on such pairs. "
+        "`dpo`: DPO/IPO of the policy on such pairs.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds python, numpy, torch and the sampler; same seed + config = same numbers.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskSpec = Field(default_factory=TaskConfig, description="The task, chosen by task.name: addition (the "
@@ -465,6 +489,7 @@ class ExperimentConfig(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)

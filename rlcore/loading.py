@@ -221,19 +221,20 @@ def check_workload(cfg: ExperimentConfig) -> None:
     from rlcore.reward import RewardImportError, resolve_fn, reward_search_path
     from rlcore.tasks import make_task
 
-    if cfg.kind == "reward_model":
-        pairs = cfg.reward_model.pairs
+    if cfg.kind in ("reward_model", "dpo"):
+        key = f"{cfg.kind}.pairs"
+        pairs = getattr(cfg, cfg.kind).pairs
         if pairs is None:
-            raise ConfigError("reward_model.pairs: required for `kind: reward_model` (a `kind: preferences` experiment)")
+            raise ConfigError(f"{key}: required for `kind: {cfg.kind}` (a `kind: preferences` experiment)")
         path = cfg.resolve_path(pairs)
         if not path.is_file():
-            raise ConfigError(f"reward_model.pairs: no such file {pairs!r}")
+            raise ConfigError(f"{key}: no such file {pairs!r}")
         try:
             prefs = load_experiment(path)
         except ConfigError as e:
-            raise ConfigError(f"reward_model.pairs: {pairs}: {e}") from None
+            raise ConfigError(f"{key}: {pairs}: {e}") from None
         if prefs.kind != "preferences":
-            raise ConfigError(f"reward_model.pairs: {pairs!r} is not a `kind: preferences` experiment")
+            raise ConfigError(f"{key}: {pairs!r} is not a `kind: preferences` experiment")
     if cfg.kind == "sft" and cfg.task.name != "addition":
         raise ConfigError(f"kind: sft trains the addition warm start; task.name {cfg.task.name!r} has no SFT path")
     for i, comp in enumerate(cfg.reward.components):

@@ -94,6 +94,13 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("rm/heldout_true_accuracy", "fraction", "held-out pairs with different true rewards ranked as the true "
               "reward ranks them (noise-free: the model may beat its noisy labels)", "15"),
     MetricDef("rm/heldout_margin", "reward", "mean r_chosen - r_rejected over held-out pairs", "15"),
+    # DPO / IPO (kind: dpo), TRL's names: rewards are implicit, beta * (log pi - log pi_ref) of a whole completion
+    MetricDef("dpo/loss", "nats", "mean pairwise loss over the step's pairs (sigmoid: -log sigma(beta * margin); ipo: "
+              "(h - 1/(2 beta))^2)", "16"),
+    MetricDef("rewards/chosen", "reward", "mean implicit reward beta * (log pi(y_c|x) - log pi_ref(y_c|x)) of the chosen completions", "16"),
+    MetricDef("rewards/rejected", "reward", "mean implicit reward of the rejected completions", "16"),
+    MetricDef("rewards/margins", "reward", "mean of rewards/chosen - rewards/rejected per pair", "16"),
+    MetricDef("rewards/accuracies", "fraction", "pairs whose chosen completion has the higher implicit reward", "16"),
     # timing: seconds per phase of one step (lesson 07 is this picture)
     MetricDef("timing/rollout", "s", "sampling completions (prefill + KV-cached decode)", "07"),
     MetricDef("timing/reward", "s", "decoding and scoring completions", "07"),

@@ -129,6 +129,17 @@ def build(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> tuple[Path,
     return out, card
 
 
+def load_pairs(cfg: ExperimentConfig, pairs: str | None, root: Path) -> list[dict]:
+    """The pairs of the `kind: preferences` experiment at `pairs` (relative to `cfg`'s file), built on first use."""
+    from rlcore.config import ConfigError
+    from rlcore.loading import load_experiment
+
+    if pairs is None:
+        raise ConfigError(f"{cfg.kind}.pairs: a `kind: {cfg.kind}` experiment names its `kind: preferences` data set")
+    out, _ = build(load_experiment(cfg.resolve_path(pairs)), root)
+    return [json.loads(line) for line in (out / PAIRS).read_text().splitlines()]
+
+
 def run_preferences(cfg: ExperimentConfig, root: Path) -> tuple[Path, dict, str]:
     """Build the data set inside an MLflow run of kind `preferences` (its files as artifacts, its counts as tags)."""
     import yaml

@@ -105,14 +105,9 @@ def heldout_metrics(model: RewardModel, tokenizer, fmt: PromptFormat, rows: list
 
 def load_pairs(cfg: ExperimentConfig, root: Path) -> list[dict]:
     """The pairs of `reward_model.pairs` (a `kind: preferences` experiment, built on first use)."""
-    from rlcore.loading import load_experiment
-    from rlcore.preferences import PAIRS, build
+    from rlcore.preferences import load_pairs as load
 
-    if cfg.reward_model.pairs is None:
-        raise ConfigError("reward_model.pairs: a `kind: reward_model` experiment names its `kind: preferences` data set")
-    prefs = load_experiment(cfg.resolve_path(cfg.reward_model.pairs))
-    out, _ = build(prefs, root)
-    return [json.loads(line) for line in (out / PAIRS).read_text().splitlines()]
+    return load(cfg, cfg.reward_model.pairs, root)
 
 
 def train_reward_model(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float], Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -37,14 +38,14 @@ def test_annotator_prefers_the_true_reward_breaks_ties_and_flips_at_the_noise_ra
     assert label_pairs([1.0, 1.0], [1, 1], PreferencesConfig(skip_ties=True), rng) == []
 
 
-def _prefs(lab: Path, tmp_path: Path, noise: float) -> Path:
-    exp = tmp_path / f"prefs{noise}.yaml"
+def _prefs(lab: Path, tmp_path: Path, noise: float, skip_ties: bool = False) -> Path:
+    exp = tmp_path / f"prefs{noise}{skip_ties}.yaml"
     exp.write_text(dedent(f"""
         kind: preferences
         model: {{warm_start: {lab / 'sft.yaml'}}}
         task: {{min_digits: 1, max_digits: 1, heldout_size: 16}}
         rollout: {{max_new_tokens: 4}}
-        preferences: {{prompts: 24, samples_per_prompt: 4, label_noise: {noise}}}
+        preferences: {{prompts: 24, samples_per_prompt: 4, label_noise: {noise}, skip_ties: {str(skip_ties).lower()}}}
         logging: {{experiment: test-prefs}}
     """))
     return exp
@@ -76,8 +77,6 @@ def test_preference_run_writes_a_versioned_data_set_once(lab: Path, tmp_path: Pa
 
 def test_reward_model_trains_on_the_pairs_logs_heldout_accuracy_and_reloads(lab: Path, tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import math
-
     import torch
 
     from rlcore.reward_model import heldout_metrics, load_pairs, load_reward_model, pair_scores, train_reward_model
@@ -110,3 +109,38 @@ def test_reward_model_trains_on_the_pairs_logs_heldout_accuracy_and_reloads(lab:
     with torch.no_grad():
         chosen, rejected = pair_scores(model, tok, fmt, rows[:4])
     assert chosen.shape == rejected.shape == (4,) and torch.isfinite(chosen).all()
+
+
+@pytest.mark.parametrize("loss,first", [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.5)) ** 2)])
+def test_dpo_and_ipo_start_at_the_reference_and_widen_the_margin(loss: str, first: float, lab: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlcore.dpo import train_dpo
+
+    monkeypatch.chdir(lab)
+    prefs = _prefs(lab, tmp_path, 0.0, skip_ties=True)  # pairs the true reward decides (no same-text ties)
+    exp = tmp_path / f"{loss}.yaml"
+    exp.write_text(dedent(f"""
+        kind: dpo
+        model: {{warm_start: {lab / 'sft.yaml'}}}
+        task: {{min_digits: 1, max_digits: 1, heldout_size: 16, eval_samples: 2}}
+        rollout: {{max_new_tokens: 4}}
+        dpo: {{pairs: {prefs.name}, loss: {loss}, beta: 0.5, epochs: 3, batch_size: 16}}
+        trainer: {{lr: 1.0e-3}}
+        logging: {{experiment: test-dpo, eval_every: 100}}
+    """))
+    run_id, before, after, out = train_dpo(load_experiment(exp), lab)
+    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
+
+    def hist(key: str) -> list[float]:
+        return [m.value for m in sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+    # step 1: the policy is the reference, every log-ratio is 0: sigmoid log 2, IPO (1/(2 beta))^2, no pair ranked
+    assert hist("dpo/loss")[0] == pytest.approx(first, abs=1e-5)
+    assert hist("rewards/accuracies")[0] == 0.0 and hist("rewards/margins")[0] == 0.0
+    last = len(hist("dpo/loss")) // 3  # the last epoch
+    assert sum(hist("rewards/margins")[-last:]) / last > 0.05  # it learned the preferences
+    assert sum(hist("rewards/accuracies")[-last:]) / last > 0.6
+    evals = c.get_metric_history(run_id, "eval/greedy_accuracy")
+    assert sorted(m.step for m in evals) == [0, len(hist("dpo/loss"))] and before and after
+    assert (out / "model.safetensors").is_file()
+    assert c.get_run(run_id).data.tags["algorithm"] == ("dpo" if loss == "sigmoid" else "ipo")

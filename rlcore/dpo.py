@@ -1,0 +1,127 @@
+"""DPO and IPO (lesson 16): optimise the policy directly on preference pairs, without a reward model or sampling.
+
+    s(y) = log pi(y|x) - log pi_ref(y|x)           (summed over the completion's tokens, EOS included)
+    DPO:  -log sigma(beta * (s(y_c) - s(y_r)))     IPO:  (s(y_c) - s(y_r) - 1/(2 beta))^2
+
+(rlcore.pairwise). The reference is the frozen starting policy (rlcore.reference.Reference: a copy, or with LoRA the
+policy with its adapters disabled); its log-probs of each pair are computed once per batch without gradients. The
+update is the trainer core's (`step_learners`: clip, non-finite guard, step). The held-out set of the pairs' task is
+evaluated with its true reward at the start, every `logging.eval_every` steps and at the end (eval/*), so DPO and RL
+compare on one yardstick.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rlcore.batch import RolloutBatch
+from rlcore.config import ExperimentConfig
+from rlcore.pairwise import PAIR_LOSSES, sequence_logps
+from rlcore.prompts import PromptFormat
+from rlcore.rollout import encode_prompts, token_logprobs
+
+
+def pair_batch(tokenizer, fmt: PromptFormat, rows: list[dict]) -> RolloutBatch:
+    """The chosen completions then the rejected ones as one batch: prompt left-padded, completion + EOS right-padded.
+    -> 2N rows"""
+    prompts = [r["prompt"] for r in rows] * 2
+    texts = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    ids, mask = encode_prompts(tokenizer, prompts, fmt=fmt)  # [2N, P]
+    resp = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    T = max(len(r) for r in resp)
+    out = torch.full((len(resp), T), tokenizer.pad_token_id, dtype=torch.long)
+    rmask = torch.zeros((len(resp), T))
+    for i, r in enumerate(resp):
+        out[i, : len(r)], rmask[i, : len(r)] = torch.tensor(r), 1.0
+    n = len(resp)
+    return RolloutBatch(input_ids=torch.cat([ids, out], 1), attention_mask=torch.cat([mask, rmask.long()], 1),
+                        response_mask=rmask, group=torch.arange(n), sampler_logp=torch.zeros(n, T),
+                        finished=torch.ones(n, dtype=torch.bool), prompt_len=ids.shape[1])
+
+
+def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, loss: str,
+             beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sequence log-probs of [chosen; rejected] (2N each) -> mean pair loss and TRL's metrics."""
+    s = policy_logps - ref_logps  # [2N] log-ratio to the reference
+    n = len(s) // 2
+    per_pair, metrics = PAIR_LOSSES[loss](s[:n], s[n:], beta)  # [N]
+    return per_pair.mean(), metrics
+
+
+def train_dpo(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float], dict[str, float], Path]:
+    """Train as its own MLflow run; returns (run id, eval at start, eval at end, final policy directory)."""
+    import yaml
+
+    from rlcore import threads
+    from rlcore.config import flatten
+    from rlcore.evaluation import evaluate
+    from rlcore.model import build_policy
+    from rlcore.preferences import load_pairs
+    from rlcore.reference import Reference
+    from rlcore.reward import Scorer, reward_search_path
+    from rlcore.rollout import RolloutEngine
+    from rlcore.seeding import seed_everything
+    from rlcore.sft import warm_start_dir, warm_start_tags
+    from rlcore.tasks import make_task
+    from rlcore.tracking import Tracker, git_commit
+    from rlcore.trainer import Learner, adamw, step_learners
+
+    threads.say_once()
+    rows = load_pairs(cfg, cfg.dpo.pairs, root)
+    seed_everything(cfg.seed)
+    ws = warm_start_dir(cfg, root)
+    policy, tokenizer = build_policy(cfg.model, ws)
+    reference = Reference(policy)
+    fmt = PromptFormat(cfg.prompt, cfg.model.use_chat_template)
+    task = make_task(cfg.task, cfg._base_dir)
+    scorer = Scorer(cfg.reward, task, reward_search_path(cfg))
+    engine = RolloutEngine(policy, tokenizer, seed=cfg.seed, fmt=fmt)
+    d, t = cfg.dpo, cfg.trainer
+    steps = d.epochs * -(-len(rows) // d.batch_size)
+    opt, sched = adamw([p for p in policy.parameters() if p.requires_grad], t)
+    tracker = Tracker(cfg.logging.experiment, root)
+    tags = {"rlcore.kind": "dpo", "algorithm": d.loss if d.loss != "sigmoid" else "dpo", "task": cfg.task.name,
+            "git_commit": git_commit(root), "rlcore.group": cfg.seed_group(), "seed": str(cfg.seed),
+            "model": cfg.model.name_or_path or "tiny-llama", **warm_start_tags(ws), **cfg.logging.tags}
+    rng = random.Random(cfg.seed)
+    with tracker.run(cfg.logging.run_name or f"{tags['algorithm']}-s{cfg.seed}-{cfg.training_hash()[:6]}", tags,
+                     flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
+        first = last = evaluate(engine, task, cfg, scorer)
+        tracker.log(0, first)
+        bar = tqdm(total=steps, desc=tags["algorithm"], unit="step", file=sys.stderr, dynamic_ncols=True)
+        step = 0
+        for _ in range(d.epochs):
+            order = rows[:]
+            rng.shuffle(order)
+            for i in range(0, len(order), d.batch_size):
+                batch = pair_batch(tokenizer, fmt, order[i : i + d.batch_size])
+                mb = t.micro_batch_size
+                ref = sequence_logps(reference.logprobs(batch, mb), batch.response_mask)  # [2N], no gradient
+                seen: dict[str, float] = {}
+
+                def loss_of(_m, _norm, batch=batch, ref=ref, seen=seen) -> tuple[torch.Tensor, dict]:
+                    logp = sequence_logps(token_logprobs(policy, batch)[0], batch.response_mask)  # [2N]
+                    loss, metrics = dpo_loss(logp, ref, d.loss, d.beta)
+                    seen.update({"dpo/loss": float(loss.detach())} | {k: float(v) for k, v in metrics.items()})
+                    return loss, {}
+
+                policy.train()
+                step_learners([Learner("policy", policy, opt, loss_of)], [None], None, t.grad_clip)
+                sched.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{seen['dpo/loss']:.3f}", acc=f"{seen['rewards/accuracies']:.2f}")
+                tracker.log(step, seen | {"actor/lr": sched.get_last_lr()[0]})
+                if step % cfg.logging.eval_every == 0 or step == steps:
+                    last = evaluate(engine, task, cfg, scorer)
+                    tracker.log(step, last)
+        bar.close()
+        out = root / cfg.logging.output_dir / tracker.run_id / "policy"
+        policy.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return tracker.run_id, first, last, out
