@@ -249,10 +249,19 @@ class RewardComponent(_Section):
     name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", max_length=40,
                       description="Metric name: logged as reward/<name> (its unweighted mean over the batch).")
     fn: str = Field(..., min_length=1, description="A built-in (rlcore.reward.BUILTINS: task, exact, numeric, "
-                    "math_verify, format) or a user function `package.module:function` with the signature "
+                    "math_verify, format), `reward_model` (a learned reward, see path) or a user function `package.module:function` with the signature "
                     "`fn(completion: str, answer: str, **info) -> float`.")
     weight: float = Field(1.0, description="Weight in the sum that is the reward.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for fn (e.g. {tolerance: 0.01}).")
+    path: str | None = Field(None, description="For fn: reward_model, the folder of a trained reward model "
+                             "(outputs/<run_id>/reward_model, relative to this YAML). The run then also logs the task's "
+                             "own verifier as reward/true and eval/true_accuracy: the proxy can rise while the truth falls.")
+
+    @model_validator(mode="after")
+    def _path_for_models(self) -> RewardComponent:
+        if (self.fn == "reward_model") != (self.path is not None):
+            raise ValueError("path is required with fn: reward_model, and only then")
+        return self
 
 
 class RewardConfig(_Section):
@@ -276,7 +285,7 @@ class RewardConfig(_Section):
         names = [c.name for c in value]
         if len(set(names)) != len(names):
             raise ValueError(f"component names must be unique, got {names}")
-        reserved = {"mean", "std", "overlong_penalty", "zero_var_group_frac", "errors"}
+        reserved = {"mean", "std", "overlong_penalty", "zero_var_group_frac", "errors", "true"}
         if clash := reserved & set(names):
             raise ValueError(f"component name {sorted(clash)[0]!r} is a reward metric already (reserved: {sorted(reserved)})")
         return value

@@ -91,10 +91,16 @@ def heldout_rewards(engine: RolloutEngine, task: Task, cfg: ExperimentConfig,
             torch.rand((skip, T), generator=g)
         return g
 
-    greedy = []
+    greedy, truth, proxy = [], [], []
     for i in range(0, n, chunk):
         b = engine.generate(heldout, 1, Sampling(T, greedy=True), rows=slice(i, i + chunk), generator=noise())
         greedy.append(scorer.accuracy(b.answers, b.finished.tolist(), b.problems))
+        if scorer.learned:  # a learned reward: the truth and the proxy on the same greedy completions
+            truth.append(scorer.true_scores(b.answers, b.finished.tolist(), b.problems))
+            proxy.append(scorer.total(b.answers, b.finished.tolist(), b.problems))
+    if scorer.learned:
+        scorer.eval_extra = {"eval/true_accuracy": float(torch.cat(truth).mean()),
+                             "eval/proxy_reward": float(torch.cat(proxy).mean())}
     sampled = None
     if k:
         out = []
@@ -110,8 +116,9 @@ def heldout_rewards(engine: RolloutEngine, task: Task, cfg: ExperimentConfig,
 
 def evaluate(engine: RolloutEngine, task: Task, cfg: ExperimentConfig, scorer: Scorer | None = None) -> dict[str, float]:
     """eval/greedy_accuracy and eval/sampled_reward (expected reward at T = 1); see heldout_rewards."""
+    scorer = scorer or Scorer(cfg.reward, task)
     greedy, sampled = heldout_rewards(engine, task, cfg, scorer)
-    out = {"eval/greedy_accuracy": float(greedy.mean())}
+    out = {"eval/greedy_accuracy": float(greedy.mean())} | getattr(scorer, "eval_extra", {})
     if sampled is not None:
         out["eval/sampled_reward"] = float(sampled.mean())
     return out

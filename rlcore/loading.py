@@ -218,7 +218,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 def check_workload(cfg: ExperimentConfig) -> None:
     """What the schema alone cannot see, checked before any run exists: the task builds (a reasoning-gym generator
     by that name and options, dataset files and columns that exist) and every reward function can be imported."""
-    from rlcore.reward import RewardImportError, resolve_fn, reward_search_path
+    from rlcore.reward import LEARNED, RewardImportError, resolve_fn, reward_model_dir, reward_search_path
     from rlcore.tasks import make_task
 
     if cfg.kind in ("reward_model", "dpo"):
@@ -238,6 +238,12 @@ def check_workload(cfg: ExperimentConfig) -> None:
     if cfg.kind == "sft" and cfg.task.name != "addition":
         raise ConfigError(f"kind: sft trains the addition warm start; task.name {cfg.task.name!r} has no SFT path")
     for i, comp in enumerate(cfg.reward.components):
+        if comp.fn == LEARNED:
+            try:
+                reward_model_dir(comp.path, reward_search_path(cfg))
+            except ValueError as e:
+                raise ConfigError(f"reward.components.{i}.path: {e}") from None
+            continue
         try:
             resolve_fn(comp.fn, reward_search_path(cfg))
         except RewardImportError as e:

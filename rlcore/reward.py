@@ -154,12 +154,47 @@ def resolve_fn(name: str, search: tuple[Path, ...] = ()) -> RewardFn | None:
 
 # ------------------------------------------------------------------------------------------ the reward role
 
+LEARNED = "reward_model"  # a component scored by a trained reward model (rlcore.reward_model), batched
+
+
+def reward_model_dir(path: str, search: tuple[Path, ...] = (), root: Path | None = None) -> Path:
+    """A reward model's folder: `path` (relative to the experiment's folder, the first search directory) is the
+    folder itself, or a `kind: reward_model` experiment, whose model is trained on first use (with `root`; without
+    one the experiment is only validated). ValueError when it is neither."""
+    from rlcore.reward_model import MARKER
+
+    p = Path(path).expanduser()
+    p = p if p.is_absolute() or not search else (search[0] / p).resolve()
+    if p.suffix in (".yaml", ".yml"):
+        from rlcore.loading import load_experiment
+        from rlcore.reward_model import cached
+
+        exp = load_experiment(p)  # a ConfigError names what is wrong in it
+        if exp.kind != "reward_model":
+            raise ValueError(f"{path!r} is not a `kind: reward_model` experiment")
+        return cached(exp, root) if root is not None else p
+    if (p / MARKER).is_file():
+        return p
+    if (p / "config.json").is_file():
+        raise ValueError(f"{path!r} is a policy, not a reward model (no {MARKER}; train one with kind: reward_model)")
+    raise ValueError(f"{path!r} is not a reward model folder (no {MARKER})")
+
+
 class Scorer:
     """Scores a batch: one row of component scores per completion, their weighted sum, and the metrics."""
 
-    def __init__(self, cfg: RewardConfig, task: Task, search: tuple[Path, ...] = ()):
+    def __init__(self, cfg: RewardConfig, task: Task, search: tuple[Path, ...] = (), root: Path | None = None):
         self.cfg, self.task = cfg, task
-        self.fns = [(c, resolve_fn(c.fn, search) or task.verify) for c in cfg.components]
+        self.learned = {}  # component index -> (reward model, its tokenizer, its prompt format)
+        self.fns = []
+        for j, c in enumerate(cfg.components):
+            if c.fn == LEARNED:
+                from rlcore.reward_model import load_reward_model
+
+                self.learned[j] = load_reward_model(reward_model_dir(c.path, search, root or Path.cwd()))
+                self.fns.append((c, None))
+            else:
+                self.fns.append((c, resolve_fn(c.fn, search) or task.verify))
         self.weights = torch.tensor([c.weight for c in cfg.components])  # [C]
         # The addition task's own verifier cannot fail; every other reward counts its failures (reward/errors).
         self.count_errors = [c.fn for c in cfg.components] != ["task"] or not getattr(task, "infallible", False)
@@ -173,6 +208,8 @@ class Scorer:
             info = {"extracted": got, "finished": done, "prompt": problem.prompt, "metadata": problem.meta or {},
                     "tag": self.cfg.tag}
             for j, (comp, fn) in enumerate(self.fns):
+                if fn is None:  # a learned reward: scored below, in batches
+                    continue
                 try:
                     value = float(fn(text, problem.answer, **info, **comp.params))
                 except Exception:  # noqa: BLE001 - a user's reward function failing on one sample must not stop the run
@@ -180,7 +217,18 @@ class Scorer:
                 if not math.isfinite(value):
                     errors, value = errors + 1, 0.0
                 out[i, j] = value
+        for j, (model, tok, fmt) in self.learned.items():
+            out[:, j] = learned_scores(model, tok, fmt, [p.prompt for p in problems], texts)
         return out, errors
+
+    def true_scores(self, texts: list[str], finished: list[bool], problems: list) -> torch.Tensor:
+        """The task's own verifier per sample [B]: the truth a learned reward stands in for."""
+        out = []
+        for text, done, problem in zip(texts, finished, problems, strict=True):
+            got = extract(text, self.cfg.extract, self.cfg.tag)
+            out.append(float(self.task.verify(text, problem.answer, extracted=got, finished=done,
+                                              prompt=problem.prompt, metadata=problem.meta or {}, tag=self.cfg.tag)))
+        return torch.tensor(out)
 
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The reward role: sequence rewards [B] and reward/<component> means (all processes), reward/errors."""
@@ -190,14 +238,30 @@ class Scorer:
         metrics = {"reward/errors": float(totals[-1])} if self.count_errors else {}
         if len(self.fns) > 1:
             metrics |= {f"reward/{c.name}": float(totals[j]) / n for j, (c, _) in enumerate(self.fns)}
+        if self.learned:  # a proxy reward: log the truth beside it (over-optimisation shows as the two diverging)
+            true = self.true_scores(batch.answers, batch.finished.tolist(), batch.problems)  # [B]
+            metrics["reward/true"] = float(batch.reduce_sum(true.sum().reshape(1))[0]) / n
         return parts @ self.weights, metrics
 
     def accuracy(self, texts: list[str], finished: list[bool], problems: list) -> torch.Tensor:
-        """The first component's score per sample [B] (what eval/greedy_accuracy reports)."""
+        """What eval/greedy_accuracy reports per sample [B]: the first component's score, or the task's own verifier
+        when the first component is a learned reward (a reward model's score is not an accuracy)."""
+        if 0 in self.learned:
+            return self.true_scores(texts, finished, problems)
         return self.components(texts, finished, problems)[0][:, 0]
 
     def total(self, texts: list[str], finished: list[bool], problems: list) -> torch.Tensor:
         return self.components(texts, finished, problems)[0] @ self.weights
+
+
+@torch.no_grad()
+def learned_scores(model, tokenizer, fmt, prompts: list[str], texts: list[str], chunk: int = 64) -> torch.Tensor:
+    """A reward model's score r(x, y) per completion [B], in chunks."""
+    from rlcore.reward_model import encode
+
+    out = [model(*encode(tokenizer, fmt, prompts[i : i + chunk], texts[i : i + chunk]))
+           for i in range(0, len(texts), chunk)]
+    return torch.cat(out).float() if out else torch.zeros(0)
 
 
 def overlong_penalty(batch: RolloutBatch, cfg: AlgorithmConfig, max_new_tokens: int) -> torch.Tensor:

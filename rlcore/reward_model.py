@@ -110,8 +110,9 @@ def load_pairs(cfg: ExperimentConfig, root: Path) -> list[dict]:
     return load(cfg, cfg.reward_model.pairs, root)
 
 
-def train_reward_model(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float], Path]:
-    """Train, evaluate and save a reward model as its own MLflow run; returns (run id, final metrics, directory)."""
+def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = None) -> tuple[str, dict[str, float], Path]:
+    """Train, evaluate and save a reward model as its own MLflow run (to `out`, default
+    outputs/<run_id>/reward_model); returns (run id, final metrics, directory)."""
     import yaml
     from safetensors.torch import save_file
 
@@ -172,7 +173,7 @@ def train_reward_model(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str
                     metrics = heldout_metrics(model, tokenizer, fmt, held, t.micro_batch_size)
                     tracker.log(step, metrics)
         bar.close()
-        out = root / cfg.logging.output_dir / tracker.run_id / "reward_model"
+        out = out or root / cfg.logging.output_dir / tracker.run_id / "reward_model"
         model.trunk.save_pretrained(out / "trunk")
         tokenizer.save_pretrained(out / "trunk")
         save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
@@ -197,3 +198,31 @@ def load_reward_model(path: Path) -> tuple[RewardModel, PreTrainedTokenizerBase,
     model.head.load_state_dict(load_file(str(path / "head.safetensors")))
     fmt = PromptFormat(PromptConfig.model_validate(meta["prompt"]), meta["chat"])
     return model.eval(), AutoTokenizer.from_pretrained(path / "trunk"), fmt
+
+
+def cached(cfg: ExperimentConfig, root: Path) -> Path:
+    """The reward model of a `kind: reward_model` experiment, trained on first use into
+    .rlcore_cache/reward_model/<config hash>/ (atomically, one builder at a time) and reused after."""
+    import os
+    import shutil
+    import tempfile
+
+    from filelock import FileLock
+
+    key = cfg.config_hash(sections=("seed", "model", "task", "prompt", "reward_model", "trainer"), changed_only=True)
+    out = root / ".rlcore_cache" / "reward_model" / key
+    if (out / MARKER).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / MARKER).is_file():
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+            try:
+                train_reward_model(cfg, root, tmp)
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return out

@@ -144,3 +144,37 @@ def test_dpo_and_ipo_start_at_the_reference_and_widen_the_margin(loss: str, firs
     assert sorted(m.step for m in evals) == [0, len(hist("dpo/loss"))] and before and after
     assert (out / "model.safetensors").is_file()
     assert c.get_run(run_id).data.tags["algorithm"] == ("dpo" if loss == "sigmoid" else "ipo")
+
+
+def test_rl_on_a_learned_reward_logs_the_truth_beside_the_proxy(lab: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reward names a reward-model experiment: it is trained on first use and cached; the RL run's reward is its
+    score, and reward/true, eval/true_accuracy (the verifier) and eval/proxy_reward are logged beside it."""
+    from rlcore.controller import run
+    from rlcore.reward_model import MARKER
+
+    monkeypatch.chdir(lab)
+    prefs = _prefs(lab, tmp_path, 0.0, skip_ties=True)
+    (tmp_path / "rm.yaml").write_text(dedent(f"""
+        kind: reward_model
+        model: {{warm_start: {lab / 'sft.yaml'}}}
+        task: {{min_digits: 1, max_digits: 1, heldout_size: 16}}
+        reward_model: {{pairs: {prefs.name}, epochs: 2, batch_size: 8}}
+        logging: {{experiment: test-rm}}
+    """))
+    exp = tmp_path / "rl_rm.yaml"
+    exp.write_text((lab / "rl.yaml").read_text().replace("model: {warm_start: sft.yaml}",
+                                                           f"model: {{warm_start: {lab / 'sft.yaml'}}}")
+                   + "reward:\n  components:\n    - {name: rm, fn: reward_model, path: rm.yaml}\n")
+    cfg = load_experiment(exp, ["trainer.steps=2", "logging.eval_every=2", "trainer.checkpoint_every=0"])
+    res = run(cfg, root=lab)
+    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
+    got = c.get_run(res.run_id).data.metrics
+    assert {"reward/true", "eval/true_accuracy", "eval/proxy_reward"} <= set(got)
+    assert got["eval/greedy_accuracy"] == got["eval/true_accuracy"]  # accuracy is the verifier's, not the RM score
+    assert 0.0 <= got["reward/true"] <= 1.0 and got["eval/proxy_reward"] != got["eval/true_accuracy"]
+    built = list((lab / ".rlcore_cache" / "reward_model").glob(f"*/{MARKER}"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime
+    run(cfg, root=lab)  # a second run reuses the cached reward model
+    assert built[0].stat().st_mtime == stamp and len(list((lab / ".rlcore_cache" / "reward_model").glob("*"))) <= 2
