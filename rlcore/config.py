@@ -279,6 +279,10 @@ class RewardConfig(_Section):
         "reward/mean is it, and no reward/<name> is logged.",
     )
 
+    log_true: bool = Field(False, description="Also log the task's own verifier beside the reward (reward/true, "
+                           "eval/true_accuracy, eval/proxy_reward): on for a learned reward model, and the way to "
+                           "watch a hackable reward (lesson 18) being hacked.")
+
     @field_validator("components")
     @classmethod
     def _names(cls, value: list[RewardComponent]) -> list[RewardComponent]:

@@ -95,10 +95,10 @@ def heldout_rewards(engine: RolloutEngine, task: Task, cfg: ExperimentConfig,
     for i in range(0, n, chunk):
         b = engine.generate(heldout, 1, Sampling(T, greedy=True), rows=slice(i, i + chunk), generator=noise())
         greedy.append(scorer.accuracy(b.answers, b.finished.tolist(), b.problems))
-        if scorer.learned:  # a learned reward: the truth and the proxy on the same greedy completions
+        if scorer.watch_truth:  # a proxy reward: the truth and the proxy on the same greedy completions
             truth.append(scorer.true_scores(b.answers, b.finished.tolist(), b.problems))
             proxy.append(scorer.total(b.answers, b.finished.tolist(), b.problems))
-    if scorer.learned:
+    if scorer.watch_truth:
         scorer.eval_extra = {"eval/true_accuracy": float(torch.cat(truth).mean()),
                              "eval/proxy_reward": float(torch.cat(proxy).mean())}
     sampled = None

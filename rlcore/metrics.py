@@ -40,7 +40,8 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("reward/<component>", "reward", "unweighted mean of one reward component (reward.components[].name) "
               "over the batch; logged when the reward has more than one component", "01"),
     MetricDef("reward/true", "reward", "mean of the task's own verifier over the batch, logged when the reward is "
-              "a learned reward model (the proxy): the two diverging is over-optimisation", "15"),
+              "a learned reward model or reward.log_true is set (the reward is then a proxy): the two diverging is "
+              "over-optimisation or a hack", "15"),
     MetricDef("prompt/truncated", "prompts", "training prompts cut to prompt.max_tokens this step (overflow: truncate)", "01"),
     MetricDef("reward/zero_var_group_frac", "fraction", "groups whose K rewards are all equal (zero GRPO advantage: wasted samples)", "02"),
     # rollout (dynamic sampling)
@@ -87,7 +88,7 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("eval/sampled_reward", "reward", "expected reward at T=1 per held-out prompt: pi(answer, EOS | prompt) "
               "exactly (char model, no tool), else the mean of k samples", "01"),
     MetricDef("eval/true_accuracy", "fraction", "held-out greedy completions the task's own verifier accepts, logged "
-              "when the reward is a learned reward model", "15"),
+              "when the reward is a learned reward model or reward.log_true is set", "15"),
     MetricDef("eval/proxy_reward", "reward", "the learned reward (the whole weighted reward) of the held-out greedy "
               "completions", "15"),
     # sft warm start

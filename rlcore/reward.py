@@ -106,12 +106,26 @@ def format_reward(completion: str, answer: str, tag: str = "answer", **_: Any) -
     return float(len(found) == 1 and bool(found[0].strip()))
 
 
+def last_digit(completion: str, answer: str, extracted: str | None = None, **_: Any) -> float:
+    """Deliberately hackable (lesson 18): 1 iff the answer's last character is right, whatever comes before it."""
+    got = (extracted if extracted is not None else completion).strip()
+    return float(bool(got) and bool(answer) and got[-1] == answer.strip()[-1])
+
+
+def contains(completion: str, answer: str, **_: Any) -> float:
+    """Deliberately hackable (lesson 18): 1 iff the reference answer appears anywhere in the completion, so a
+    completion that lists many numbers (and never stops) collects it."""
+    return float(answer.strip() in completion)
+
+
 BUILTINS: dict[str, RewardFn | None] = {
     "task": None,  # the task's own verifier (addition: exact with EOS; reasoning_gym: score_answer; dataset: exact)
     "exact": exact,
     "numeric": numeric,
     "math_verify": math_verify,
     "format": format_reward,
+    "last_digit": last_digit,
+    "contains": contains,
 }
 
 
@@ -196,6 +210,7 @@ class Scorer:
             else:
                 self.fns.append((c, resolve_fn(c.fn, search) or task.verify))
         self.weights = torch.tensor([c.weight for c in cfg.components])  # [C]
+        self.watch_truth = bool(self.learned) or cfg.log_true
         # The addition task's own verifier cannot fail; every other reward counts its failures (reward/errors).
         self.count_errors = [c.fn for c in cfg.components] != ["task"] or not getattr(task, "infallible", False)
 
@@ -238,7 +253,7 @@ class Scorer:
         metrics = {"reward/errors": float(totals[-1])} if self.count_errors else {}
         if len(self.fns) > 1:
             metrics |= {f"reward/{c.name}": float(totals[j]) / n for j, (c, _) in enumerate(self.fns)}
-        if self.learned:  # a proxy reward: log the truth beside it (over-optimisation shows as the two diverging)
+        if self.watch_truth:  # a proxy reward: log the truth beside it (over-optimisation shows as the two diverging)
             true = self.true_scores(batch.answers, batch.finished.tolist(), batch.problems)  # [B]
             metrics["reward/true"] = float(batch.reduce_sum(true.sum().reshape(1))[0]) / n
         return parts @ self.weights, metrics

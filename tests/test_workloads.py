@@ -363,3 +363,25 @@ def test_smollm2_loads_offline_and_runs_one_step(lab: Path, monkeypatch: pytest.
     c = MlflowClient(tracking_settings(lab)["tracking_uri"])
     assert c.get_run(res.run_id).data.tags["model"] == "smollm2-135m-instruct"
     assert dict(h["reward/format"])[1] > 0  # the few-shot prompt makes it write the tags
+
+
+def test_leaky_verifiers_are_hackable_by_design() -> None:
+    from rlcore.reward import contains, last_digit
+
+    assert last_digit("999", "579", extracted="999") == 1.0 and last_digit("578", "579", extracted="578") == 0.0
+    assert contains("12357990", "579") == 1.0 and contains("57", "579") == 0.0
+
+
+def test_log_true_puts_the_verifier_beside_a_proxy_reward() -> None:
+    s = _scorer([{"name": "leaky", "fn": "contains"}])
+    s_true = Scorer(RewardConfig.model_validate({"log_true": True, "components": [{"name": "leaky", "fn": "contains"}]}),
+                    s.task)
+    from rlcore.batch import RolloutBatch
+
+    b = RolloutBatch(input_ids=torch.zeros(2, 2, dtype=torch.long), attention_mask=torch.ones(2, 2, dtype=torch.long),
+                     response_mask=torch.ones(2, 1), group=torch.zeros(2, dtype=torch.long),
+                     sampler_logp=torch.zeros(2, 1), finished=torch.ones(2, dtype=torch.bool), prompt_len=1,
+                     problems=[Problem("1+1=", "12")] * 2, completions=["9129", "12"], answers=["9129", "12"])
+    assert "reward/true" not in s.score(b)[1]
+    rewards, metrics = s_true.score(b)
+    assert rewards.tolist() == [1.0, 1.0] and metrics["reward/true"] == 0.5  # the proxy pays both, the truth one
