@@ -124,7 +124,7 @@ def run(
         typer.echo(f"  final policy: {out}")
         return
     if cfg.kind == "reward_model":
-        from rlcore.reward_model import train_reward_model
+        from rlcore.rm_training import train_reward_model
 
         run_id, metrics, out = train_reward_model(cfg, root)
         typer.echo(f"reward model saved to {out}  (MLflow run {run_id}): held-out pair accuracy "

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from rlcore import checkpoint, threads
+from rlcore import checkpoint, rm_training, threads
 from rlcore.algorithm import GROUP_FILTERS, Needs, advantages, lookup, requirements
 from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import ExperimentConfig, RunFailed, flatten
@@ -30,7 +30,7 @@ from rlcore.metrics import batch_metrics, peak_memory_mb, reset_peak_memory, sam
 from rlcore.model import build_policy
 from rlcore.prompts import PromptFormat
 from rlcore.reference import Reference
-from rlcore.reward import Scorer, overlong_penalty, reward_model_dir, reward_search_path
+from rlcore.reward import Scorer, overlong_penalty, reward_search_path
 from rlcore.rollout import ENGINES, RolloutEngine, Sampling, fill_groups
 from rlcore.seeding import seed_everything
 from rlcore.sft import warm_start_dir, warm_start_tags
@@ -71,7 +71,8 @@ class Loop:
     warm_start: Path | None = None  # the directory the policy was loaded from (shipped or built here)
 
 
-def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None, root: Path | None = None) -> Loop:
+def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None,
+          reward_models: dict[str, Path] | None = None) -> Loop:
     """The roles of one run, from the config and the directory of the policy to start from."""
     rank, world, n = acc.process_index, acc.num_processes, cfg.rollout.prompts_per_step
     seed_everything(cfg.seed)
@@ -88,7 +89,7 @@ def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None, root
     engine = ENGINES[cfg.rollout.engine](trainer.unwrapped, tokenizer, seed=cfg.seed, fmt=fmt,
                                          tool=make_tool(cfg.task.tool), max_tool_calls=cfg.task.max_tool_calls,
                                          mask_tool_output=cfg.task.mask_tool_output)
-    scorer = Scorer(cfg.reward, task, reward_search_path(cfg), root)
+    scorer = Scorer(cfg.reward, task, reward_search_path(cfg), reward_models)
     return Loop(cfg=cfg, acc=acc, task=task, scorer=scorer, tokenizer=tokenizer, engine=engine, reference=reference,
                 trainer=trainer, critic=critic, needs=needs, local=slice(rank * n // world, (rank + 1) * n // world),
                 group_filter=lookup(GROUP_FILTERS, cfg.algorithm.group_filter, "group_filter"), warm_start=warm_start)
@@ -100,10 +101,8 @@ def build_for(cfg: ExperimentConfig, root: Path) -> Loop:
     acc = accelerator(cfg)
     with acc.main_process_first():
         ws = warm_start_dir(cfg, root, quiet=not acc.is_main_process)
-        for c in cfg.reward.components:
-            if c.path is not None:
-                reward_model_dir(c.path, reward_search_path(cfg), root)
-    return build(cfg, acc, ws, root)
+        models = {c.name: rm_training.resolve(c.path, cfg._base_dir, root) for c in cfg.reward.components if c.path}
+    return build(cfg, acc, ws, models)
 
 
 def sample(loop: Loop, problems: list[Problem], timer: PhaseTimer, scored: dict[str, float],

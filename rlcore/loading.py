@@ -218,7 +218,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 def check_workload(cfg: ExperimentConfig) -> None:
     """What the schema alone cannot see, checked before any run exists: the task builds (a reasoning-gym generator
     by that name and options, dataset files and columns that exist) and every reward function can be imported."""
-    from rlcore.reward import LEARNED, RewardImportError, resolve_fn, reward_model_dir, reward_search_path
+    from rlcore.reward import LEARNED, RewardImportError, resolve_fn, reward_search_path
     from rlcore.tasks import make_task
 
     if cfg.kind in ("reward_model", "dpo"):
@@ -239,10 +239,7 @@ def check_workload(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"kind: sft trains the addition warm start; task.name {cfg.task.name!r} has no SFT path")
     for i, comp in enumerate(cfg.reward.components):
         if comp.fn == LEARNED:
-            try:
-                reward_model_dir(comp.path, reward_search_path(cfg))
-            except ValueError as e:
-                raise ConfigError(f"reward.components.{i}.path: {e}") from None
+            check_reward_model_path(cfg, f"reward.components.{i}.path", comp.path)
             continue
         try:
             resolve_fn(comp.fn, reward_search_path(cfg))
@@ -255,6 +252,26 @@ def check_workload(cfg: ExperimentConfig) -> None:
         task = make_task(cfg.task, cfg._base_dir)  # raises ConfigError naming the key
         if hasattr(task, "check_budget"):
             task.check_budget(cfg.trainer.steps, cfg.rollout.prompts_per_step)
+
+
+def check_reward_model_path(cfg: ExperimentConfig, key: str, path: str) -> None:
+    """A reward component's `path`: a trained reward-model folder, or a `kind: reward_model` experiment (trained
+    on first use). A policy folder is the usual mistake, said as such."""
+    from rlcore.reward_model import MARKER
+
+    p = cfg.resolve_path(path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"{key}: no such file {path!r}")
+        try:
+            exp = load_experiment(p)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {path}: {e}") from None
+        if exp.kind != "reward_model":
+            raise ConfigError(f"{key}: {path!r} is not a `kind: reward_model` experiment")
+    elif not (p / MARKER).is_file():
+        what = "a policy, not a reward model" if (p / "config.json").is_file() else "not a reward model folder"
+        raise ConfigError(f"{key}: {path!r} is {what} (no {MARKER}; train one with kind: reward_model)")
 
 
 def check_model_source(m: ModelConfig) -> None:

@@ -171,33 +171,13 @@ def resolve_fn(name: str, search: tuple[Path, ...] = ()) -> RewardFn | None:
 LEARNED = "reward_model"  # a component scored by a trained reward model (rlcore.reward_model), batched
 
 
-def reward_model_dir(path: str, search: tuple[Path, ...] = (), root: Path | None = None) -> Path:
-    """A reward model's folder: `path` (relative to the experiment's folder, the first search directory) is the
-    folder itself, or a `kind: reward_model` experiment, whose model is trained on first use (with `root`; without
-    one the experiment is only validated). ValueError when it is neither."""
-    from rlcore.reward_model import MARKER
-
-    p = Path(path).expanduser()
-    p = p if p.is_absolute() or not search else (search[0] / p).resolve()
-    if p.suffix in (".yaml", ".yml"):
-        from rlcore.loading import load_experiment
-        from rlcore.reward_model import cached
-
-        exp = load_experiment(p)  # a ConfigError names what is wrong in it
-        if exp.kind != "reward_model":
-            raise ValueError(f"{path!r} is not a `kind: reward_model` experiment")
-        return cached(exp, root) if root is not None else p
-    if (p / MARKER).is_file():
-        return p
-    if (p / "config.json").is_file():
-        raise ValueError(f"{path!r} is a policy, not a reward model (no {MARKER}; train one with kind: reward_model)")
-    raise ValueError(f"{path!r} is not a reward model folder (no {MARKER})")
-
-
 class Scorer:
     """Scores a batch: one row of component scores per completion, their weighted sum, and the metrics."""
 
-    def __init__(self, cfg: RewardConfig, task: Task, search: tuple[Path, ...] = (), root: Path | None = None):
+    def __init__(self, cfg: RewardConfig, task: Task, search: tuple[Path, ...] = (),
+                 models: dict[str, Path] | None = None):
+        """`models`: component name -> reward-model folder, for components with fn: reward_model (resolved by the
+        caller: rlcore.rm_training.resolve trains one named by its experiment)."""
         self.cfg, self.task = cfg, task
         self.learned = {}  # component index -> (reward model, its tokenizer, its prompt format)
         self.fns = []
@@ -205,7 +185,9 @@ class Scorer:
             if c.fn == LEARNED:
                 from rlcore.reward_model import load_reward_model
 
-                self.learned[j] = load_reward_model(reward_model_dir(c.path, search, root or Path.cwd()))
+                if not models or c.name not in models:
+                    raise ValueError(f"reward component {c.name!r}: no reward-model folder given for it")
+                self.learned[j] = load_reward_model(models[c.name])
                 self.fns.append((c, None))
             else:
                 self.fns.append((c, resolve_fn(c.fn, search) or task.verify))

@@ -79,7 +79,8 @@ def test_reward_model_trains_on_the_pairs_logs_heldout_accuracy_and_reloads(lab:
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from rlcore.reward_model import heldout_metrics, load_pairs, load_reward_model, pair_scores, train_reward_model
+    from rlcore.reward_model import heldout_metrics, load_reward_model, pair_scores
+    from rlcore.rm_training import load_pairs, train_reward_model
 
     monkeypatch.chdir(lab)
     prefs = _prefs(lab, tmp_path, 0.0)

@@ -1,0 +1,135 @@
+"""Training a reward model (`kind: reward_model`) and finding the one a reward names: a trained folder, or a
+`kind: reward_model` experiment trained on first use and cached by its config hash."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rlcore.config import ConfigError, ExperimentConfig
+from rlcore.prompts import PromptFormat
+from rlcore.reward_model import MARKER, RewardModel, bt_loss, heldout_metrics, pair_scores, split_by_prompt
+
+
+def load_pairs(cfg: ExperimentConfig, root: Path) -> list[dict]:
+    """The pairs of `reward_model.pairs` (a `kind: preferences` experiment, built on first use)."""
+    from rlcore.preferences import load_pairs as load
+
+    return load(cfg, cfg.reward_model.pairs, root)
+
+
+def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = None) -> tuple[str, dict[str, float], Path]:
+    """Train, evaluate and save a reward model as its own MLflow run (to `out`, default
+    outputs/<run_id>/reward_model); returns (run id, final metrics, directory)."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from rlcore import threads
+    from rlcore.config import flatten
+    from rlcore.model import build_policy
+    from rlcore.seeding import seed_everything
+    from rlcore.sft import warm_start_dir
+    from rlcore.tracking import Tracker, git_commit
+    from rlcore.trainer import Learner, adamw, step_learners
+
+    threads.say_once()
+    rows = load_pairs(cfg, root)
+    seed_everything(cfg.seed)
+    policy, tokenizer = build_policy(cfg.model, warm_start_dir(cfg, root))
+    model = RewardModel(policy)
+    del policy
+    fmt = PromptFormat(cfg.prompt, cfg.model.use_chat_template)
+    rm = cfg.reward_model
+    train, held = split_by_prompt(rows, rm.heldout_frac, cfg.seed)
+    if not train or not held:
+        raise ConfigError(f"reward_model.heldout_frac: {len(rows)} pairs split into {len(train)} to train on and "
+                          f"{len(held)} held out; both must be non-empty")
+    t = cfg.trainer
+    steps = rm.epochs * -(-len(train) // rm.batch_size)
+    opt, sched = adamw(model.parameters(), t, cosine_over=steps)
+    tracker = Tracker(cfg.logging.experiment, root)
+    tags = {"rlcore.kind": "reward_model", "task": cfg.task.name, "git_commit": git_commit(root),
+            "rlcore.rm.pairs": str(len(rows)), "rlcore.rm.heldout_pairs": str(len(held)), **cfg.logging.tags}
+    rng = random.Random(cfg.seed)
+    with tracker.run(cfg.logging.run_name or "reward-model", tags, flatten(cfg.to_dict()),
+                     yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
+        metrics = heldout_metrics(model, tokenizer, fmt, held, t.micro_batch_size)
+        tracker.log(0, metrics)
+        bar = tqdm(total=steps, desc="reward model", unit="step", file=sys.stderr, dynamic_ncols=True)
+        step = 0
+        for _ in range(rm.epochs):
+            order = train[:]
+            rng.shuffle(order)
+            for i in range(0, len(order), rm.batch_size):
+                part = order[i : i + rm.batch_size]
+                seen: dict[str, float] = {}
+
+                def loss_of(_m, _norm, part=part, seen=seen) -> tuple[torch.Tensor, dict]:
+                    chosen, rejected = pair_scores(model, tokenizer, fmt, part)  # [n], [n]
+                    loss = bt_loss(chosen, rejected, rm.center_coef)
+                    seen.update({"rm/loss": float(loss.detach()),
+                                 "rm/accuracy": float((chosen > rejected).float().mean())})
+                    return loss, {}
+
+                step_learners([Learner("reward_model", model, opt, loss_of)], [None], None, t.grad_clip)
+                sched.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{seen['rm/loss']:.3f}")
+                tracker.log(step, seen)
+                if step % cfg.logging.eval_every == 0 or step == steps:
+                    metrics = heldout_metrics(model, tokenizer, fmt, held, t.micro_batch_size)
+                    tracker.log(step, metrics)
+        bar.close()
+        out = out or root / cfg.logging.output_dir / tracker.run_id / "reward_model"
+        model.trunk.save_pretrained(out / "trunk")
+        tokenizer.save_pretrained(out / "trunk")
+        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
+        (out / MARKER).write_text(json.dumps({"kind": "reward_model", "run_id": tracker.run_id, **metrics,
+                                              "prompt": cfg.prompt.model_dump(), "chat": cfg.model.use_chat_template}))
+    return tracker.run_id, metrics, out
+
+
+def cached(cfg: ExperimentConfig, root: Path) -> Path:
+    """The reward model of a `kind: reward_model` experiment, trained on first use into
+    .rlcore_cache/reward_model/<config hash>/ (atomically, one builder at a time) and reused after."""
+    import os
+    import shutil
+    import tempfile
+
+    from filelock import FileLock
+
+    key = cfg.config_hash(sections=("seed", "model", "task", "prompt", "reward_model", "trainer"), changed_only=True)
+    out = root / ".rlcore_cache" / "reward_model" / key
+    if (out / MARKER).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / MARKER).is_file():
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+            try:
+                train_reward_model(cfg, root, tmp)
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return out
+
+
+def resolve(path: str, base_dir: Path, root: Path) -> Path:
+    """The folder of the reward model a reward component names (relative to the experiment's folder): the folder
+    itself, or a `kind: reward_model` experiment's model, trained here on first use."""
+    from rlcore.loading import load_experiment
+
+    p = Path(path).expanduser()
+    p = p if p.is_absolute() else (base_dir / p).resolve()
+    if p.suffix in (".yaml", ".yml"):
+        return cached(load_experiment(p), root)
+    return p
