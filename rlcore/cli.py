@@ -177,6 +177,40 @@ def choose_checkpoint(cfg, root: Path) -> Path:
                       "(the config must be identical, overrides included)")
 
 
+@app.command("eval")
+def eval_search(
+    file: Annotated[Path, typer.Argument(help="Experiment YAML: its task, prompt, reward (the first component is "
+                                              "the truth) and starting policy.")],
+    n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Samples per prompt for best-of-N and the oracle.")] = 4,
+    rm: Annotated[str | None, typer.Option("--rm", help="Reward model: a trained folder or a `kind: reward_model` "
+                                                        "experiment (trained on first use).")] = None,
+    policy: Annotated[Path | None, typer.Option("--policy", help="A policy folder (e.g. outputs/<run_id>/policy) "
+                                                                 "instead of the experiment's starting policy.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Search at evaluation: greedy vs best-of-N (ranked by a reward model) vs the oracle, at N samples a prompt."""
+    cfg = load_experiment(file, set_ or [])
+    from rlcore.tracking import project_root
+
+    root = project_root()
+    if policy is not None and not (policy / "config.json").is_file():
+        raise ConfigError(f"--policy: {str(policy)!r} is not a model folder (no config.json)")
+    rm_dir = None
+    if rm is not None:
+        from rlcore.loading import check_reward_model_path
+        from rlcore.rm_training import resolve
+
+        check_reward_model_path(cfg, "--rm", str(Path(rm).resolve()))
+        rm_dir = resolve(str(Path(rm).resolve()), cfg._base_dir, root)
+    from rlcore.search import evaluate_search
+
+    rows = evaluate_search(cfg, root, n, rm_dir, policy)
+    typer.echo(f"{'method':10} {'n':>5} {'accuracy':>9} {'samples':>8} {'tokens':>8}   ({len(rows) and rows[0]['samples']} "
+               "held-out prompts)")
+    for r in rows:
+        typer.echo(f"{r['method']:10} {r['n']:5d} {r['accuracy']:9.3f} {r['samples']:8d} {r['tokens']:8d}")
+
+
 @app.command()
 def validate(file: Annotated[Path, typer.Argument(help="Experiment or sweep YAML, or a lesson .md.")],
              set_: SetOpt = None) -> None:

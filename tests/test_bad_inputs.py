@@ -76,6 +76,8 @@ COMMANDS = [
     (["sweep", SWEEP, "--trials", "0"], "n_trials: must be > 0"),
     (["sweep", SWEEP, "--workers", "0"], "workers: must be >= 1"),
     (["replay", "nope.jsonl"], "no such file"),
+    (["eval", "rl.yaml", "--policy", "nowhere"], "--policy: 'nowhere' is not a model folder"),
+    (["eval", "rl.yaml", "--rm", "sft.yaml"], "--rm: "),
     (["replay", "rl.yaml"], "not a replay file"),
 ]
 

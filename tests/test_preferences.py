@@ -179,3 +179,32 @@ def test_rl_on_a_learned_reward_logs_the_truth_beside_the_proxy(lab: Path, tmp_p
     stamp = built[0].stat().st_mtime
     run(cfg, root=lab)  # a second run reuses the cached reward model
     assert built[0].stat().st_mtime == stamp and len(list((lab / ".rlcore_cache" / "reward_model").glob("*"))) <= 2
+
+
+def test_search_at_evaluation_ranks_by_the_reward_model(lab: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Best-of-N keeps the reward model's pick: with a reward model that scores the truth it equals the oracle
+    (pass@N), with one that scores the opposite it keeps the worst; the budget is N samples a prompt."""
+    import torch
+
+    import rlcore.reward as reward
+    from rlcore.search import evaluate_search
+
+    monkeypatch.chdir(lab)
+    cfg = load_experiment(lab / "rl.yaml", ["task.heldout_size=16"])
+    oracle_scores = {}
+
+    def scores_by_truth(model, tok, fmt, prompts, texts, chunk=64):
+        right = [t == str(sum(int(x) for x in p[:-1].split("+"))) for p, t in zip(prompts, texts, strict=True)]
+        return oracle_scores["sign"] * torch.tensor(right, dtype=torch.float32)
+
+    monkeypatch.setattr(reward, "learned_scores", scores_by_truth)
+    monkeypatch.setattr("rlcore.reward_model.load_reward_model", lambda path: (None, None, None))
+    out = {}
+    for sign in (1.0, -1.0):
+        oracle_scores["sign"] = sign
+        out[sign] = {r["method"]: r for r in evaluate_search(cfg, lab, 4, tmp_path)}
+    good, bad = out[1.0], out[-1.0]
+    assert good["best_of_n"]["accuracy"] == good["oracle"]["accuracy"] >= good["sample"]["accuracy"]
+    assert bad["best_of_n"]["accuracy"] <= bad["sample"]["accuracy"] <= bad["oracle"]["accuracy"]
+    assert good["best_of_n"]["samples"] == 4 * 16 and good["greedy"]["samples"] == 16
+    assert good["greedy"]["tokens"] > 0 and good["best_of_n"]["tokens"] == good["oracle"]["tokens"]
