@@ -426,6 +426,26 @@ class TrainerConfig(_Section):
         return value
 
 
+class CurationConfig(_Section):
+    """Prompt curation by online pass-rate estimates (lesson 18a): a prompt whose difficulty bucket (addition: the
+    operands' digits and the number of carries) the policy always or never solves is skipped before any rollout,
+    where DAPO's group filter pays for the rollout first and drops the group after."""
+
+    enabled: bool = Field(False, description="Skip prompts from buckets whose estimated pass rate is outside (low, high).")
+    low: float = Field(0.05, ge=0, lt=1, description="A bucket estimated to pass at most this often is skipped (never solved).")
+    high: float = Field(0.95, gt=0, le=1, description="A bucket estimated to pass at least this often is skipped (always solved).")
+    min_groups: int = Field(4, ge=1, le=1_000_000, description="Groups a bucket must have been seen in before its estimate is trusted.")
+    explore: float = Field(0.1, ge=0, le=1, description="Chance of keeping a prompt from a skipped bucket anyway, so its estimate keeps moving.")
+    decay: float = Field(0.8, ge=0, lt=1, description="Weight of the old estimate when a group of the bucket is observed (EMA).")
+    max_draws: int = Field(20, ge=1, le=10_000, description="Prompts drawn per prompt needed before skipped ones fill the step.")
+
+    @model_validator(mode="after")
+    def _band(self) -> CurationConfig:
+        if self.low >= self.high:
+            raise ValueError(f"low must be < high, got {self.low} >= {self.high}")
+        return self
+
+
 class PreferencesConfig(_Section):
     """`kind: preferences`: sample completions from the policy and label pairs with a simulated annotator whose
     judgement is the task's true reward, with noise and an optional bias (lesson 15)."""
@@ -500,6 +520,7 @@ class ExperimentConfig(_Section):
                            "default), reasoning_gym or dataset; each has its own keys.")
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    curation: CurationConfig = Field(default_factory=CurationConfig)
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
@@ -516,6 +537,15 @@ class ExperimentConfig(_Section):
             raise ValueError(f"algorithm.advantage {self.algorithm.advantage!r} compares the samples of one prompt: "
                              f"rollout.samples_per_prompt must be >= 2 (with 1 every advantage is 0), got "
                              f"{self.rollout.samples_per_prompt}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_filter(self) -> ExperimentConfig:
+        from rlcore.algorithm import requirements
+
+        if self.curation.enabled and requirements(self.algorithm).resample:
+            raise ValueError(f"curation.enabled and algorithm.group_filter {self.algorithm.group_filter!r} both filter "
+                             "prompts: choose one (lesson 18a compares them)")
         return self
 
     @model_validator(mode="after")

@@ -34,7 +34,7 @@ from rlcore.reward import Scorer, overlong_penalty, reward_search_path
 from rlcore.rollout import ENGINES, RolloutEngine, Sampling, fill_groups
 from rlcore.seeding import seed_everything
 from rlcore.sft import warm_start_dir, warm_start_tags
-from rlcore.tasks import DatasetTask, Task, make_task
+from rlcore.tasks import CuratedStream, DatasetTask, Task, make_task
 from rlcore.timing import PhaseTimer
 from rlcore.tools import make_tool
 from rlcore.tracking import CONFIG_TAG, Tracker, git_commit, project_root
@@ -203,14 +203,19 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     out = RunResult(tracker.run_id if tracker else None, tracker.where if tracker else None, {}, {}, None, start)
     with open_run(loop, tracker, root, extra_tags, ckpt), checkpoint.StopRequest() as stop_request:
         begin(loop, tracker, out, on_start, fresh=start == 0, t0=t0, step=start)
-        stream = loop.task.stream(cfg.seed, ckpt and ckpt["stream"])  # where the checkpoint left it
+        stream = open_stream(loop, ckpt and ckpt["stream"])  # where the checkpoint left it
         bar = tqdm(range(start + 1, cfg.trainer.steps + 1), desc="rl", unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=tracker is None or bool(os.environ.get("RLCORE_NO_BAR")), initial=start,
                    total=cfg.trainer.steps)
         for i in bar:
-            batch, metrics = step(loop, stream.take(cfg.rollout.prompts_per_step),
-                                  lambda: stream.take(cfg.rollout.prompts_per_step))
+            problems_of = [stream.take(cfg.rollout.prompts_per_step)]
+            batch, metrics = step(loop, problems_of[0], lambda: stream.take(cfg.rollout.prompts_per_step))
             out.steps_done = i
+            if isinstance(stream, CuratedStream):  # the estimates learn from every process's groups alike
+                rewards = loop.acc.gather(batch.rewards.to(loop.acc.device)).cpu() if loop.acc.num_processes > 1 \
+                    else batch.rewards  # [B_global], prompt-major
+                stream.observe(problems_of[0], rewards.tolist(), cfg.rollout.samples_per_prompt)
+                metrics |= stream.metrics()
             check_finite(loop, batch, i)
             metrics["timing/wall"] = time.perf_counter() - t0
             out.stopped_early = report(loop, tracker, out, bar, i, batch, metrics, on_eval)
@@ -230,6 +235,17 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
         tracker and tracker.log(out.steps_done, {"timing/save": time.perf_counter() - t,
                                                  "timing/total": time.perf_counter() - t0})
     return out
+
+
+def open_stream(loop: Loop, state: dict | None):
+    """The run's prompt stream, curated when `curation.enabled` (its state, curation included, resumes as one)."""
+    cfg = loop.cfg
+    if not cfg.curation.enabled:
+        return loop.task.stream(cfg.seed, state)
+    stream = CuratedStream(loop.task.stream(cfg.seed), loop.task.bucket, cfg.curation, cfg.seed)
+    if state is not None:
+        stream.load_state_dict(state)
+    return stream
 
 
 def begin(loop: Loop, tracker: Tracker | None, out: RunResult, on_start, fresh: bool, t0: float, step: int) -> None:

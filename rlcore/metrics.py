@@ -48,6 +48,10 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("rollout/rounds", "rounds", "rollout rounds this step (1 without a group filter)", "13"),
     MetricDef("rollout/kept_group_frac", "fraction", "drawn groups the group filter kept (DAPO: groups with reward variance)", "13"),
     MetricDef("rollout/filler_groups", "groups", "filtered-out groups used to fill the batch after max_sample_rounds", "13"),
+    # curation (lesson 18a)
+    MetricDef("curation/kept_frac", "fraction", "prompts kept of those drawn so far by the pass-rate curation", "18a"),
+    MetricDef("curation/skipped_buckets", "buckets", "difficulty buckets now skipped: seen in enough groups and "
+              "estimated to pass at most curation.low or at least curation.high", "18a"),
     # advantage
     MetricDef("adv/mean", "adv", "mean advantage over response tokens", "04"),
     MetricDef("adv/abs_mean", "adv", "mean |advantage| over response tokens (signal strength)", "04"),

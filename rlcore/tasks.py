@@ -45,6 +45,10 @@ class Task(Protocol):
         """The `task` reward component (see rlcore.reward for the signature)."""
         ...
 
+    def bucket(self, problem: Problem) -> str:
+        """The problem's difficulty bucket (curation estimates a pass rate per bucket)."""
+        ...
+
 
 class _Taking:
     def __iter__(self) -> Iterator[Problem]:
@@ -105,6 +109,16 @@ class AdditionTask:
     def verify(completion: str, answer: str, finished: bool = True, **_: Any) -> float:
         """1.0 iff the completion is exactly the answer and the model ended it with EOS."""
         return float(finished and completion == answer)
+
+    @staticmethod
+    def bucket(problem: Problem) -> str:
+        """Difficulty bucket: the operands' digit counts and how many columns carry, e.g. `3+2 c1`."""
+        a, b = problem.prompt.rstrip("=").split("+")
+        carries, carry = 0, 0
+        for x, y in zip(reversed(a.zfill(len(b))), reversed(b.zfill(len(a))), strict=True):
+            carry = int(int(x) + int(y) + carry >= 10)
+            carries += carry
+        return f"{len(a)}+{len(b)} c{carries}"
 
 
 class PromptStream(_Taking):
@@ -177,6 +191,13 @@ class ReasoningGymTask:
                **_: Any) -> float:
         """reasoning-gym's own `score_answer(extracted, entry)` (partial credit where the generator gives it)."""
         return float(self._heldout_ds.score_answer(answer=extracted, entry=metadata))
+
+    @staticmethod
+    def bucket(problem: Problem) -> str:
+        """Difficulty bucket from the entry's metadata where the generator records terms and digits, else one."""
+        meta = (problem.meta or {}).get("metadata", {})
+        keys = [k for k in ("num_terms", "num_digits", "num_numbers") if k in meta]
+        return " ".join(f"{k}={meta[k]}" for k in keys) or "all"
 
 
 class IndexStream(_Taking):
@@ -275,6 +296,10 @@ class DatasetTask:
         """Exact match of the extracted answer and the reference, both stripped."""
         return float(extracted is not None and extracted.strip() == answer.strip())
 
+    @staticmethod
+    def bucket(problem: Problem) -> str:
+        return "all"  # rows carry no difficulty the lab knows of
+
 
 class EpochStream(_Taking):
     """Rows in epoch order. State = (epoch, index within the epoch): the permutation of an epoch is a function of
@@ -307,6 +332,72 @@ class EpochStream(_Taking):
     def load_state_dict(self, state: dict) -> None:
         self.position, self.epoch, self.index = state["position"], state["epoch"], state["index"]
         self._order = self._permutation(self.epoch)
+
+
+class CuratedStream(_Taking):
+    """A stream that skips prompts from difficulty buckets the policy always or never solves (lesson 18a).
+
+    Each bucket's pass rate is an EMA over the groups observed in it (`observe`: a group passes in the share of its
+    K completions whose reward is >= 1, the task's verdict). A prompt is kept if its bucket has been seen in fewer
+    than `min_groups` groups, or its estimate is inside (low, high), or by the `explore` coin. `take(n)` draws until
+    n are kept or n * max_draws were drawn, then fills with the skipped ones in draw order. The whole state (inner
+    stream, estimates, coin) is in `state_dict`, so a resumed run makes the same choices.
+    """
+
+    def __init__(self, inner: Stream, bucket, cfg, seed: int):
+        self.inner, self.bucket, self.cfg = inner, bucket, cfg
+        self.rng = random.Random(derived_seed("curation", seed))
+        self.rate: dict[str, float] = {}
+        self.seen: dict[str, int] = {}
+        self.drawn = self.kept = 0
+
+    @property
+    def position(self) -> int:
+        return self.inner.position
+
+    def __next__(self) -> Problem:
+        return self.take(1)[0]
+
+    def keeps(self, problem: Problem) -> bool:
+        b = self.bucket(problem)
+        if self.seen.get(b, 0) < self.cfg.min_groups or self.cfg.low < self.rate[b] < self.cfg.high:
+            return True
+        return self.rng.random() < self.cfg.explore
+
+    def take(self, n: int) -> list[Problem]:
+        kept: list[Problem] = []
+        skipped: list[Problem] = []
+        while len(kept) < n and len(kept) + len(skipped) < n * self.cfg.max_draws:
+            p = next(self.inner)
+            (kept if self.keeps(p) else skipped).append(p)
+        self.drawn += len(kept) + len(skipped)
+        self.kept += len(kept)
+        return kept + skipped[: n - len(kept)]
+
+    def observe(self, problems: list[Problem], rewards: list[float], k: int) -> None:
+        """Update the estimates from a step's global groups (problem i answered by rewards[i*k:(i+1)*k])."""
+        for i, p in enumerate(problems):
+            b = self.bucket(p)
+            passed = sum(r >= 1.0 for r in rewards[i * k : (i + 1) * k]) / k
+            old = self.rate.get(b, passed)
+            self.rate[b] = passed if b not in self.seen else self.cfg.decay * old + (1 - self.cfg.decay) * passed
+            self.seen[b] = self.seen.get(b, 0) + 1
+
+    def metrics(self) -> dict[str, float]:
+        """Share of drawn prompts kept so far, and buckets now skipped (trusted and outside the band)."""
+        out = [b for b, r in self.rate.items() if self.seen[b] >= self.cfg.min_groups
+               and not self.cfg.low < r < self.cfg.high]
+        return {"curation/kept_frac": self.kept / max(self.drawn, 1), "curation/skipped_buckets": float(len(out))}
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "rng": self.rng.getstate(), "rate": dict(self.rate),
+                "seen": dict(self.seen), "drawn": self.drawn, "kept": self.kept}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.rng.setstate(state["rng"])
+        self.rate, self.seen = dict(state["rate"]), dict(state["seen"])
+        self.drawn, self.kept = state["drawn"], state["kept"]
 
 
 def resolve(p: str, base_dir: Path) -> Path:
