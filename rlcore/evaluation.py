@@ -66,11 +66,18 @@ def answer_scores(engine: RolloutEngine, problems: list[Problem], max_new_tokens
     return torch.cat(greedy_out), torch.cat(prob_out)
 
 
-@torch.no_grad()
 def heldout_rewards(engine: RolloutEngine, task: Task, cfg: ExperimentConfig,
                     scorer: Scorer | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per held-out prompt: greedy accuracy [P] (the reward's first component) and expected reward at T = 1 [P]
-    (exact, or the mean of k samples; None when task.eval_samples is 0).
+    (exact, or the mean of k samples; None when task.eval_samples is 0). See `heldout_scores`."""
+    return heldout_scores(engine, task, cfg, scorer)[:2]
+
+
+@torch.no_grad()
+def heldout_scores(engine: RolloutEngine, task: Task, cfg: ExperimentConfig,
+                   scorer: Scorer | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """`heldout_rewards`, plus eval/true_accuracy and eval/proxy_reward when the reward is a proxy whose truth is
+    watched (a learned reward model, or reward.log_true), from the same greedy completions.
 
     The sampled path's noise comes from its own generator seeded by the held-out set's seed, not the run's: every
     eval of every run draws the same uniforms, so comparisons are paired, and evaluating never shifts the training
@@ -79,7 +86,7 @@ def heldout_rewards(engine: RolloutEngine, task: Task, cfg: ExperimentConfig,
     """
     heldout, T = task.heldout, cfg.rollout.max_new_tokens
     if exact_applies(engine, cfg):
-        return answer_scores(engine, heldout, T, chunk=cfg.trainer.micro_batch_size)
+        return *answer_scores(engine, heldout, T, chunk=cfg.trainer.micro_batch_size), {}
     scorer = scorer or Scorer(cfg.reward, task)
     counted = engine.fmt.truncated if engine.fmt is not None else 0
     n, chunk, k = len(heldout), max(1, cfg.trainer.micro_batch_size), cfg.task.eval_samples
@@ -94,13 +101,13 @@ def heldout_rewards(engine: RolloutEngine, task: Task, cfg: ExperimentConfig,
     greedy, truth, proxy = [], [], []
     for i in range(0, n, chunk):
         b = engine.generate(heldout, 1, Sampling(T, greedy=True), rows=slice(i, i + chunk), generator=noise())
-        greedy.append(scorer.accuracy(b.answers, b.finished.tolist(), b.problems))
-        if scorer.watch_truth:  # a proxy reward: the truth and the proxy on the same greedy completions
-            truth.append(scorer.true_scores(b.answers, b.finished.tolist(), b.problems))
-            proxy.append(scorer.total(b.answers, b.finished.tolist(), b.problems))
-    if scorer.watch_truth:
-        scorer.eval_extra = {"eval/true_accuracy": float(torch.cat(truth).mean()),
-                             "eval/proxy_reward": float(torch.cat(proxy).mean())}
+        acc, true, total = scorer.judge(b.answers, b.finished.tolist(), b.problems)  # [b] each (true: or None)
+        greedy.append(acc)
+        if true is not None:  # a proxy reward: the truth and the proxy on the same greedy completions
+            truth.append(true)
+            proxy.append(total)
+    extra = {"eval/true_accuracy": float(torch.cat(truth).mean()),
+             "eval/proxy_reward": float(torch.cat(proxy).mean())} if truth else {}
     sampled = None
     if k:
         out = []
@@ -111,14 +118,13 @@ def heldout_rewards(engine: RolloutEngine, task: Task, cfg: ExperimentConfig,
         sampled = torch.cat(out).view(n, k).mean(1)
     if engine.fmt is not None:
         engine.fmt.truncated = counted  # held-out prompts were checked before the run; they are not training's count
-    return torch.cat(greedy), sampled
+    return torch.cat(greedy), sampled, extra
 
 
 def evaluate(engine: RolloutEngine, task: Task, cfg: ExperimentConfig, scorer: Scorer | None = None) -> dict[str, float]:
     """eval/greedy_accuracy and eval/sampled_reward (expected reward at T = 1); see heldout_rewards."""
-    scorer = scorer or Scorer(cfg.reward, task)
-    greedy, sampled = heldout_rewards(engine, task, cfg, scorer)
-    out = {"eval/greedy_accuracy": float(greedy.mean())} | getattr(scorer, "eval_extra", {})
+    greedy, sampled, extra = heldout_scores(engine, task, cfg, scorer)
+    out = {"eval/greedy_accuracy": float(greedy.mean())} | extra
     if sampled is not None:
         out["eval/sampled_reward"] = float(sampled.mean())
     return out

@@ -199,20 +199,28 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     check_model_source(cfg.model)
     check_workload(cfg)
     if cfg.model.warm_start is not None:
-        ws = cfg.resolve_path(cfg.model.warm_start)
-        if not ws.is_file():
-            raise ConfigError(f"model.warm_start: no such file {cfg.model.warm_start!r}")
-        chain = (*_chain, here)
+        ws, chain = cfg.resolve_path(cfg.model.warm_start), (*_chain, here)
         if ws in chain:
             loop = " -> ".join(p.name for p in (*chain, ws))
             raise ConfigError(f"model.warm_start: a cycle of warm starts: {loop}")
-        try:
-            sft = load_experiment(ws, _chain=chain)
-        except ConfigError as e:
-            raise ConfigError(f"model.warm_start: {cfg.model.warm_start}: {e}") from None
-        if sft.kind != "sft":
-            raise ConfigError(f"model.warm_start: {cfg.model.warm_start!r} is not a `kind: sft` experiment")
+        named_experiment(cfg, "model.warm_start", cfg.model.warm_start, "sft", chain)
     return cfg
+
+
+def named_experiment(cfg: ExperimentConfig, key: str, rel: str, kind: str,
+                     chain: tuple[Path, ...] = ()) -> ExperimentConfig:
+    """The experiment that `key` names by path (relative to `cfg`'s file), loaded, validated and of the `kind` it
+    must be; every problem is a ConfigError naming the key."""
+    path = cfg.resolve_path(rel)
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file {rel!r}")
+    try:
+        exp = load_experiment(path, _chain=chain)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {rel}: {e}") from None
+    if exp.kind != kind:
+        raise ConfigError(f"{key}: {rel!r} is not a `kind: {kind}` experiment")
+    return exp
 
 
 def check_workload(cfg: ExperimentConfig) -> None:
@@ -226,15 +234,7 @@ def check_workload(cfg: ExperimentConfig) -> None:
         pairs = getattr(cfg, cfg.kind).pairs
         if pairs is None:
             raise ConfigError(f"{key}: required for `kind: {cfg.kind}` (a `kind: preferences` experiment)")
-        path = cfg.resolve_path(pairs)
-        if not path.is_file():
-            raise ConfigError(f"{key}: no such file {pairs!r}")
-        try:
-            prefs = load_experiment(path)
-        except ConfigError as e:
-            raise ConfigError(f"{key}: {pairs}: {e}") from None
-        if prefs.kind != "preferences":
-            raise ConfigError(f"{key}: {pairs!r} is not a `kind: preferences` experiment")
+        named_experiment(cfg, key, pairs, "preferences")
     if cfg.kind == "sft" and cfg.task.name != "addition":
         raise ConfigError(f"kind: sft trains the addition warm start; task.name {cfg.task.name!r} has no SFT path")
     for i, comp in enumerate(cfg.reward.components):
@@ -261,14 +261,7 @@ def check_reward_model_path(cfg: ExperimentConfig, key: str, path: str) -> None:
 
     p = cfg.resolve_path(path)
     if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise ConfigError(f"{key}: no such file {path!r}")
-        try:
-            exp = load_experiment(p)
-        except ConfigError as e:
-            raise ConfigError(f"{key}: {path}: {e}") from None
-        if exp.kind != "reward_model":
-            raise ConfigError(f"{key}: {path!r} is not a `kind: reward_model` experiment")
+        named_experiment(cfg, key, path, "reward_model")
     elif not (p / MARKER).is_file():
         what = "a policy, not a reward model" if (p / "config.json").is_file() else "not a reward model folder"
         raise ConfigError(f"{key}: {path!r} is {what} (no {MARKER}; train one with kind: reward_model)")

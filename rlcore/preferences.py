@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from rlcore.atomic import atomic_dir
 from rlcore.config import ExperimentConfig
 
 PAIRS, CARD = "pairs.jsonl", "card.json"
@@ -112,20 +110,12 @@ def build(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> tuple[Path,
         "model": cfg.model.warm_start or cfg.model.name_or_path or "tiny-llama",
         "config": cfg.to_dict(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         with open(tmp / PAIRS, "w") as f:
             for x in rows:
                 f.write(json.dumps(x) + "\n")
         card["sha256"] = hashlib.sha256((tmp / PAIRS).read_bytes()).hexdigest()
         (tmp / CARD).write_text(json.dumps(card, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, card
 
 

@@ -240,12 +240,14 @@ class Scorer:
             metrics["reward/true"] = float(batch.reduce_sum(true.sum().reshape(1))[0]) / n
         return parts @ self.weights, metrics
 
-    def accuracy(self, texts: list[str], finished: list[bool], problems: list) -> torch.Tensor:
-        """What eval/greedy_accuracy reports per sample [B]: the first component's score, or the task's own verifier
-        when the first component is a learned reward (a reward model's score is not an accuracy)."""
-        if 0 in self.learned:
-            return self.true_scores(texts, finished, problems)
-        return self.components(texts, finished, problems)[0][:, 0]
+    def judge(self, texts: list[str], finished: list[bool],
+              problems: list) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Held-out scoring in one pass over the components: accuracy [B] (the first component's score, or the
+        task's own verifier when the first component is a learned reward: a reward model's score is not an
+        accuracy), the verifier [B] when the truth is watched (else None), and the total reward [B]."""
+        parts = self.components(texts, finished, problems)[0]  # [B, C]
+        truth = self.true_scores(texts, finished, problems) if self.watch_truth else None
+        return (truth if 0 in self.learned else parts[:, 0]), truth, parts @ self.weights
 
     def total(self, texts: list[str], finished: list[bool], problems: list) -> torch.Tensor:
         return self.components(texts, finished, problems)[0] @ self.weights

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rlcore.atomic import atomic_dir
 from rlcore.config import ConfigError, ExperimentConfig
 from rlcore.prompts import PromptFormat
 from rlcore.reward_model import MARKER, RewardModel, bt_loss, heldout_metrics, pair_scores, split_by_prompt
@@ -98,10 +99,6 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
 def cached(cfg: ExperimentConfig, root: Path) -> Path:
     """The reward model of a `kind: reward_model` experiment, trained on first use into
     .rlcore_cache/reward_model/<config hash>/ (atomically, one builder at a time) and reused after."""
-    import os
-    import shutil
-    import tempfile
-
     from filelock import FileLock
 
     key = cfg.config_hash(sections=("seed", "model", "task", "prompt", "reward_model", "trainer"), changed_only=True)
@@ -111,15 +108,8 @@ def cached(cfg: ExperimentConfig, root: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / MARKER).is_file():
-            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-            try:
+            with atomic_dir(out) as tmp:
                 train_reward_model(cfg, root, tmp)
-                if out.exists():
-                    shutil.rmtree(out)
-                os.replace(tmp, out)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
     return out
 
 

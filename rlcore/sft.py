@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import rlcore
+from rlcore.atomic import atomic_dir
 from rlcore.config import ExperimentConfig
 from rlcore.evaluation import evaluate
 from rlcore.loading import load_experiment
@@ -245,14 +244,9 @@ def train_sft(cfg: ExperimentConfig, out: Path, root: Path) -> dict[str, float]:
         engine = RolloutEngine(model, tokenizer, seed=cfg.seed, tool=tool, max_tool_calls=cfg.task.max_tool_calls)
         metrics = evaluate(engine, task, cfg)
         tracker.log(t.steps, metrics)
-        # Save to a temp dir and rename: a killed build never leaves a half-written warm start behind.
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:  # a killed build never leaves a half-written warm start behind
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     print(f"warm start: greedy accuracy {metrics['eval/greedy_accuracy']:.1%}, "
           f"sampled reward {metrics['eval/sampled_reward']:.3f} (run {tracker.run_id})")
     return metrics

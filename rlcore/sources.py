@@ -14,11 +14,11 @@ import copy
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from rlcore.atomic import atomic_dir
 
 
 class SourceUnavailable(RuntimeError):
@@ -98,15 +98,8 @@ def resolve(name: str, say: Callable[[str], None] = print) -> Path:
         if (done := _cached(name, gguf_file)) is not None:  # another process converted it while we waited
             return done
         say(f"converting {gguf_file.name} to a Hugging Face folder (once; cached in {final})")
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
-        try:
+        with atomic_dir(final) as tmp:
             convert(gguf_file, tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return final
 
 
