@@ -118,6 +118,8 @@ def run(
         from rlcore.dpo import train_dpo
 
         run_id, before, after, out = train_dpo(cfg, root)
+        if not _is_main():
+            return
         typer.echo(f"\n{file} finished. MLflow run id: {run_id}")
         for key in (k for k in ("eval/greedy_accuracy", "eval/sampled_reward") if k in before and k in after):
             typer.echo(f"  {key}: {before[key]:.3f} -> {after[key]:.3f}")
@@ -127,6 +129,8 @@ def run(
         from rlcore.rm_training import train_reward_model
 
         run_id, metrics, out = train_reward_model(cfg, root)
+        if not _is_main():
+            return
         typer.echo(f"reward model saved to {out}  (MLflow run {run_id}): held-out pair accuracy "
                    f"{metrics['rm/heldout_accuracy']:.3f} against the labels, {metrics['rm/heldout_true_accuracy']:.3f} "
                    "against the true reward")

@@ -44,13 +44,15 @@ def pair_batch(tokenizer, fmt: PromptFormat, rows: list[dict]) -> RolloutBatch:
                         finished=torch.ones(n, dtype=torch.bool), prompt_len=ids.shape[1])
 
 
-def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, loss: str,
-             beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sequence log-probs of [chosen; rejected] (2N each) -> mean pair loss and TRL's metrics."""
+def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, loss: str, beta: float,
+             n: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sequence log-probs of [chosen; rejected] (2N each) -> pair loss summed and divided by `n` (the whole batch's
+    pair count when this process holds a share of it; default N, the mean) and TRL's metrics (summed the same way)."""
     s = policy_logps - ref_logps  # [2N] log-ratio to the reference
-    n = len(s) // 2
-    per_pair, metrics = PAIR_LOSSES[loss](s[:n], s[n:], beta)  # [N]
-    return per_pair.mean(), metrics
+    half = len(s) // 2
+    n = half if n is None else n
+    per_pair, metrics = PAIR_LOSSES[loss](s[:half], s[half:], beta)  # [N]
+    return per_pair.sum() / n, {k: v * half / n for k, v in metrics.items()}
 
 
 def train_dpo(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float], dict[str, float], Path]:
@@ -68,13 +70,16 @@ def train_dpo(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float],
     from rlcore.seeding import seed_everything
     from rlcore.sft import warm_start_dir, warm_start_tags
     from rlcore.tasks import make_task
-    from rlcore.tracking import Tracker, git_commit
-    from rlcore.trainer import Learner, adamw, step_learners
+    from rlcore.tracking import NoTracker, Tracker, git_commit
+    from rlcore.trainer import Learner, adamw, global_sum, my_share, process_group, step_learners
 
     threads.say_once()
-    rows = load_pairs(cfg, cfg.dpo.pairs, root)
+    acc = process_group()
+    main = acc.is_main_process
+    with acc.main_process_first():  # built once, on first use
+        rows = load_pairs(cfg, cfg.dpo.pairs, root)
+        ws = warm_start_dir(cfg, root, quiet=not main)
     seed_everything(cfg.seed)
-    ws = warm_start_dir(cfg, root)
     policy, tokenizer = build_policy(cfg.model, ws)
     reference = Reference(policy)
     fmt = PromptFormat(cfg.prompt, cfg.model.use_chat_template)
@@ -84,44 +89,52 @@ def train_dpo(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float],
     d, t = cfg.dpo, cfg.trainer
     steps = d.epochs * -(-len(rows) // d.batch_size)
     opt, sched = adamw([p for p in policy.parameters() if p.requires_grad], t)
-    tracker = Tracker(cfg.logging.experiment, root)
+    learner = acc.prepare(policy)  # DDP: the backward all-reduces the gradients; sampling uses the plain module
+    tracker = Tracker(cfg.logging.experiment, root) if main else NoTracker()
     tags = {"rlcore.kind": "dpo", "algorithm": d.loss if d.loss != "sigmoid" else "dpo", "task": cfg.task.name,
             "git_commit": git_commit(root), "rlcore.group": cfg.seed_group(), "seed": str(cfg.seed),
-            "model": cfg.model.name_or_path or "tiny-llama", **warm_start_tags(ws), **cfg.logging.tags}
+            "world_size": str(acc.num_processes), "model": cfg.model.name_or_path or "tiny-llama",
+            **warm_start_tags(ws), **cfg.logging.tags}
     rng = random.Random(cfg.seed)
     with tracker.run(cfg.logging.run_name or f"{tags['algorithm']}-s{cfg.seed}-{cfg.training_hash()[:6]}", tags,
                      flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
-        first = last = evaluate(engine, task, cfg, scorer)
+        first = last = evaluate(engine, task, cfg, scorer) if main else {}
         tracker.log(0, first)
-        bar = tqdm(total=steps, desc=tags["algorithm"], unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=steps, desc=tags["algorithm"], unit="step", file=sys.stderr, dynamic_ncols=True,
+                   disable=not main)
         step = 0
         for _ in range(d.epochs):
             order = rows[:]
             rng.shuffle(order)
             for i in range(0, len(order), d.batch_size):
-                batch = pair_batch(tokenizer, fmt, order[i : i + d.batch_size])
-                mb = t.micro_batch_size
-                ref = sequence_logps(reference.logprobs(batch, mb), batch.response_mask)  # [2N], no gradient
+                part = order[i : i + d.batch_size]
+                mine = part[my_share(len(part), acc)]
+                # a process whose share is empty (a last batch smaller than the group) still joins the all-reduce
+                batch = pair_batch(tokenizer, fmt, mine or part[:1])
+                ref = sequence_logps(reference.logprobs(batch, t.micro_batch_size), batch.response_mask)  # [2n]
                 seen: dict[str, float] = {}
 
-                def loss_of(_m, _norm, batch=batch, ref=ref, seen=seen) -> tuple[torch.Tensor, dict]:
-                    logp = sequence_logps(token_logprobs(policy, batch)[0], batch.response_mask)  # [2N]
-                    loss, metrics = dpo_loss(logp, ref, d.loss, d.beta)
-                    seen.update({"dpo/loss": float(loss.detach())} | {k: float(v) for k, v in metrics.items()})
-                    return loss, {}
+                def loss_of(_m, _norm, batch=batch, ref=ref, seen=seen, n=len(part), w=float(bool(mine))):
+                    logp = sequence_logps(token_logprobs(learner, batch)[0], batch.response_mask)  # [2n]
+                    loss, metrics = dpo_loss(logp, ref, d.loss, d.beta, n)
+                    seen.update({"dpo/loss": float(loss.detach()) * w} | {k: float(v) * w for k, v in metrics.items()})
+                    return loss * w, {}
 
                 policy.train()
-                step_learners([Learner("policy", policy, opt, loss_of)], [None], None, t.grad_clip)
+                step_learners([Learner("policy", learner, opt, loss_of)], [None], None, t.grad_clip, acc)
                 sched.step()
                 step += 1
+                seen = global_sum(seen, acc)
                 bar.update(1)
                 bar.set_postfix(loss=f"{seen['dpo/loss']:.3f}", acc=f"{seen['rewards/accuracies']:.2f}")
                 tracker.log(step, seen | {"actor/lr": sched.get_last_lr()[0]})
-                if step % cfg.logging.eval_every == 0 or step == steps:
+                if main and (step % cfg.logging.eval_every == 0 or step == steps):
                     last = evaluate(engine, task, cfg, scorer)
                     tracker.log(step, last)
         bar.close()
-        out = root / cfg.logging.output_dir / tracker.run_id / "policy"
-        policy.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        out = root / cfg.logging.output_dir / str(tracker.run_id) / "policy"
+        if main:
+            policy.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+    acc.wait_for_everyone()
     return tracker.run_id, first, last, out

@@ -118,6 +118,20 @@ def contains(completion: str, answer: str, **_: Any) -> float:
     return float(answer.strip() in completion)
 
 
+def prefix_match(completion: str, answer: str, extracted: str | None = None, **_: Any) -> float:
+    """Deliberately hackable (lesson 18): a check written the wrong way round, `answer.startswith(completion)`
+    instead of equality, so a completion that stops after a right first digit (or at once, empty) is paid in full."""
+    got = (extracted if extracted is not None else completion).strip()
+    return float(answer.strip().startswith(got))
+
+
+def timeout_pass(completion: str, answer: str, extracted: str | None = None, finished: bool = True,
+                 **_: Any) -> float:
+    """Deliberately hackable (lesson 18): a sandbox that scores a run cut off at the length cap as a pass (a
+    timeout taken for success), else an exact check. A completion that never stops is paid in full."""
+    return 1.0 if not finished else exact(completion, answer, extracted)
+
+
 BUILTINS: dict[str, RewardFn | None] = {
     "task": None,  # the task's own verifier (addition: exact with EOS; reasoning_gym: score_answer; dataset: exact)
     "exact": exact,
@@ -126,6 +140,8 @@ BUILTINS: dict[str, RewardFn | None] = {
     "format": format_reward,
     "last_digit": last_digit,
     "contains": contains,
+    "prefix_match": prefix_match,
+    "timeout_pass": timeout_pass,
 }
 
 

@@ -75,10 +75,12 @@ def pair_scores(model: RewardModel, tokenizer, fmt: PromptFormat, rows: list[dic
     return scores[: len(rows)], scores[len(rows) :]
 
 
-def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: float) -> torch.Tensor:
-    """Mean Bradley-Terry loss over pairs, plus reward centring c * mean((r_c + r_r)^2)."""
-    loss = sigmoid(chosen, rejected, 1.0)[0].mean()
-    return loss + center_coef * ((chosen + rejected) ** 2).mean() if center_coef else loss
+def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: float, n: int | None = None) -> torch.Tensor:
+    """Bradley-Terry loss summed over these pairs and divided by `n` (the whole batch's pair count when a process
+    holds a share of it; default: these pairs, the mean), plus reward centring c * (r_c + r_r)^2 alike."""
+    n = len(chosen) if n is None else n
+    loss = sigmoid(chosen, rejected, 1.0)[0].sum() / n
+    return loss + center_coef * ((chosen + rejected) ** 2).sum() / n if center_coef else loss
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,9 +25,14 @@ def load_pairs(cfg: ExperimentConfig, root: Path) -> list[dict]:
     return load(cfg, cfg.reward_model.pairs, root)
 
 
-def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = None) -> tuple[str, dict[str, float], Path]:
+def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = None,
+                       distributed: bool = True) -> tuple[str, dict[str, float], Path]:
     """Train, evaluate and save a reward model as its own MLflow run (to `out`, default
-    outputs/<run_id>/reward_model); returns (run id, final metrics, directory)."""
+    outputs/<run_id>/reward_model); returns (run id, final metrics, directory) on the main process.
+
+    Under `accelerate launch` each process scores a contiguous share of every batch of pairs and the gradients are
+    all-reduced; the loss is divided by the whole batch's pair count, so N processes take the same steps as one.
+    `distributed=False` trains in this process alone (a reward model built on first use inside another run)."""
     import yaml
     from safetensors.torch import save_file
 
@@ -35,13 +41,17 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
     from rlcore.model import build_policy
     from rlcore.seeding import seed_everything
     from rlcore.sft import warm_start_dir
-    from rlcore.tracking import Tracker, git_commit
-    from rlcore.trainer import Learner, adamw, step_learners
+    from rlcore.tracking import NoTracker, Tracker, git_commit
+    from rlcore.trainer import Learner, adamw, global_sum, my_share, process_group, step_learners
 
     threads.say_once()
-    rows = load_pairs(cfg, root)
+    acc = process_group() if distributed else None
+    main = acc is None or acc.is_main_process
+    with acc.main_process_first() if acc is not None else nullcontext():  # built once, on first use
+        rows = load_pairs(cfg, root)
+        ws = warm_start_dir(cfg, root, quiet=not main)
     seed_everything(cfg.seed)
-    policy, tokenizer = build_policy(cfg.model, warm_start_dir(cfg, root))
+    policy, tokenizer = build_policy(cfg.model, ws)
     model = RewardModel(policy)
     del policy
     fmt = PromptFormat(cfg.prompt, cfg.model.use_chat_template)
@@ -53,15 +63,18 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
     t = cfg.trainer
     steps = rm.epochs * -(-len(train) // rm.batch_size)
     opt, sched = adamw(model.parameters(), t, cosine_over=steps)
-    tracker = Tracker(cfg.logging.experiment, root)
+    learner = model if acc is None else acc.prepare(model)  # DDP: the backward all-reduces the gradients
+    tracker = Tracker(cfg.logging.experiment, root) if main else NoTracker()
+    world = acc.num_processes if acc is not None else 1
     tags = {"rlcore.kind": "reward_model", "task": cfg.task.name, "git_commit": git_commit(root),
-            "rlcore.rm.pairs": str(len(rows)), "rlcore.rm.heldout_pairs": str(len(held)), **cfg.logging.tags}
+            "rlcore.rm.pairs": str(len(rows)), "rlcore.rm.heldout_pairs": str(len(held)),
+            "rlcore.group": cfg.seed_group(), "seed": str(cfg.seed), "world_size": str(world), **cfg.logging.tags}
     rng = random.Random(cfg.seed)
     with tracker.run(cfg.logging.run_name or "reward-model", tags, flatten(cfg.to_dict()),
                      yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
-        metrics = heldout_metrics(model, tokenizer, fmt, held, t.micro_batch_size)
+        metrics = heldout_metrics(model, tokenizer, fmt, held, t.micro_batch_size) if main else {}
         tracker.log(0, metrics)
-        bar = tqdm(total=steps, desc="reward model", unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=steps, desc="reward model", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not main)
         step = 0
         for _ in range(rm.epochs):
             order = train[:]
@@ -71,28 +84,35 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
                 seen: dict[str, float] = {}
 
                 def loss_of(_m, _norm, part=part, seen=seen) -> tuple[torch.Tensor, dict]:
-                    chosen, rejected = pair_scores(model, tokenizer, fmt, part)  # [n], [n]
-                    loss = bt_loss(chosen, rejected, rm.center_coef)
+                    mine = part[my_share(len(part), acc)]
+                    # a process whose share is empty (a last batch smaller than the group) still joins the all-reduce
+                    chosen, rejected = pair_scores(learner, tokenizer, fmt, mine or part[:1])  # [n], [n]
+                    loss = bt_loss(chosen, rejected, rm.center_coef, len(part)) * float(bool(mine))
+                    chosen, rejected = chosen[: len(mine)], rejected[: len(mine)]
                     seen.update({"rm/loss": float(loss.detach()),
-                                 "rm/accuracy": float((chosen > rejected).float().mean())})
+                                 "rm/accuracy": float((chosen > rejected).float().sum()) / len(part)})
                     return loss, {}
 
-                step_learners([Learner("reward_model", model, opt, loss_of)], [None], None, t.grad_clip)
+                step_learners([Learner("reward_model", learner, opt, loss_of)], [None], None, t.grad_clip, acc)
                 sched.step()
                 step += 1
+                seen = global_sum(seen, acc)
                 bar.update(1)
                 bar.set_postfix(loss=f"{seen['rm/loss']:.3f}")
                 tracker.log(step, seen)
-                if step % cfg.logging.eval_every == 0 or step == steps:
+                if main and (step % cfg.logging.eval_every == 0 or step == steps):
                     metrics = heldout_metrics(model, tokenizer, fmt, held, t.micro_batch_size)
                     tracker.log(step, metrics)
         bar.close()
-        out = out or root / cfg.logging.output_dir / tracker.run_id / "reward_model"
-        model.trunk.save_pretrained(out / "trunk")
-        tokenizer.save_pretrained(out / "trunk")
-        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
-        (out / MARKER).write_text(json.dumps({"kind": "reward_model", "run_id": tracker.run_id, **metrics,
-                                              "prompt": cfg.prompt.model_dump(), "chat": cfg.model.use_chat_template}))
+        if main:
+            out = out or root / cfg.logging.output_dir / tracker.run_id / "reward_model"
+            model.trunk.save_pretrained(out / "trunk")
+            tokenizer.save_pretrained(out / "trunk")
+            save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
+            (out / MARKER).write_text(json.dumps({"kind": "reward_model", "run_id": tracker.run_id, **metrics,
+                                                  "prompt": cfg.prompt.model_dump(), "chat": cfg.model.use_chat_template}))
+    if acc is not None:
+        acc.wait_for_everyone()
     return tracker.run_id, metrics, out
 
 
@@ -109,7 +129,7 @@ def cached(cfg: ExperimentConfig, root: Path) -> Path:
     with FileLock(str(out) + ".lock"):
         if not (out / MARKER).is_file():
             with atomic_dir(out) as tmp:
-                train_reward_model(cfg, root, tmp)
+                train_reward_model(cfg, root, tmp, distributed=False)
     return out
 
 

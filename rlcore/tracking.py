@@ -148,6 +148,19 @@ def experiment_id(client, name: str, artifact_location: str | None) -> str:
         return exp.experiment_id
 
 
+class NoTracker:
+    """What a process other than the main one holds in place of a Tracker: the same calls, nothing logged."""
+
+    run_id: str | None = None
+
+    @contextmanager
+    def run(self, *_: Any, **__: Any) -> Iterator[None]:
+        yield None
+
+    def log(self, *_: Any, **__: Any) -> None:
+        pass
+
+
 class Tracker:
     """An MLflow run with batched background logging. Use one per run, on the main process only."""
 

@@ -37,14 +37,21 @@ class Learner:
     loss: Callable[[RolloutBatch, AggNorm], tuple[torch.Tensor, dict[str, tuple[float, float]]]]
 
 
-def accelerator(cfg: ExperimentConfig) -> Accelerator:
-    """The process group of this run (one process, or N under torchrun / `accelerate launch`)."""
+def process_group() -> Accelerator:
+    """The process group (one process, or N under torchrun / `accelerate launch`)."""
     # cpu=True on a machine without CUDA is what makes Accelerate join a torchrun/`accelerate launch` process
     # group over gloo; without it every process silently trains alone.
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        raise RuntimeError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but Accelerate joined "
+                           f"{acc.num_processes} process(es)")
+    return acc
+
+
+def accelerator(cfg: ExperimentConfig) -> Accelerator:
+    """The process group of an RL run: every process takes the same share of each step's prompts."""
+    acc = process_group()
     world = acc.num_processes
-    if world != int(os.environ.get("WORLD_SIZE", "1")):
-        raise RuntimeError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but Accelerate joined {world} process(es)")
     if cfg.rollout.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step: must be divisible by the {world} processes, got "
                           f"{cfg.rollout.prompts_per_step}")
@@ -105,12 +112,30 @@ def step_learners(learners: list[Learner], micro: list, norm: AggNorm | None, gr
     return norms, True
 
 
+def my_share(n: int, acc: Accelerator | None) -> slice:
+    """This process's contiguous share of n rows (sizes differ by at most one; a global normaliser keeps the
+    gradient that of the whole batch whatever the split)."""
+    world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def global_sum(values: dict[str, float], acc: Accelerator | None) -> dict[str, float]:
+    """Each value summed over the processes (identity on one): per-process shares of a global mean add up to it."""
+    if acc is None or acc.num_processes == 1:
+        return values
+    t = acc.reduce(torch.tensor(list(values.values()), dtype=torch.float64), reduction="sum")
+    return dict(zip(values, t.tolist(), strict=True))
+
+
 class Trainer:
     def __init__(self, policy: PreTrainedModel, cfg: ExperimentConfig, accelerator: Accelerator,
                  critic: Critic | None = None):
         self.cfg, self.acc = cfg, accelerator
         optimizer, scheduler = adamw([p for p in policy.parameters() if p.requires_grad], cfg.trainer)
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
+        # The schedule is not prepared: Accelerate's wrapper steps it once per process, so N processes would warm up
+        # N times faster than one. It acts on the same parameter groups as the prepared optimizer.
+        self.model, self.optimizer = accelerator.prepare(policy, optimizer)
+        self.scheduler = scheduler
         self.critic = critic
         self.learners = [Learner("actor", self.model, self.optimizer, self._loss)]
         if critic is not None:

@@ -366,10 +366,12 @@ def test_smollm2_loads_offline_and_runs_one_step(lab: Path, monkeypatch: pytest.
 
 
 def test_leaky_verifiers_are_hackable_by_design() -> None:
-    from rlcore.reward import contains, last_digit
+    from rlcore.reward import contains, last_digit, prefix_match
 
     assert last_digit("999", "579", extracted="999") == 1.0 and last_digit("578", "579", extracted="578") == 0.0
     assert contains("12357990", "579") == 1.0 and contains("57", "579") == 0.0
+    assert prefix_match("5", "579") == prefix_match("", "579") == prefix_match("579", "579") == 1.0
+    assert prefix_match("58", "579") == prefix_match("5790", "579") == 0.0
 
 
 def test_log_true_puts_the_verifier_beside_a_proxy_reward() -> None:
