@@ -131,6 +131,10 @@ def run(
         run_id, metrics, out = train_reward_model(cfg, root)
         if not _is_main():
             return
+        if cfg.reward_model.type == "process":
+            typer.echo(f"process reward model saved to {out}  (MLflow run {run_id}): held-out step accuracy "
+                       f"{metrics['prm/heldout_step_accuracy']:.3f}, last step {metrics['prm/heldout_final_accuracy']:.3f}")
+            return
         typer.echo(f"reward model saved to {out}  (MLflow run {run_id}): held-out pair accuracy "
                    f"{metrics['rm/heldout_accuracy']:.3f} against the labels, {metrics['rm/heldout_true_accuracy']:.3f} "
                    "against the true reward")
@@ -188,31 +192,36 @@ def eval_search(
     n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Samples per prompt for best-of-N and the oracle.")] = 4,
     rm: Annotated[str | None, typer.Option("--rm", help="Reward model: a trained folder or a `kind: reward_model` "
                                                         "experiment (trained on first use).")] = None,
+    prm: Annotated[str | None, typer.Option("--prm", help="Process reward model (a `kind: reward_model` experiment "
+                                                          "with type: process, or its folder): adds best-of-N ranked "
+                                                          "by it and PRM-guided beam search.")] = None,
     policy: Annotated[Path | None, typer.Option("--policy", help="A policy folder (e.g. outputs/<run_id>/policy) "
                                                                  "instead of the experiment's starting policy.")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Search at evaluation: greedy vs best-of-N (ranked by a reward model) vs the oracle, at N samples a prompt."""
+    """Search at evaluation: greedy vs best-of-N (ranked by an outcome or a process reward model) vs PRM beam search
+    vs the oracle, at N samples a prompt."""
     cfg = load_experiment(file, set_ or [])
     from rlcore.tracking import project_root
 
     root = project_root()
     if policy is not None and not (policy / "config.json").is_file():
         raise ConfigError(f"--policy: {str(policy)!r} is not a model folder (no config.json)")
-    rm_dir = None
-    if rm is not None:
-        from rlcore.loading import check_reward_model_path
-        from rlcore.rm_training import resolve
+    from rlcore.loading import check_reward_model_path
+    from rlcore.rm_training import resolve
 
-        check_reward_model_path(cfg, "--rm", str(Path(rm).resolve()))
-        rm_dir = resolve(str(Path(rm).resolve()), cfg._base_dir, root)
+    dirs = {}
+    for key, path, want in (("--rm", rm, "outcome"), ("--prm", prm, "process")):
+        if path is not None:
+            check_reward_model_path(cfg, key, str(Path(path).resolve()), want)
+            dirs[key] = resolve(str(Path(path).resolve()), cfg._base_dir, root)
     from rlcore.search import evaluate_search
 
-    rows = evaluate_search(cfg, root, n, rm_dir, policy)
-    typer.echo(f"{'method':10} {'n':>5} {'accuracy':>9} {'samples':>8} {'tokens':>8}   ({len(rows) and rows[0]['samples']} "
+    rows = evaluate_search(cfg, root, n, dirs.get("--rm"), policy, process_model=dirs.get("--prm"))
+    typer.echo(f"{'method':13} {'n':>5} {'accuracy':>9} {'samples':>8} {'tokens':>8}   ({len(rows) and rows[0]['samples']} "
                "held-out prompts)")
     for r in rows:
-        typer.echo(f"{r['method']:10} {r['n']:5d} {r['accuracy']:9.3f} {r['samples']:8d} {r['tokens']:8d}")
+        typer.echo(f"{r['method']:13} {r['n']:5d} {r['accuracy']:9.3f} {r['samples']:8d} {r['tokens']:8d}")
 
 
 @app.command()

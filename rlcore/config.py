@@ -464,10 +464,18 @@ class PreferencesConfig(_Section):
 
 
 class RewardModelConfig(_Section):
-    """`kind: reward_model`: a Bradley-Terry reward model trained on a `kind: preferences` data set (lesson 15)."""
+    """`kind: reward_model`: an outcome reward model (Bradley-Terry, on a `kind: preferences` data set; lesson 15) or
+    a process reward model (a score per answer token, on prefix labels the task checks exactly; lesson 17)."""
 
+    type: Literal["outcome", "process"] = Field("outcome", description="`outcome`: one score per completion, trained "
+                                                "on preference pairs. `process`: a score after every token, trained "
+                                                "on whether the answer so far can still be right (the task's "
+                                                "`prefix_right`: addition).")
     pairs: str | None = Field(None, description="Path (relative to this YAML) of the `kind: preferences` experiment "
-                              "whose pairs it trains on; built on first use and cached by its config hash.")
+                              "whose pairs it trains on; built on first use and cached by its config hash (outcome).")
+    prompts: int = Field(512, gt=0, le=1_000_000, description="process: prompts drawn from the task's training "
+                         "stream (seeded by `seed`), answered by the policy at rollout.temperature.")
+    samples_per_prompt: int = Field(4, ge=1, le=1024, description="process: completions per prompt, every token labelled.")
     heldout_frac: float = Field(0.2, gt=0, lt=1, description="Share of the prompts (with all their pairs) held out, seeded by `seed`.")
     epochs: int = Field(2, gt=0, le=1000, description="Passes over the training pairs.")
     batch_size: int = Field(32, gt=0, le=100_000, description="Pairs per optimizer step.")

@@ -229,7 +229,14 @@ def check_workload(cfg: ExperimentConfig) -> None:
     from rlcore.reward import LEARNED, RewardImportError, resolve_fn, reward_search_path
     from rlcore.tasks import make_task
 
-    if cfg.kind in ("reward_model", "dpo"):
+    process = cfg.kind == "reward_model" and cfg.reward_model.type == "process"
+    if process and cfg.reward_model.pairs is not None:
+        raise ConfigError("reward_model.pairs: a process reward model trains on prefix labels, not pairs (remove it, "
+                          "or set reward_model.type: outcome)")
+    if process and not hasattr(make_task(cfg.task, cfg._base_dir), "prefix_right"):
+        raise ConfigError(f"reward_model.type: process needs a task that labels answer prefixes (prefix_right: "
+                          f"addition); task {cfg.task.name!r} has none")
+    if cfg.kind in ("reward_model", "dpo") and not process:
         key = f"{cfg.kind}.pairs"
         pairs = getattr(cfg, cfg.kind).pairs
         if pairs is None:
@@ -254,17 +261,25 @@ def check_workload(cfg: ExperimentConfig) -> None:
             task.check_budget(cfg.trainer.steps, cfg.rollout.prompts_per_step)
 
 
-def check_reward_model_path(cfg: ExperimentConfig, key: str, path: str) -> None:
+def check_reward_model_path(cfg: ExperimentConfig, key: str, path: str, want: str | None = None) -> None:
     """A reward component's `path`: a trained reward-model folder, or a `kind: reward_model` experiment (trained
-    on first use). A policy folder is the usual mistake, said as such."""
+    on first use); with `want`, of that type (outcome or process). A policy folder is the usual mistake, said as
+    such."""
+    import json
+
     from rlcore.reward_model import MARKER
 
     p = cfg.resolve_path(path)
     if p.suffix in (".yaml", ".yml"):
-        named_experiment(cfg, key, path, "reward_model")
+        got = named_experiment(cfg, key, path, "reward_model").reward_model.type
     elif not (p / MARKER).is_file():
         what = "a policy, not a reward model" if (p / "config.json").is_file() else "not a reward model folder"
         raise ConfigError(f"{key}: {path!r} is {what} (no {MARKER}; train one with kind: reward_model)")
+    else:
+        got = json.loads((p / MARKER).read_text()).get("type", "outcome")
+    if want is not None and got != want:
+        raise ConfigError(f"{key}: {path!r} is {'an' if got == 'outcome' else 'a'} {got} reward model; {key} takes "
+                          f"{'an' if want == 'outcome' else 'a'} {want} one (reward_model.type: {want})")
 
 
 def check_model_source(m: ModelConfig) -> None:

@@ -106,6 +106,13 @@ CATALOGUE: list[MetricDef] = [
               "reward ranks them (noise-free: the model may beat its noisy labels)", "15"),
     MetricDef("rm/heldout_margin", "reward", "mean r_chosen - r_rejected over held-out pairs", "15"),
     # DPO / IPO (kind: dpo), TRL's names: rewards are implicit, beta * (log pi - log pi_ref) of a whole completion
+    MetricDef("prm/loss", "nats", "mean binary cross-entropy of the process reward model's score after each answer "
+              "token against its label (is the answer so far still right?)", "17"),
+    MetricDef("prm/accuracy", "fraction", "training steps (answer tokens) whose score has the label's sign", "17"),
+    MetricDef("prm/heldout_step_accuracy", "fraction", "held-out answer tokens classified right (logit > 0 iff the "
+              "answer so far can still be right)", "17"),
+    MetricDef("prm/heldout_final_accuracy", "fraction", "held-out answers whose last step (EOS) is classified right: "
+              "the process model used as an outcome model", "17"),
     MetricDef("dpo/loss", "nats", "mean pairwise loss over the step's pairs (sigmoid: -log sigma(beta * margin); ipo: "
               "(h - 1/(2 beta))^2)", "16"),
     MetricDef("rewards/chosen", "reward", "mean implicit reward beta * (log pi(y_c|x) - log pi_ref(y_c|x)) of the chosen completions", "16"),

@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlcore.config import ConfigError
@@ -38,10 +39,13 @@ class RewardModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)  # every score starts at 0: the first loss is log 2 exactly
         torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Scores r(x, y) of right-padded sequences: [N, L] x [N, L] -> [N]."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, steps: bool = False) -> torch.Tensor:
+        """Scores r(x, y) of right-padded sequences: [N, L] x [N, L] -> [N]; with `steps` a score after every token
+        (a process reward model's logits) -> [N, L]."""
         hidden = self.trunk(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                             use_cache=False).last_hidden_state  # [N, L, H]
+        if steps:
+            return self.head(hidden.float()).squeeze(-1)  # [N, L]
         last = mask.sum(-1) - 1  # [N] index of each row's last real token
         return self.head(hidden[torch.arange(len(ids)), last].float()).squeeze(-1)  # [N]
 
@@ -102,6 +106,71 @@ def heldout_metrics(model: RewardModel, tokenizer, fmt: PromptFormat, rows: list
     return {"rm/heldout_accuracy": float(label_right.float().mean()),
             "rm/heldout_true_accuracy": float(true_right.float().mean()),
             "rm/heldout_margin": float((chosen - rejected).mean())}
+
+
+# ------------------------------------------------------------------------------------ process reward model
+
+def process_rows(engine, task, problems: list, k: int, sampling, tokenizer) -> list[dict]:
+    """k sampled answers per problem, every answer token labelled (Lightman et al. 2023's step labels, checked
+    exactly instead of by people): a digit is right iff the answer so far is a prefix of the right one
+    (`task.prefix_right`); the EOS that ends it is right iff the whole answer is (`task.verify`)."""
+    batch = engine.generate(problems, k, sampling)
+    rows = []
+    for i, problem in enumerate(batch.problems):
+        ids = batch.responses[i][batch.response_mask[i].bool()].tolist()  # the answer's tokens, EOS included
+        labels = []
+        for j, tok in enumerate(ids):
+            if tok == tokenizer.eos_token_id:
+                text = tokenizer.decode(ids[:j], skip_special_tokens=True)
+                labels.append(float(task.verify(text, problem.answer, finished=True)))
+            else:
+                text = tokenizer.decode(ids[: j + 1], skip_special_tokens=True)
+                labels.append(float(task.prefix_right(text, problem.answer)))
+        rows.append({"prompt": problem.prompt, "answer": problem.answer, "ids": ids, "labels": labels})
+    return rows
+
+
+def encode_steps(tokenizer, fmt: PromptFormat, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prompt + the answer's own token ids, right-padded, and a label per answer token (-1 elsewhere).
+    -> ids [N, L], mask [N, L], labels [N, L]"""
+    seqs = [fmt.ids(tokenizer, r["prompt"]) for r in rows]
+    L = max(len(p) + len(r["ids"]) for p, r in zip(seqs, rows, strict=True))
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    labels = torch.full((len(rows), L), -1.0)
+    for i, (p, r) in enumerate(zip(seqs, rows, strict=True)):
+        n = len(p) + len(r["ids"])
+        ids[i, :n], mask[i, :n] = torch.tensor(p + r["ids"]), 1
+        labels[i, len(p) : n] = torch.tensor(r["labels"])
+    return ids, mask, labels
+
+
+def prm_loss(logits: torch.Tensor, labels: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Binary cross-entropy of every labelled step, summed and divided by `n` (all labelled steps of the whole batch
+    when this process holds a share of it; default: these, the mean). [N, L] x [N, L] -> scalar"""
+    on = labels >= 0
+    n = int(on.sum()) if n is None else n
+    return F.binary_cross_entropy_with_logits(logits[on], labels[on], reduction="sum") / max(n, 1)
+
+
+@torch.no_grad()
+def process_metrics(model: RewardModel, tokenizer, fmt: PromptFormat, rows: list[dict], chunk: int) -> dict[str, float]:
+    """Held-out: steps classified right (logit > 0 iff the label is 1), and the same for the last step only (does
+    the model know whether the whole answer is right?)."""
+    was = model.training
+    model.eval()
+    step_right, steps, last_right = 0, 0, 0
+    for i in range(0, len(rows), chunk):
+        ids, mask, labels = encode_steps(tokenizer, fmt, rows[i : i + chunk])
+        pred = model(ids, mask, steps=True) > 0  # [N, L]
+        on = labels >= 0
+        step_right += int((pred == (labels > 0.5))[on].sum())
+        steps += int(on.sum())
+        last = on.cumsum(-1).argmax(-1)  # [N] each row's last labelled position
+        rows_ = torch.arange(len(ids))
+        last_right += int((pred[rows_, last] == (labels[rows_, last] > 0.5)).sum())
+    model.train(was)
+    return {"prm/heldout_step_accuracy": step_right / steps, "prm/heldout_final_accuracy": last_right / len(rows)}
 
 
 def load_reward_model(path: Path) -> tuple[RewardModel, PreTrainedTokenizerBase, PromptFormat]:

@@ -15,7 +15,18 @@ from tqdm import tqdm
 from rlcore.atomic import atomic_dir
 from rlcore.config import ConfigError, ExperimentConfig
 from rlcore.prompts import PromptFormat
-from rlcore.reward_model import MARKER, RewardModel, bt_loss, heldout_metrics, pair_scores, split_by_prompt
+from rlcore.reward_model import (
+    MARKER,
+    RewardModel,
+    bt_loss,
+    encode_steps,
+    heldout_metrics,
+    pair_scores,
+    prm_loss,
+    process_metrics,
+    process_rows,
+    split_by_prompt,
+)
 
 
 def load_pairs(cfg: ExperimentConfig, root: Path) -> list[dict]:
@@ -47,15 +58,18 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
     threads.say_once()
     acc = process_group() if distributed else None
     main = acc is None or acc.is_main_process
+    rm = cfg.reward_model
+    process = rm.type == "process"
     with acc.main_process_first() if acc is not None else nullcontext():  # built once, on first use
-        rows = load_pairs(cfg, root)
+        rows = None if process else load_pairs(cfg, root)
         ws = warm_start_dir(cfg, root, quiet=not main)
     seed_everything(cfg.seed)
     policy, tokenizer = build_policy(cfg.model, ws)
+    fmt = PromptFormat(cfg.prompt, cfg.model.use_chat_template)
+    if process:  # every process samples the same answers (same seed): no data set to share
+        rows = step_labels(cfg, policy, tokenizer, fmt)
     model = RewardModel(policy)
     del policy
-    fmt = PromptFormat(cfg.prompt, cfg.model.use_chat_template)
-    rm = cfg.reward_model
     train, held = split_by_prompt(rows, rm.heldout_frac, cfg.seed)
     if not train or not held:
         raise ConfigError(f"reward_model.heldout_frac: {len(rows)} pairs split into {len(train)} to train on and "
@@ -66,13 +80,15 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
     learner = model if acc is None else acc.prepare(model)  # DDP: the backward all-reduces the gradients
     tracker = Tracker(cfg.logging.experiment, root) if main else NoTracker()
     world = acc.num_processes if acc is not None else 1
-    tags = {"rlcore.kind": "reward_model", "task": cfg.task.name, "git_commit": git_commit(root),
-            "rlcore.rm.pairs": str(len(rows)), "rlcore.rm.heldout_pairs": str(len(held)),
+    unit = "answers" if process else "pairs"
+    tags = {"rlcore.kind": "reward_model", "rlcore.rm.type": rm.type, "task": cfg.task.name,
+            "git_commit": git_commit(root), f"rlcore.rm.{unit}": str(len(rows)), f"rlcore.rm.heldout_{unit}": str(len(held)),
             "rlcore.group": cfg.seed_group(), "seed": str(cfg.seed), "world_size": str(world), **cfg.logging.tags}
     rng = random.Random(cfg.seed)
     with tracker.run(cfg.logging.run_name or "reward-model", tags, flatten(cfg.to_dict()),
                      yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
-        metrics = heldout_metrics(model, tokenizer, fmt, held, t.micro_batch_size) if main else {}
+        evaluate = process_metrics if process else heldout_metrics
+        metrics = evaluate(model, tokenizer, fmt, held, t.micro_batch_size) if main else {}
         tracker.log(0, metrics)
         bar = tqdm(total=steps, desc="reward model", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not main)
         step = 0
@@ -86,8 +102,18 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
                 def loss_of(_m, _norm, part=part, seen=seen) -> tuple[torch.Tensor, dict]:
                     mine = part[my_share(len(part), acc)]
                     # a process whose share is empty (a last batch smaller than the group) still joins the all-reduce
+                    w = float(bool(mine))
+                    if process:
+                        ids, mask, labels = encode_steps(tokenizer, fmt, mine or part[:1])  # [n, L] each
+                        logits = learner(ids, mask, steps=True)  # [n, L]
+                        n = sum(len(r["labels"]) for r in part)  # labelled steps of the whole batch
+                        loss = prm_loss(logits, labels, n) * w
+                        on = labels >= 0
+                        seen.update({"prm/loss": float(loss.detach()),
+                                     "prm/accuracy": w * float(((logits > 0) == (labels > 0.5))[on].sum()) / n})
+                        return loss, {}
                     chosen, rejected = pair_scores(learner, tokenizer, fmt, mine or part[:1])  # [n], [n]
-                    loss = bt_loss(chosen, rejected, rm.center_coef, len(part)) * float(bool(mine))
+                    loss = bt_loss(chosen, rejected, rm.center_coef, len(part)) * w
                     chosen, rejected = chosen[: len(mine)], rejected[: len(mine)]
                     seen.update({"rm/loss": float(loss.detach()),
                                  "rm/accuracy": float((chosen > rejected).float().sum()) / len(part)})
@@ -98,10 +124,10 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
                 step += 1
                 seen = global_sum(seen, acc)
                 bar.update(1)
-                bar.set_postfix(loss=f"{seen['rm/loss']:.3f}")
+                bar.set_postfix(loss=f"{seen['prm/loss' if process else 'rm/loss']:.3f}")
                 tracker.log(step, seen)
                 if main and (step % cfg.logging.eval_every == 0 or step == steps):
-                    metrics = heldout_metrics(model, tokenizer, fmt, held, t.micro_batch_size)
+                    metrics = evaluate(model, tokenizer, fmt, held, t.micro_batch_size)
                     tracker.log(step, metrics)
         bar.close()
         if main:
@@ -109,11 +135,32 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
             model.trunk.save_pretrained(out / "trunk")
             tokenizer.save_pretrained(out / "trunk")
             save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
-            (out / MARKER).write_text(json.dumps({"kind": "reward_model", "run_id": tracker.run_id, **metrics,
+            (out / MARKER).write_text(json.dumps({"kind": "reward_model", "type": rm.type, "run_id": tracker.run_id, **metrics,
                                                   "prompt": cfg.prompt.model_dump(), "chat": cfg.model.use_chat_template}))
     if acc is not None:
         acc.wait_for_everyone()
     return tracker.run_id, metrics, out
+
+
+def step_labels(cfg: ExperimentConfig, policy, tokenizer, fmt: PromptFormat) -> list[dict]:
+    """A process reward model's data: `reward_model.prompts` training prompts, `samples_per_prompt` answers each
+    from the policy, every answer token labelled by the task (rlcore.reward_model.process_rows)."""
+    from rlcore.rollout import RolloutEngine, Sampling
+    from rlcore.tasks import make_task
+
+    rm, r = cfg.reward_model, cfg.rollout
+    task = make_task(cfg.task, cfg._base_dir)
+    engine = RolloutEngine(policy, tokenizer, seed=cfg.seed, fmt=fmt)
+    stream = task.stream(cfg.seed)
+    chunk = max(1, cfg.trainer.micro_batch_size // rm.samples_per_prompt)
+    rows: list[dict] = []
+    policy.eval()
+    with torch.no_grad():
+        for start in range(0, rm.prompts, chunk):
+            problems = stream.take(min(chunk, rm.prompts - start))
+            rows += process_rows(engine, task, problems, rm.samples_per_prompt,
+                                 Sampling(r.max_new_tokens, r.temperature, r.top_p), tokenizer)
+    return rows
 
 
 def cached(cfg: ExperimentConfig, root: Path) -> Path:

@@ -3,11 +3,17 @@
 On the task's held-out prompts, at an equal budget of N samples per prompt:
 - `greedy`: one argmax completion (the budget is 1).
 - `best_of_n`: N completions at T = 1; an outcome reward model (rlcore.reward_model) scores each, the best is kept.
+- `best_of_n_prm`: the same N completions ranked by a process reward model: each completion's score is its
+  weakest step, min_t sigma(PRM logit after token t) (Lightman et al. 2023 rank by the product; the minimum is the
+  common variant and needs no length correction).
+- `prm_beam`: PRM-guided beam search, one token a step: N candidates are sampled from the kept beams, the PRM
+  scores each prefix, the best N/M are kept (M = 4 expansions per beam; Snell et al. 2024's setting), a kept
+  candidate that ended (EOS or the cap) is set aside; the best-scored ended candidate is the answer. N candidate
+  tokens a step, so its budget is N samples' worth of tokens.
 - `oracle`: the same N completions, kept if *any* is right (pass@N): the ceiling a perfect ranker would reach.
 - `sample`: one of them at random (their mean): what the N samples are worth without a ranker.
 
-Each reports the task's true accuracy of what it keeps and the tokens it generated. A process reward model and
-PRM-guided beam search are the next entries (issue 20).
+Each reports the task's true accuracy of what it keeps and the tokens it generated.
 """
 
 from __future__ import annotations
@@ -16,14 +22,88 @@ from pathlib import Path
 
 import torch
 
-from rlcore.config import ExperimentConfig
+from rlcore.config import ConfigError, ExperimentConfig
 
-METHODS = ("greedy", "best_of_n", "oracle")
+METHODS = ("greedy", "best_of_n", "best_of_n_prm", "prm_beam", "oracle", "sample")
+EXPANSIONS = 4  # M: candidates sampled from each kept beam
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists left-padded for the policy's next-token forward. -> ids [n, L], mask [n, L]"""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r) :], mask[i, L - len(r) :] = torch.tensor(r), 1
+    return ids, mask
+
+
+def right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists right-padded for a reward model. -> ids [n, L], mask [n, L]"""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+def step_scores(prm, pad: int, prompts: list[list[int]], answers: list[list[int]],
+                chunk: int = 256) -> list[torch.Tensor]:
+    """sigma(PRM logit) after every answer token of each (prompt ids, answer ids). -> a [len(answer)] per row"""
+    out = []
+    for i in range(0, len(prompts), chunk):
+        rows = [p + a for p, a in zip(prompts[i : i + chunk], answers[i : i + chunk], strict=True)]
+        ids, mask = right_pad(rows, pad)
+        probs = torch.sigmoid(prm(ids, mask, steps=True))  # [n, L]
+        out += [probs[j, len(p) : len(p) + len(a)] for j, (p, a) in
+                enumerate(zip(prompts[i : i + chunk], answers[i : i + chunk], strict=True))]
+    return out
+
+
+def prm_beam(policy, prm, tokenizer, prompts: list[list[int]], n: int, max_new_tokens: int,
+             generator: torch.Generator) -> tuple[list[list[int]], int]:
+    """PRM-guided beam search for every prompt at once (see the module doc). -> (answer ids, EOS included, per
+    prompt; candidate tokens sampled in all)"""
+    from rlcore.rollout import positions
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    width = max(1, n // EXPANSIONS)
+    beams: list[list[list[int]]] = [[[]] for _ in prompts]  # per prompt: the kept unfinished answers
+    done: list[list[tuple[float, list[int]]]] = [[] for _ in prompts]  # per prompt: (score, ended answer)
+    spent = 0
+    for _ in range(max_new_tokens):
+        owners = [i for i, b in enumerate(beams) for _ in b]
+        parents = [a for b in beams for a in b]
+        if not parents:
+            break
+        ids, mask = left_pad([prompts[i] + a for i, a in zip(owners, parents, strict=True)], pad)
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -1]  # [b, V]
+        probs = torch.softmax(logits.float(), -1)
+        per_parent = [n // len(beams[i]) for i in owners]  # the first step draws all N from the empty answer
+        draws = torch.multinomial(probs, max(per_parent), replacement=True, generator=generator)  # [b, max]
+        cands: list[list[tuple[list[int], bool]]] = [[] for _ in prompts]
+        for row, (i, a) in enumerate(zip(owners, parents, strict=True)):
+            for tok in draws[row, : per_parent[row]].tolist():
+                ext = a + [tok]
+                cands[i].append((ext, tok == eos or len(ext) >= max_new_tokens))
+        flat = [(i, ext, end) for i, c in enumerate(cands) for ext, end in c]
+        spent += len(flat)
+        scores = step_scores(prm, pad, [prompts[i] for i, _, _ in flat], [ext for _, ext, _ in flat])
+        by_prompt: list[list[tuple[float, list[int], bool]]] = [[] for _ in prompts]
+        for (i, ext, end), sc in zip(flat, scores, strict=True):
+            by_prompt[i].append((float(sc[-1]), ext, end))
+        for i, c in enumerate(by_prompt):
+            kept = sorted(c, key=lambda x: -x[0])[:width]
+            done[i] += [(sc, ext) for sc, ext, end in kept if end]
+            beams[i] = [ext for _, ext, end in kept if not end]
+    return [max(d, key=lambda x: x[0])[1] if d else b[0] for d, b in zip(done, beams, strict=True)], spent
+
 
 
 @torch.no_grad()
 def evaluate_search(cfg: ExperimentConfig, root: Path, n: int, reward_model: Path | None,
-                    policy_dir: Path | None = None, seed: int = 0) -> list[dict]:
+                    policy_dir: Path | None = None, seed: int = 0, process_model: Path | None = None) -> list[dict]:
     """One row per method: {method, n, accuracy, tokens (generated, all prompts), samples}."""
     from rlcore.model import build_policy, load_pretrained
     from rlcore.prompts import PromptFormat
@@ -41,7 +121,8 @@ def evaluate_search(cfg: ExperimentConfig, root: Path, n: int, reward_model: Pat
     task = make_task(cfg.task, cfg._base_dir)
     truth = Scorer(cfg.reward.model_copy(update={"components": cfg.reward.components[:1]}), task,
                    reward_search_path(cfg))
-    engine = RolloutEngine(policy, tokenizer, seed=seed, fmt=PromptFormat(cfg.prompt, cfg.model.use_chat_template))
+    fmt = PromptFormat(cfg.prompt, cfg.model.use_chat_template)
+    engine = RolloutEngine(policy, tokenizer, seed=seed, fmt=fmt)
     held, T = task.heldout, cfg.rollout.max_new_tokens
 
     def true_of(b) -> torch.Tensor:
@@ -54,12 +135,31 @@ def evaluate_search(cfg: ExperimentConfig, root: Path, n: int, reward_model: Pat
     b = engine.generate(held, n, Sampling(T, temperature=1.0), generator=torch.Generator().manual_seed(seed))
     right = true_of(b).view(len(held), n)  # [P, N]
     tokens = int(b.response_mask.sum())
+    every = torch.arange(len(held))
     if reward_model is not None:
         model, rm_tok, rm_fmt = load_reward_model(reward_model)
         scores = learned_scores(model, rm_tok, rm_fmt, [p.prompt for p in b.problems], b.completions)
         pick = scores.view(len(held), n).argmax(-1)  # [P] the reward model's choice
-        rows.append({"method": "best_of_n", "n": n, "accuracy": float(right[torch.arange(len(held)), pick].mean()),
+        rows.append({"method": "best_of_n", "n": n, "accuracy": float(right[every, pick].mean()),
                      "tokens": tokens, "samples": len(held) * n})
+    if process_model is not None:
+        prm, prm_tok, _ = load_reward_model(process_model)
+        if prm_tok.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError("--prm: the process reward model's tokenizer is not the policy's (it scores the "
+                              "policy's tokens one by one)")
+        prompt_ids = [fmt.ids(tokenizer, p.prompt) for p in held]
+        answers = [b.responses[i][b.response_mask[i].bool()].tolist() for i in range(len(b))]
+        steps = step_scores(prm, tokenizer.pad_token_id, [prompt_ids[i // n] for i in range(len(b))], answers)
+        weakest = torch.tensor([float(s.min()) for s in steps]).view(len(held), n)  # [P, N]
+        rows.append({"method": "best_of_n_prm", "n": n, "accuracy": float(right[every, weakest.argmax(-1)].mean()),
+                     "tokens": tokens, "samples": len(held) * n})
+        chosen, spent = prm_beam(policy, prm, tokenizer, prompt_ids, n, T, torch.Generator().manual_seed(seed))
+        eos = tokenizer.eos_token_id
+        texts = [tokenizer.decode([t for t in a if t != eos], skip_special_tokens=True) for a in chosen]
+        ended = [bool(a) and a[-1] == eos for a in chosen]
+        acc = truth.true_scores(texts, ended, held)
+        rows.append({"method": "prm_beam", "n": n, "accuracy": float(acc.mean()), "tokens": spent,
+                     "samples": len(held) * n})
     rows.append({"method": "oracle", "n": n, "accuracy": float(right.max(-1).values.mean()), "tokens": tokens,
                  "samples": len(held) * n})
     rows.append({"method": "sample", "n": 1, "accuracy": float(right.mean()), "tokens": tokens // n,

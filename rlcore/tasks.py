@@ -111,6 +111,12 @@ class AdditionTask:
         return float(finished and completion == answer)
 
     @staticmethod
+    def prefix_right(partial: str, answer: str) -> bool:
+        """A process label (lesson 17): the answer written so far can still become the right one, i.e. it is a
+        prefix of it. The step that ends the answer (EOS) is labelled by `verify`."""
+        return answer.startswith(partial)
+
+    @staticmethod
     def bucket(problem: Problem) -> str:
         """Difficulty bucket: the operands' digit counts and how many columns carry, e.g. `3+2 c1`."""
         a, b = problem.prompt.rstrip("=").split("+")

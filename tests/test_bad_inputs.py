@@ -78,6 +78,11 @@ COMMANDS = [
     (["replay", "nope.jsonl"], "no such file"),
     (["eval", "rl.yaml", "--policy", "nowhere"], "--policy: 'nowhere' is not a model folder"),
     (["eval", "rl.yaml", "--rm", "sft.yaml"], "--rm: "),
+    (["eval", "rl.yaml", "--prm", str(REPO / "experiments" / "prefs" / "reward_model.yaml")],
+     "--prm: '" + str(REPO / "experiments" / "prefs" / "reward_model.yaml") + "' is an outcome reward model; --prm "
+     "takes a process one"),
+    (["eval", "rl.yaml", "--rm", str(REPO / "experiments" / "prefs" / "process_reward_model.yaml")],
+     "is a process reward model; --rm takes an outcome one"),
     (["replay", "rl.yaml"], "not a replay file"),
 ]
 
