@@ -277,3 +277,109 @@ def dapo_fixes() -> None:
     keep = GROUP_FILTERS[cfg.group_filter](torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3)
     st.metric("Informative groups in the update", "100 %" if dynamic else f"{1 - zero:.1%}",
               help=f"at accuracy {p} and K={k}; filter on a toy batch keeps {keep.tolist()}")
+
+
+@control("15")
+def bradley_terry() -> None:
+    """The Bradley-Terry loss of one pair at a reward margin, and the margin a reward model can reach under label noise."""
+    from rlcore.pairwise import PAIR_LOSSES
+
+    margin = st.slider("r(chosen) - r(rejected)", -4.0, 4.0, 0.5, 0.1, key="c15_margin")
+    noise = st.slider("Label noise (share of pairs flipped)", 0.0, 0.45, 0.1, 0.05, key="c15_noise")
+    m = torch.tensor([margin], requires_grad=True)
+    loss, _ = PAIR_LOSSES["sigmoid"](m, torch.zeros(1), 1.0)
+    loss.sum().backward()
+    # With a share `noise` of labels flipped, the expected loss (1-e) * l(m) + e * l(-m) is lowest at
+    # m* = log((1-e)/e): the model cannot be more sure than its annotators.
+    best = float(torch.log(torch.tensor((1 - noise) / noise))) if noise > 0 else float("inf")
+    st.dataframe(pd.DataFrame([{"P(chosen preferred) = sigma(m)": float(torch.sigmoid(m.detach())[0]),
+                                "loss -log sigma(m)": float(loss.detach()[0]), "d loss / d m": float(m.grad[0]),
+                                "best margin under this noise": best}]).round(3), hide_index=True, key="c15_table")
+    st.caption(f"The ceiling of held-out pair accuracy against these labels is 1 - noise = {1 - noise:.0%}; a margin "
+               "beyond log((1-e)/e) only costs loss on the flipped pairs. rlcore.pairwise.sigmoid at beta = 1.")
+
+
+@control("16")
+def dpo_vs_ipo() -> None:
+    """DPO's and IPO's loss and gradient against the implicit reward gap h = s_chosen - s_rejected."""
+    from rlcore.pairwise import PAIR_LOSSES
+
+    beta = st.slider("beta", 0.05, 1.0, 0.1, 0.05, key="c16_beta")
+    gap = st.slider("Log-ratio gap h = s(chosen) - s(rejected), nats", -10.0, 20.0, 2.0, 0.5, key="c16_gap")
+    rows = []
+    for name in ("sigmoid", "ipo"):
+        h = torch.tensor([gap], requires_grad=True)
+        loss, metrics = PAIR_LOSSES[name](h, torch.zeros(1), beta)
+        loss.sum().backward()
+        rows.append({"loss": "DPO (sigmoid)" if name == "sigmoid" else "IPO", "value": float(loss.detach()[0]),
+                     "d loss / d h": float(h.grad[0]), "implicit reward margin": float(metrics["rewards/margins"])})
+    st.dataframe(pd.DataFrame(rows).round(4), hide_index=True, key="c16_table")
+    grid = torch.linspace(-10, 20, 61)
+    curve = pd.DataFrame({"h": grid.tolist(), "DPO": PAIR_LOSSES["sigmoid"](grid, torch.zeros(61), beta)[0].tolist(),
+                          "IPO": PAIR_LOSSES["ipo"](grid, torch.zeros(61), beta)[0].clamp(max=5).tolist()})
+    st.line_chart(curve, x="h", y=["DPO", "IPO"], height=180)
+    st.caption(f"DPO's gradient never reaches 0: it keeps widening the gap. IPO's loss is lowest at h = 1/(2 beta) = "
+               f"{1 / (2 * beta):.1f} nats and pulls back beyond it (rlcore.pairwise.sigmoid, rlcore.pairwise.ipo).")
+
+
+@control("17")
+def search_budget() -> None:
+    """Best-of-N with an oracle, with a reward model that prefers some wrong answers (decoys), and one sample."""
+    from rlcore.search import best_of_n_accuracy
+
+    p = st.slider("Per-sample accuracy p (T = 1)", 0.05, 0.95, 0.55, 0.05, key="c17_p")
+    decoy = st.slider("Decoy rate: share of wrong answers the RM ranks above right ones", 0.0, 0.5, 0.1, 0.01,
+                      key="c17_q")
+    ns = [1, 2, 4, 8, 16, 32, 64]
+    rows = [{"N": n, **best_of_n_accuracy(p, decoy, n)} for n in ns]
+    df = pd.DataFrame(rows)
+    st.dataframe(df.round(3), hide_index=True, key="c17_table")
+    st.line_chart(df, x="N", y=["oracle", "best_of_n", "sample"], height=180)
+    peak = max(rows, key=lambda r: r["best_of_n"])
+    st.caption(f"Best-of-N peaks at N = {peak['N']} ({peak['best_of_n']:.3f}) and falls after: each extra sample is "
+               "another chance to draw a decoy. rlcore.search.best_of_n_accuracy; the measured table is on the page.")
+
+
+@control("18")
+def leaky_group() -> None:
+    """One GRPO group under the timeout-counts-as-pass verifier: the exploit earns a right answer's advantage."""
+    from rlcore.reward import timeout_pass
+    from rlcore.tasks import AdditionTask
+
+    k = 8
+    cut = st.slider("Samples that run to the length cap (no EOS)", 0, k, 1, key="c18_cut")
+    right = st.slider("Finished samples that are right", 0, k, 4, key="c18_right")
+    right = min(right, k - cut)
+    answer = "579"
+    samples = ([("57957957", False)] * cut + [(answer, True)] * right + [("578", True)] * (k - cut - right))
+    leaky = [timeout_pass(t, answer, extracted=t, finished=f) for t, f in samples]
+    true = [AdditionTask.verify(t, answer, finished=f) for t, f in samples]
+    adv = ADVANTAGES["grpo"](batch_of(leaky, k), AlgorithmConfig())[:, 0]
+    st.dataframe(pd.DataFrame({"completion": [t + ("" if f else " …(cut)") for t, f in samples],
+                               "leaky reward": leaky, "true reward": true, "GRPO advantage": adv.tolist()}).round(3),
+                 hide_index=True, key="c18_table")
+    st.caption(f"training reward {sum(leaky) / k:.3f} vs true {sum(true) / k:.3f}: the cut-off sample gets the "
+               "advantage of a right answer, so every update makes not stopping more likely "
+               "(rlcore.reward.timeout_pass, rlcore.algorithm.adv_grpo).")
+
+
+@control("18a")
+def signal_density_control() -> None:
+    """Policy strength, curation band and K -> prompts kept and rollouts wasted on zero-variance groups."""
+    from rlcore.tasks import signal_density
+
+    strength = st.slider("Policy strength (logit of the pass rate on the middle bucket)", -4.0, 6.0, 1.0, 0.5,
+                         key="c18a_strength")
+    k = st.slider("K samples per prompt", 2, 16, 8, key="c18a_k")
+    high = st.slider("Curation: skip buckets passing at least", 0.5, 1.0, 0.9, 0.05, key="c18a_high")
+    difficulty = torch.linspace(-3, 3, 7)  # seven buckets, easy to hard
+    rates = torch.sigmoid(strength - difficulty).tolist()
+    d = signal_density(rates, k, 0.05, high, 0.1)
+    st.dataframe(pd.DataFrame([
+        {"stream": "raw (GRPO)", "prompts kept": 1.0, "rollouts wasted": d["none_wasted"]},
+        {"stream": "curated", "prompts kept": d["curation_kept"], "rollouts wasted": d["curation_wasted"]},
+        {"stream": "DAPO filter", "prompts kept": 1.0, "rollouts wasted": d["none_wasted"]},
+    ]).round(3), hide_index=True, key="c18a_table")
+    st.caption("bucket pass rates " + ", ".join(f"{r:.2f}" for r in rates) + f". DAPO rolls out "
+               f"{d['dapo_rollouts_per_group']:.2f} groups per informative group and drops the rest; curation skips "
+               "before rolling out (rlcore.tasks.signal_density).")

@@ -288,7 +288,6 @@ def lesson(
     Several lessons at once run each distinct config once and tag it with every lesson that pairs it."""
     import time
 
-    from rlcore.controller import run as run_rl
     from rlcore.lessons import check, load_all, merged_plan, select
     from rlcore.tracking import project_root
 
@@ -313,7 +312,7 @@ def lesson(
     if jobs == 1:
         for i, (r, c) in enumerate(zip(plan, configs, strict=True), 1):
             typer.echo(f"\n[{i}/{len(plan)}] experiments/{r.file} {' '.join(r.overrides)}")
-            _report(run_rl(c, root), r.file)
+            _report(run_any(c, root), r.file)
     else:
         import multiprocessing as mp
 
@@ -346,10 +345,35 @@ def _lesson_worker(threads: int) -> None:
 
 
 def _lesson_run(item):
-    from rlcore.controller import run as run_rl
-
     cfg, root, label = item
-    return label, run_rl(cfg, Path(root))
+    return label, run_any(cfg, Path(root))
+
+
+def run_any(cfg, root: Path):
+    """A lesson's run of any kind (RL, DPO, a reward model, preference data) as a RunResult."""
+    from rlcore.controller import RunResult
+    from rlcore.controller import run as run_rl
+    from rlcore.tracking import tracking_settings
+
+    uri = tracking_settings(root)["tracking_uri"]
+    if cfg.kind == "dpo":
+        from rlcore.dpo import train_dpo
+
+        run_id, before, after, out = train_dpo(cfg, root)
+        return RunResult(run_id, uri, before, after, out)
+    if cfg.kind == "reward_model":
+        from rlcore.rm_training import train_reward_model
+
+        run_id, metrics, out = train_reward_model(cfg, root)
+        return RunResult(run_id, uri, {}, metrics, out)
+    if cfg.kind == "preferences":
+        from rlcore.preferences import run_preferences
+
+        out, _, run_id = run_preferences(cfg, root)
+        return RunResult(run_id, uri, {}, {}, out)
+    if cfg.kind == "sft":
+        raise ConfigError("a lesson pairs RL, DPO, reward-model or preference runs; a warm start is built by `rlcore run`")
+    return run_rl(cfg, root)
 
 
 @app.command()

@@ -197,6 +197,7 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     root = root or project_root()
     reset_peak_memory()  # a lesson, --seeds or a sweep worker runs many runs in one process
     loop = build_for(cfg, root)
+    cpu0 = time.process_time()  # after the build: a reward model trained on first use is its own run's CPU time
     ckpt = checkpoint.load(resume) if resume is not None else None
     start = checkpoint.restore(loop.trainer, loop.engine, cfg, ckpt) if ckpt is not None else 0
     tracker = Tracker(cfg.logging.experiment, root) if loop.acc.is_main_process else None
@@ -233,7 +234,8 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
         t = time.perf_counter()
         out.output_dir = checkpoint.save_policy(loop.trainer, loop.tokenizer, root, cfg, tracker, loop.acc)
         tracker and tracker.log(out.steps_done, {"timing/save": time.perf_counter() - t,
-                                                 "timing/total": time.perf_counter() - t0})
+                                                 "timing/total": time.perf_counter() - t0,
+                                                 "perf/cpu_s": time.process_time() - cpu0})
     return out
 
 

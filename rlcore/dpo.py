@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +75,7 @@ def train_dpo(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float],
     from rlcore.trainer import Learner, adamw, global_sum, my_share, process_group, step_learners
 
     threads.say_once()
+    cpu0 = time.process_time()
     acc = process_group()
     main = acc.is_main_process
     with acc.main_process_first():  # built once, on first use
@@ -132,6 +134,7 @@ def train_dpo(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float],
                     last = evaluate(engine, task, cfg, scorer)
                     tracker.log(step, last)
         bar.close()
+        tracker.log(step, {"perf/cpu_s": time.process_time() - cpu0})
         out = root / cfg.logging.output_dir / str(tracker.run_id) / "policy"
         if main:
             policy.save_pretrained(out)

@@ -138,6 +138,8 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("timing/total", "s", "wall-clock of the whole run, logged once at its end", "07"),
     # perf
     MetricDef("perf/tokens_per_s", "tokens/s", "generated response tokens (all processes) / timing/step", "22"),
+    MetricDef("perf/cpu_s", "s", "CPU seconds the run's process spent (all its threads; rank 0's on several processes), "
+              "logged at the end: compute compared across methods on a shared machine, where wall-clock is noisy", "18a"),
     MetricDef("perf/peak_mem_mb", "MB", "peak memory of this run: CUDA max allocated, or on CPU the peak RSS since the run began (Linux)", "22"),
     # sweeps (the parent run of `rlcore sweep`)
     MetricDef("sweep/best_value", "objective", "best objective value among the trials completed so far", "26"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
     from rlcore.trainer import Learner, adamw, global_sum, my_share, process_group, step_learners
 
     threads.say_once()
+    cpu0 = time.process_time()
     acc = process_group() if distributed else None
     main = acc is None or acc.is_main_process
     rm = cfg.reward_model
@@ -130,6 +132,7 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
                     metrics = evaluate(model, tokenizer, fmt, held, t.micro_batch_size)
                     tracker.log(step, metrics)
         bar.close()
+        tracker.log(step, {"perf/cpu_s": time.process_time() - cpu0})
         if main:
             out = out or root / cfg.logging.output_dir / tracker.run_id / "reward_model"
             model.trunk.save_pretrained(out / "trunk")

@@ -28,6 +28,22 @@ METHODS = ("greedy", "best_of_n", "best_of_n_prm", "prm_beam", "oracle", "sample
 EXPANSIONS = 4  # M: candidates sampled from each kept beam
 
 
+def best_of_n_accuracy(p: float, decoy: float, n: int) -> dict[str, float]:
+    """What N samples are worth under three rankers, in closed form (lesson 17's control). Each sample is right with
+    probability p; a wrong one is a *decoy* with probability `decoy`: the reward model scores it above every right
+    answer (its errors are not noise but a preference for a kind of wrong answer). Right answers outrank the other
+    wrong ones.
+
+        oracle (pass@N)   1 - (1 - p)^N
+        best-of-N (RM)    (1 - (1 - p) q)^N - ((1 - p)(1 - q))^N      (no decoy drawn, and not all wrong)
+        one sample        p
+
+    With q = 0 best-of-N is the oracle; with q > 0 it peaks and then falls towards 0 as N grows: more samples means
+    more chances to draw a decoy (Gao et al. 2022's over-optimisation, at test time)."""
+    miss = (1 - p) * decoy
+    return {"oracle": 1 - (1 - p) ** n, "best_of_n": (1 - miss) ** n - ((1 - p) * (1 - decoy)) ** n, "sample": p}
+
+
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists left-padded for the policy's next-token forward. -> ids [n, L], mask [n, L]"""
     L = max(len(r) for r in rows)

@@ -340,6 +340,24 @@ class EpochStream(_Taking):
         self._order = self._permutation(self.epoch)
 
 
+def signal_density(pass_rates: list[float], k: int, low: float, high: float, explore: float) -> dict[str, float]:
+    """Where the rollouts go, with and without a pass-rate filter (lesson 18a's control), for prompts drawn equally
+    often from buckets with these true per-sample pass rates and exact estimates. A group of K is degenerate (zero
+    reward variance, no gradient in GRPO) with probability z_b = p_b^K + (1 - p_b)^K.
+
+    - none: every drawn prompt is rolled out; wasted = mean z_b.
+    - curation: a bucket outside (low, high) is kept with probability `explore`; kept = mean keep_b, and
+      wasted = sum keep_b z_b / sum keep_b among the groups rolled out.
+    - dynamic sampling (DAPO): every group is rolled out and the degenerate ones dropped after; rollouts per
+      informative group = 1 / (1 - mean z_b), so wasted = mean z_b, paid in generation."""
+    z = [p**k + (1 - p) ** k for p in pass_rates]
+    keep = [1.0 if low < p < high else explore for p in pass_rates]
+    none = sum(z) / len(z)
+    return {"none_wasted": none, "curation_kept": sum(keep) / len(keep),
+            "curation_wasted": sum(a * b for a, b in zip(keep, z, strict=True)) / max(sum(keep), 1e-12),
+            "dapo_rollouts_per_group": 1 / max(1 - none, 1e-12)}
+
+
 class CuratedStream(_Taking):
     """A stream that skips prompts from difficulty buckets the policy always or never solves (lesson 18a).
 
