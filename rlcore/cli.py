@@ -339,7 +339,10 @@ def _cpu_seconds() -> float:
 
 
 def _lesson_worker(threads: int) -> None:
-    os.environ["RLCORE_THREADS"] = str(threads)  # before rlcore.threads chooses: K workers share the cores
+    os.environ["RLCORE_THREADS"] = str(threads)  # K workers share the cores
+    from rlcore import threads as _threads
+
+    _threads.apply()  # a spawned worker starts with torch's default (a thread per core) until told otherwise
     os.environ["RLCORE_NO_BAR"] = "1"  # K progress bars on one terminal are unreadable; each finished run is said
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which terminates the pool
 

@@ -99,3 +99,42 @@ def test_control_09_says_the_batch_mean_shrinks_the_estimate() -> None:
     table = at.dataframe[0].value.set_index("baseline")
     shrunk = table.loc["batch_mean", "mean gradient"]
     assert abs(shrunk - 0.05 * 7 / 8) < 0.004 and "(K-1)/K = 0.875" in at.caption[0].value
+
+
+def test_best_of_n_closed_form_matches_a_simulation() -> None:
+    """Lesson 17's control: the closed form of best-of-N with decoys agrees with drawing samples and ranking them."""
+    from rlcore.search import best_of_n_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    p, q, trials = 0.55, 0.1, 200_000
+    for n in (1, 4, 16):
+        u = torch.rand(trials, n, generator=g)
+        right = u < p
+        decoy = ~right & (torch.rand(trials, n, generator=g) < q)
+        score = torch.where(decoy, 2.0, torch.where(right, 1.0, 0.0)) + 1e-3 * torch.rand(trials, n, generator=g)
+        picked_right = right.gather(1, score.argmax(1, keepdim=True)).float().mean()
+        want = best_of_n_accuracy(p, q, n)
+        assert abs(float(picked_right) - want["best_of_n"]) < 0.005, n
+        assert abs(float(right.any(1).float().mean()) - want["oracle"]) < 0.005
+    curve = [best_of_n_accuracy(p, q, n)["best_of_n"] for n in (1, 2, 4, 8, 16, 64)]
+    assert max(curve) > curve[0] and curve[-1] < curve[0]  # it rises, peaks, then falls below one sample
+    assert best_of_n_accuracy(p, 0.0, 16)["best_of_n"] == best_of_n_accuracy(p, 0.0, 16)["oracle"]
+
+
+def test_signal_density_matches_a_simulated_stream() -> None:
+    """Lesson 18a's control: the wasted share of rollouts with and without the pass-rate band, against a simulation."""
+    from rlcore.tasks import signal_density
+
+    rates, k = [0.02, 0.3, 0.6, 0.97], 8
+    d = signal_density(rates, k, 0.05, 0.95, 0.1)
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    bucket = torch.randint(0, 4, (n,), generator=g)
+    p = torch.tensor(rates)[bucket]
+    passes = (torch.rand(n, k, generator=g) < p[:, None]).sum(1)
+    zero = (passes == 0) | (passes == k)
+    assert abs(float(zero.float().mean()) - d["none_wasted"]) < 0.005
+    keep = (bucket == 1) | (bucket == 2) | (torch.rand(n, generator=g) < 0.1)
+    assert abs(float(keep.float().mean()) - d["curation_kept"]) < 0.005
+    assert abs(float(zero[keep].float().mean()) - d["curation_wasted"]) < 0.005
+    assert d["curation_wasted"] < d["none_wasted"]
