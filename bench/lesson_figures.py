@@ -23,14 +23,17 @@ from dashboard.data import Store, lesson_runs
 from rlcore.lessons import load_all, plan_groups, select
 from rlcore.tracking import project_root
 
-EVALS = ["eval/sampled_reward", "eval/greedy_accuracy"]
+EVALS = ["eval/sampled_reward", "eval/greedy_accuracy", "eval/true_accuracy", "eval/proxy_reward",
+         "rm/heldout_accuracy", "rm/heldout_true_accuracy", "prm/heldout_step_accuracy", "prm/heldout_final_accuracy"]
 WINDOWED = ["reward/mean", "reward/zero_var_group_frac", "adv/abs_mean", "kl/mean", "kl/k3_mean", "actor/entropy",
             "actor/grad_norm", "actor/clipfrac_low", "actor/clipfrac_high", "response/length_mean",
             "response/length_wrong_mean", "response/length_right_mean", "response/tool_call_frac",
             "response/clip_ratio", "critic/value_loss", "critic/explained_var", "rollout/rounds",
             "timing/step", "timing/rollout", "timing/reward", "timing/reference", "timing/old_logprob",
             "timing/values", "timing/advantage", "timing/update", "timing/sync",
-            "perf/tokens_per_s", "perf/peak_mem_mb", "perf/sync_mb"]
+            "perf/tokens_per_s", "perf/peak_mem_mb", "perf/sync_mb", "perf/cpu_s",
+            "reward/true", "curation/kept_frac", "curation/skipped_buckets", "dpo/loss", "rewards/chosen",
+            "rewards/rejected", "rewards/margins", "rewards/accuracies", "rm/loss", "prm/loss"]
 
 
 def ms(values: list[float]) -> str:
@@ -56,6 +59,9 @@ def figures(store: Store, own: pd.DataFrame) -> list[str]:
             last = k.groupby("run_id")["value"].last().tolist()
             gain = (k.groupby("run_id")["value"].last() - k.groupby("run_id")["value"].first()).tolist()
             out.append(f"    {key:28s} {ms(first)} -> {ms(last)}   change {ms(gain)}")
+            if k["step"].nunique() > 2:  # the peak of a curve that rises and falls (over-optimisation)
+                peak = k.loc[k.groupby("run_id")["value"].idxmax()]
+                out.append(f"    {'':28s} peak {ms(peak['value'].tolist())} at steps {sorted(peak['step'].astype(int))}")
         for key in WINDOWED:
             k = hh[hh["key"] == key]
             if k.empty:

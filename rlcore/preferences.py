@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -59,11 +61,24 @@ def label_pairs(scores: list[float], lengths: list[int], cfg, rng: random.Random
     return out
 
 
+def intact(out: Path) -> bool:
+    """The data set's pairs file is the one its card describes (sha256)."""
+    try:
+        card = json.loads((out / CARD).read_text())
+        return hashlib.sha256((out / PAIRS).read_bytes()).hexdigest() == card["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def build(cfg: ExperimentConfig, root: Path, quiet: bool = False) -> tuple[Path, dict]:
     """Sample, label and write the pairs (or find them already written for this config); returns (dir, card)."""
     out = cache_dir(cfg, root)
     if (out / CARD).is_file():
-        return out, json.loads((out / CARD).read_text())
+        if intact(out):
+            return out, json.loads((out / CARD).read_text())
+        # Derived data, rebuilt bit for bit from its config: a damaged copy is replaced, never read.
+        print(f"warning: {out} is damaged (its pairs do not match card.json); rebuilding it", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)  # another process may be replacing it too
     from rlcore.model import build_policy
     from rlcore.prompts import PromptFormat
     from rlcore.reward import Scorer, reward_search_path

@@ -70,6 +70,11 @@ def test_preference_run_writes_a_versioned_data_set_once(lab: Path, tmp_path: Pa
     assert again == out and card2["sha256"] == card["sha256"]
     elsewhere, card3 = build(cfg, tmp_path)
     assert elsewhere != out and card3["sha256"] == card["sha256"]
+    # a damaged copy (a truncated write, a bad disk) is rebuilt, never read
+    good = (out / PAIRS).read_bytes()
+    (out / PAIRS).write_bytes(good[: len(good) // 2])
+    again, card5 = build(cfg, lab)
+    assert again == out and (out / PAIRS).read_bytes() == good and card5["sha256"] == card["sha256"]
     noisy = load_experiment(_prefs(lab, tmp_path, 0.5))
     _, card4 = build(noisy, lab)
     assert card4["flipped"] > 0 and card4["true_agreement"] < 1.0
