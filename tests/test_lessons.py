@@ -195,3 +195,28 @@ def test_lesson_plan_with_two_jobs_gives_the_numbers_of_one_job(lab: Path, tmp_p
         a = [m.value for m in sorted(client.get_metric_history(beta0.info.run_id, key), key=lambda m: m.step)]
         b = [m.value for m in sorted(client.get_metric_history(alone.run_id, key), key=lambda m: m.step)]
         assert a == b, key
+
+
+def test_a_lesson_runs_every_kind_of_experiment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Part III pairs DPO, reward-model and preference runs: `rlcore lesson` sends each kind to its trainer and
+    reports it like an RL run; a warm start is not a lesson run."""
+    import rlcore.dpo
+    import rlcore.preferences
+    import rlcore.rm_training
+    from rlcore.cli import run_any
+
+    calls = []
+    monkeypatch.setattr(rlcore.dpo, "train_dpo", lambda cfg, root: calls.append("dpo") or ("d1", {"a": 0.1},
+                                                                                             {"a": 0.2}, tmp_path))
+    monkeypatch.setattr(rlcore.rm_training, "train_reward_model",
+                        lambda cfg, root: calls.append("rm") or ("r1", {"rm/heldout_accuracy": 0.8}, tmp_path))
+    monkeypatch.setattr(rlcore.preferences, "run_preferences", lambda cfg, root: calls.append("prefs") or
+                        (tmp_path, {}, "p1"))
+    dpo = run_any(load_experiment(ROOT / "experiments" / "prefs" / "dpo.yaml"), tmp_path)
+    rm = run_any(load_experiment(ROOT / "experiments" / "prefs" / "reward_model.yaml"), tmp_path)
+    prefs = run_any(load_experiment(ROOT / "experiments" / "prefs" / "addition_noise0.yaml"), tmp_path)
+    assert calls == ["dpo", "rm", "prefs"]
+    assert (dpo.run_id, dpo.first_eval, dpo.last_eval) == ("d1", {"a": 0.1}, {"a": 0.2})
+    assert (rm.run_id, rm.last_eval) == ("r1", {"rm/heldout_accuracy": 0.8}) and prefs.run_id == "p1"
+    with pytest.raises(ConfigError, match="warm start"):
+        run_any(load_experiment(ROOT / "experiments" / "sft.yaml"), tmp_path)
