@@ -90,7 +90,7 @@ def test_dynamic_sampling_runs_in_lock_step_on_two_processes(lab: Path) -> None:
     assert len(rounds) == 3 and all(1 <= r <= 3 for r in rounds)
 
 
-def test_reward_model_and_dpo_trainers_two_processes_match_one_process(lab: Path) -> None:
+def test_reward_model_process_model_and_dpo_trainers_two_processes_match_one_process(lab: Path) -> None:
     """Each process scores a share of every batch of pairs (an odd batch splits unevenly); the loss is divided by the
     whole batch's pair count, so the all-reduced gradients are the whole batch's. The warm-up schedule advances once
     per step, not once per process."""
@@ -113,14 +113,17 @@ def test_reward_model_and_dpo_trainers_two_processes_match_one_process(lab: Path
     """
     (lab / "mp_rm.yaml").write_text("kind: reward_model\nreward_model: {pairs: mp_prefs.yaml, epochs: 1, batch_size: "
                                     "5, heldout_frac: 0.25}\n" + dedent(common))
+    (lab / "mp_prm.yaml").write_text("kind: reward_model\nreward_model: {type: process, prompts: 24, samples_per_prompt: "
+                                     "2, epochs: 1, batch_size: 5, heldout_frac: 0.25}\n" + dedent(common))
     (lab / "mp_dpo.yaml").write_text("kind: dpo\ndpo: {pairs: mp_prefs.yaml, epochs: 1, batch_size: 5}\n" + dedent(common))
     c = MlflowClient(tracking_settings(lab)["tracking_uri"])
     subprocess.run([sys.executable, "-m", "rlcore.cli", "run", "mp_prefs.yaml"], cwd=lab, check=True, timeout=300,
                    capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # built once, before the race
     for file, keys in (("mp_rm.yaml", ("rm/loss", "rm/accuracy", "rm/heldout_accuracy", "rm/heldout_margin")),
+                       ("mp_prm.yaml", ("prm/loss", "prm/accuracy", "prm/heldout_step_accuracy")),
                        ("mp_dpo.yaml", ("dpo/loss", "rewards/margins", "rewards/accuracies", "actor/lr",
                                         "eval/greedy_accuracy"))):
-        after = "MLflow run " if file == "mp_rm.yaml" else "MLflow run id:"
+        after = "MLflow run " if file != "mp_dpo.yaml" else "MLflow run id:"
         one = launch(lab, f"{file}-one", 1, file=file, run_id_after=after)
         two = launch(lab, f"{file}-two", 2, file=file, run_id_after=after)
         assert c.get_run(one).data.tags["world_size"] == "1" and c.get_run(two).data.tags["world_size"] == "2"
