@@ -52,7 +52,7 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
     from rlcore.config import flatten
     from rlcore.model import build_policy
     from rlcore.seeding import seed_everything
-    from rlcore.sft import warm_start_dir
+    from rlcore.sft import warm_start_dir, warm_start_tags
     from rlcore.tracking import NoTracker, Tracker, git_commit
     from rlcore.trainer import Learner, adamw, global_sum, my_share, process_group, step_learners
 
@@ -85,7 +85,8 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
     unit = "answers" if process else "pairs"
     tags = {"rlcore.kind": "reward_model", "rlcore.rm.type": rm.type, "task": cfg.task.name,
             "git_commit": git_commit(root), f"rlcore.rm.{unit}": str(len(rows)), f"rlcore.rm.heldout_{unit}": str(len(held)),
-            "rlcore.group": cfg.seed_group(), "seed": str(cfg.seed), "world_size": str(world), **cfg.logging.tags}
+            "rlcore.group": cfg.seed_group(), "seed": str(cfg.seed), "world_size": str(world),
+            "model": cfg.model.name_or_path or "tiny-llama", **warm_start_tags(ws), **cfg.logging.tags}
     rng = random.Random(cfg.seed)
     with tracker.run(cfg.logging.run_name or "reward-model", tags, flatten(cfg.to_dict()),
                      yaml.safe_dump(cfg.to_dict(), sort_keys=False)):

@@ -90,7 +90,8 @@ else:
                 except ConfigError as e:
                     st.error(f"{f}: {e}")
             if runs is not None:
-                rl = runs[runs["rlcore.kind"] == "rl"]
+                # runs that train something and log curves (preference data sets are artifacts, not curves)
+                rl = runs[runs["rlcore.kind"].isin(("rl", "dpo", "reward_model"))]
                 try:
                     groups = plan_groups(lesson, root)  # rlcore.group -> line label
                 except ConfigError as e:
