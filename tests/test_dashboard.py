@@ -589,3 +589,32 @@ def test_palette_reads_on_the_light_and_the_dark_theme() -> None:
     closest = min(sum((x - y) ** 2 for x, y in zip(rgb(a), rgb(b), strict=True)) ** 0.5
                   for a, b in combinations(PALETTE, 2))
     assert closest > 0.15
+
+
+def test_lesson_page_charts_dpo_and_reward_model_runs_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Part III pairs DPO and reward-model runs with RL runs: the lesson page finds them by their plan's config like
+    RL runs (it charted only `rlcore.kind: rl` before), while a preference data set's run, which logs no curve, is not
+    one of its lines."""
+    from rlcore.lessons import parse, plan_groups
+
+    root = write_lab(tmp_path)
+    (root / "experiments").mkdir()
+    shutil.copy(root / "rl.yaml", root / "experiments" / "rl.yaml")
+    shutil.copy(root / "sft.yaml", root / "experiments" / "sft.yaml")
+    (root / "lessons").mkdir()
+    (root / "lessons" / "16-kinds.md").write_text(
+        '---\nid: "16"\ntitle: Kinds\npart: III\nforce: signal\nquestion: q?\nexperiments: [rl.yaml]\n'
+        "variants: [[algorithm.kl_coef=0], [algorithm.kl_coef=0.2]]\nmetrics: [reward/mean]\n---\nbody\n")
+    groups = list(plan_groups(parse(root / "lessons" / "16-kinds.md"), root))
+    c = MlflowClient(tracking_settings(root)["tracking_uri"])
+    exp = c.create_experiment("kinds")
+    for kind, group in (("dpo", groups[0]), ("reward_model", groups[1]), ("preferences", groups[1])):
+        r = c.create_run(exp, tags={"rlcore.kind": kind, "rlcore.group": group, "seed": "0"}, run_name=kind)
+        for step in (1, 2, 3):
+            c.log_metric(r.info.run_id, "reward/mean", 0.1 * step, step=step)
+        c.set_terminated(r.info.run_id, "FINISHED")
+    at = app(root, monkeypatch, "lessons")
+    caption = next(x.value for x in at.caption if x.value.startswith("This lesson's runs"))
+    assert "This lesson's runs: 2, 2 line(s)" in caption
+    charts = [x for x in at.get("vega_lite_chart") if '"variant"' in x.proto.spec]
+    assert set(chart_data(charts[0])["variant"]) == {"kl_coef=0", "kl_coef=0.2"}
