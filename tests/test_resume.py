@@ -76,7 +76,8 @@ def test_sigkill_then_resume_is_bit_identical(lab: Path) -> None:
         steps = [s for s, _ in b[key]]
         assert len(steps) == len(set(steps)), f"{key}: a step logged twice"
         assert a[key] == b[key], key  # every step present, values bit-identical
-    once = ("timing/startup", "timing/eval", "timing/checkpoint", "timing/save", "timing/total")  # not every step
+    once = ("timing/startup", "timing/eval", "timing/checkpoint", "timing/save", "timing/total",
+            "perf/cpu_s")  # not every step
     for key in (k for k in c.get_run(run_id).data.metrics if k.startswith(VOLATILE)):
         steps = [m.step for m in c.get_metric_history(run_id, key)]
         assert len(steps) == len(set(steps)), f"{key}: a step logged twice"
