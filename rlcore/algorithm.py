@@ -13,6 +13,7 @@ algorithm's name. Every entry of a registry has that registry's one signature:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ ADVANTAGES: dict[str, Callable[[RolloutBatch, AlgorithmConfig], torch.Tensor]] =
 POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
 LOSS_AGG: dict[str, Callable[..., torch.Tensor]] = {}
 GROUP_FILTERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {}
+IS_CORRECTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, AlgorithmConfig], torch.Tensor]] = {}
 
 
 def _register(registry: dict, name: str, needs: tuple[str, ...] = ()):
@@ -356,6 +358,71 @@ def loss_gspo(logp: torch.Tensor, x: LossInputs, cfg: AlgorithmConfig):
     seq_log_ratio = ((logp - x.old_logp) * x.mask).sum(-1) / x.mask.sum(-1).clamp(min=1)  # [B]
     log_ratio = seq_log_ratio.detach()[:, None] + logp - logp.detach()  # [B, T] value s_i, gradient d log pi_t
     return clipped_objective(log_ratio, x.adv, cfg)
+
+
+# ------------------------------------------------------------------------ behaviour-policy corrections
+# An engine that samples with other weights than the trainer's (stale by k updates, another precision or kernel)
+# draws from a behaviour policy mu, not from pi_prox, the trainer's policy before the update. Every entry maps
+# log w = log pi_prox - log mu [B, T] (and the mask) to detached per-token weights [B, T] that multiply the policy
+# loss; with mu = pi_prox every weight is exactly 1 and the loss is unchanged.
+
+
+def _seq_log_weight(log_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log of the sequence weight prod_t w_t, broadcast to every token: [B, T] -> [B, T]"""
+    return (log_w * mask).sum(-1, keepdim=True).expand_as(log_w)
+
+
+@_register(IS_CORRECTIONS, "none")
+def is_none(log_w: torch.Tensor, mask: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor:
+    """No correction: the samples are treated as the proximal policy's own (biased when mu != pi_prox)."""
+    return torch.ones_like(log_w)
+
+
+@_register(IS_CORRECTIONS, "tis_token")
+def is_tis_token(log_w: torch.Tensor, mask: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor:
+    """Truncated IS per token, min(pi_prox/mu, C) (Ionides 2008; Yao et al. 2025 "Your efficient RL framework
+    secretly brings you off-policy RL training"): bias traded for a bounded variance."""
+    return log_w.clamp(max=math.log(cfg.is_cap)).exp()
+
+
+@_register(IS_CORRECTIONS, "tis_seq")
+def is_tis_seq(log_w: torch.Tensor, mask: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor:
+    """Truncated IS per sequence, min(prod_t pi_prox/mu, C) on every token of the sequence (unbiased for a sequence
+    reward up to the cap; its variance grows with length)."""
+    return _seq_log_weight(log_w, mask).clamp(max=math.log(cfg.is_cap)).exp()
+
+
+@_register(IS_CORRECTIONS, "mis_token")
+def is_mis_token(log_w: torch.Tensor, mask: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor:
+    """Masked IS per token: the weight pi_prox/mu where it is inside [low, high], else 0 (rejection: a token the two
+    policies disagree on too much teaches nothing rather than something wrong)."""
+    w = log_w.clamp(-20, 20).exp()
+    return torch.where((w >= cfg.is_low) & (w <= cfg.is_high), w, torch.zeros_like(w))
+
+
+@_register(IS_CORRECTIONS, "mis_seq")
+def is_mis_seq(log_w: torch.Tensor, mask: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor:
+    """Masked IS per sequence: token weights pi_prox/mu, and the whole sequence rejected (0) when its geometric-mean
+    weight exp(mean_t log w) is outside [low, high] (a length-independent test, like verl's `geo_mask`)."""
+    geo = ((log_w * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).exp()  # [B, 1]
+    keep = ((geo >= cfg.is_low) & (geo <= cfg.is_high)).float()  # [B, 1]
+    return log_w.clamp(-20, 20).exp() * keep
+
+
+@_register(IS_CORRECTIONS, "decoupled")
+def is_decoupled(log_w: torch.Tensor, mask: torch.Tensor, cfg: AlgorithmConfig) -> torch.Tensor:
+    """Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"; AReaL, 2025): three
+    policies. The clip keeps pi near the proximal pi_prox (the ratio of the policy loss), and the untruncated weight
+    pi_prox/mu moves the expectation from the behaviour mu to pi_prox. (log w held to [-20, 20] so exp stays finite.)"""
+    return log_w.clamp(-20, 20).exp()
+
+
+def mismatch_stats(log_w: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token values whose masked means are the metrics: KL(mu || pi_prox) by k1 = log mu - log pi_prox and
+    k3 = r - 1 - log r with r = pi_prox/mu (samples are mu's), the weights, their squares (ESS), the rejected share."""
+    r_log = log_w.clamp(-20, 20)
+    return {"mismatch/kl_k1": -log_w, "mismatch/kl_k3": r_log.exp() - 1 - r_log, "is/weight_mean": w,
+            "is/weight_sq_mean": w * w, "is/masked_frac": (w == 0).float() * mask}
 
 
 # ---------------------------------------------------------------------------------------- aggregation

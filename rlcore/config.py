@@ -331,6 +331,14 @@ class AlgorithmConfig(_Section):
         "uses 20): one token whose probability moved by e^90 would otherwise make the ratio inf and every gradient "
         "NaN. Inside the range nothing changes, values or gradients. None = off.",
     )
+    behaviour_correction: str = Field(
+        "none", description="Importance correction for the gap between the engine that sampled (behaviour, mu: "
+        "batch.sampler_logp) and the trainer's policy before the update (proximal), a key of "
+        "rlcore.algorithm.IS_CORRECTIONS: none, tis_token, tis_seq (truncated IS), mis_token, mis_seq (masked IS), "
+        "decoupled (untruncated token weights: decoupled PPO).")
+    is_cap: float = Field(2.0, gt=0, description="Truncated IS: the weight pi_prox/mu is capped at this (verl's default 2).")
+    is_low: float = Field(0.5, gt=0, description="Masked IS: tokens (or sequences) whose weight is below this get weight 0.")
+    is_high: float = Field(2.0, gt=0, description="Masked IS: tokens (or sequences) whose weight is above this get weight 0.")
     kl_clamp: float | None = Field(
         10.0, gt=0, description="The per-token KL estimate is clamped to [-c, c] (verl clamps k3 to 10; k3's log-ratio "
         "is also held to [-20, 20] before exp): k3 = e^x - 1 - x overflows for one token with pi_ref >> pi. "
@@ -378,14 +386,15 @@ class AlgorithmConfig(_Section):
                              "the preset the axes are, or to a label of your own)")
         return self
 
-    @field_validator("advantage", "policy_loss", "loss_agg", "kl_estimator", "group_filter")
+    @field_validator("advantage", "policy_loss", "loss_agg", "kl_estimator", "group_filter", "behaviour_correction")
     @classmethod
     def _known_name(cls, value: str, info: ValidationInfo) -> str:
         from rlcore import algorithm  # late: importing it (and torch) is only needed to validate
 
         registry = {"advantage": algorithm.ADVANTAGES, "policy_loss": algorithm.POLICY_LOSSES,
                     "loss_agg": algorithm.LOSS_AGG, "kl_estimator": algorithm.KL_ESTIMATORS,
-                    "group_filter": algorithm.GROUP_FILTERS}[info.field_name]
+                    "group_filter": algorithm.GROUP_FILTERS,
+                    "behaviour_correction": algorithm.IS_CORRECTIONS}[info.field_name]
         if value not in registry:
             raise ValueError(f"unknown {value!r}, valid: {', '.join(sorted(registry))}")
         return value

@@ -138,6 +138,15 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("timing/total", "s", "wall-clock of the whole run, logged once at its end", "07"),
     # perf
     MetricDef("perf/tokens_per_s", "tokens/s", "generated response tokens (all processes) / timing/step", "22"),
+    MetricDef("mismatch/kl_k1", "nats", "KL(mu || pi_prox) per token by k1 = log mu - log pi_prox, mu the engine that "
+              "sampled, pi_prox the trainer's policy before the update (logged with a behaviour correction)", "24"),
+    MetricDef("mismatch/kl_k3", "nats", "the same KL by k3 = r - 1 - log r, r = pi_prox/mu: never negative per token", "24"),
+    MetricDef("is/weight_mean", "ratio", "mean behaviour-correction weight over response tokens (1 when the engine "
+              "samples from the trainer's policy)", "24"),
+    MetricDef("is/weight_max", "ratio", "largest behaviour-correction weight of the step", "24"),
+    MetricDef("is/ess", "fraction", "Kish's effective sample size of the weights as a share of the tokens, "
+              "(mean w)^2 / mean w^2: 1 when all weights are equal, small when a few tokens carry the batch", "24"),
+    MetricDef("is/masked_frac", "fraction", "response tokens whose weight is 0 (masked IS rejected them)", "24"),
     MetricDef("perf/cpu_s", "s", "CPU seconds the run's process spent (all its threads; rank 0's on several processes), "
               "logged at the end: compute compared across methods on a shared machine, where wall-clock is noisy", "18a"),
     MetricDef("perf/peak_mem_mb", "MB", "peak memory of this run: CUDA max allocated, or on CPU the peak RSS since the run began (Linux)", "22"),

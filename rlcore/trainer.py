@@ -18,7 +18,16 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from rlcore.algorithm import KL_ESTIMATORS, LOSS_AGG, POLICY_LOSSES, AggNorm, kl_estimate, lookup
+from rlcore.algorithm import (
+    IS_CORRECTIONS,
+    KL_ESTIMATORS,
+    LOSS_AGG,
+    POLICY_LOSSES,
+    AggNorm,
+    kl_estimate,
+    lookup,
+    mismatch_stats,
+)
 from rlcore.batch import LossInputs, RolloutBatch
 from rlcore.config import ConfigError, ExperimentConfig, TrainerConfig
 from rlcore.critic import Critic
@@ -144,6 +153,7 @@ class Trainer:
         a = cfg.algorithm
         self.policy_loss = lookup(POLICY_LOSSES, a.policy_loss, "policy_loss")
         self.loss_agg = lookup(LOSS_AGG, a.loss_agg, "loss_agg")
+        self.correction = lookup(IS_CORRECTIONS, a.behaviour_correction, "behaviour_correction")
         lookup(KL_ESTIMATORS, a.kl_estimator, "kl_estimator")  # fails early on an unknown name
 
     @property
@@ -165,6 +175,13 @@ class Trainer:
             t = self.acc.reduce(t, reduction="sum")
         return t.tolist()
 
+    def _global_max(self, value: float) -> float:
+        if self.acc.num_processes == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t[0])
+
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """ppo_epochs x minibatches optimizer steps on the rollout batch; returns the step's actor metrics."""
         a = self.cfg.algorithm
@@ -175,9 +192,12 @@ class Trainer:
         loss_sum = 0.0  # each minibatch's loss is split over micro-batches and processes; their sum is the loss
         n_mini = a.minibatches
         size = -(-len(batch) // n_mini)
+        is_max = 0.0  # the largest behaviour-correction weight of the step (all micro-batches)
+
         def collect(stats: dict) -> None:
-            nonlocal loss_sum
+            nonlocal loss_sum, is_max
             loss_sum += float(stats.pop("_policy_loss", 0.0))  # the policy's, for actor/loss
+            is_max = max(is_max, stats.pop("_is_max", (0.0, 0.0))[0])
             for k, (v, c) in stats.items():
                 sums[k] += v
                 counts[k] += c
@@ -205,6 +225,10 @@ class Trainer:
         out["actor/loss"] = reduced[-1] / n_steps  # mean over optimizer steps
         if grad_norms:
             out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if "is/weight_mean" in out:
+            # Kish's effective sample size as a share of the tokens: (mean w)^2 / mean w^2, 1 when every weight is equal
+            out["is/ess"] = out["is/weight_mean"] ** 2 / max(out.pop("is/weight_sq_mean"), 1e-12)
+            out["is/weight_max"] = self._global_max(is_max)
         out = {k: v for k, v in out.items() if math.isfinite(v)}  # a NaN loss is counted below, not charted
         out["actor/nonfinite_skips"] = float(skipped)
         self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
@@ -234,10 +258,17 @@ class Trainer:
         mask = m.response_mask.to(dev)  # [b, T]
         logp, entropy = token_logprobs(self.model, m, with_entropy=True)  # [b, T], [b, T]
         old = m.old_logp.to(dev) if m.old_logp is not None else logp.detach()  # on-policy: ratio = 1, grad = PG
-        view = LossInputs(old, m.adv.to(dev), mask, m.sampler_logp.to(dev))
+        sampler = m.sampler_logp.to(dev)  # [b, T] the behaviour policy mu
+        view = LossInputs(old, m.adv.to(dev), mask, sampler)
         per_token, pl_metrics = self.policy_loss(logp, view, a)  # [b, T]
         tok = float(mask.sum())
         stats = {k: (float((v * mask).sum()), tok) for k, v in pl_metrics.items()}
+        if a.behaviour_correction != "none":
+            log_w = (old - sampler) * mask  # [b, T] log pi_prox - log mu (0 on padding)
+            w = self.correction(log_w, mask, a)  # [b, T] detached weights
+            per_token = per_token * w
+            stats |= {k: (float((v * mask).sum()), tok) for k, v in mismatch_stats(log_w, w, mask).items()}
+            stats["_is_max"] = (float((w * mask).max()) if tok else 0.0, 0.0)
         stats["actor/pg_loss"] = (float((per_token.detach() * mask).sum()), tok)
         stats["actor/entropy"] = (float((entropy * mask).sum()), tok)
         stats["actor/sampler_logp_gap"] = (float(((logp.detach() - m.sampler_logp.to(dev)).abs() * mask).sum()), tok)
