@@ -34,7 +34,7 @@ def capture(trainer, engine, cfg, step: int, run_id: str | None, stream) -> dict
     return {"step": step, "run_id": run_id, "drawn": stream.position, "stream": stream.state_dict(),
             "config_hash": cfg.config_hash(),
             "reference": cfg.model.warm_start or cfg.model.name_or_path or "fresh",
-            "rng": rng_state(engine.rng_state()), **trainer.state_dict()}
+            "rng": rng_state(engine.rng_state()), "engine": engine.state_dict(), **trainer.state_dict()}
 
 
 def write(trainer, engine, cfg, root: Path, tracker, acc, step: int, stream) -> None:
@@ -55,7 +55,7 @@ def restore(trainer, engine, cfg, ckpt: dict[str, Any]) -> int:
         raise ConfigError("--resume: the checkpoint was written by a different config")
     trainer.load_state_dict(ckpt)
     engine.set_rng_state(restore_rng(ckpt["rng"]))
-    engine.load_weights(trainer.unwrapped)  # a separate rollout engine gets the restored weights
+    engine.load_state_dict(ckpt.get("engine", {}), trainer.unwrapped)  # weights (a stale engine: its history)
     return int(ckpt["step"])
 
 

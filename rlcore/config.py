@@ -306,6 +306,9 @@ class RolloutConfig(_Section):
         description="`shared`: the sampler uses the policy's own weights. `separate`: the rollout engine holds its "
         "own copy, refreshed by weight-sync after every update (how vLLM/SGLang engines are fed).",
     )
+    staleness: int = Field(0, ge=0, le=64, description="Sample with the weights of this many updates ago (a copy "
+                           "of its own, as with engine: separate): an asynchronous engine's staleness, simulated "
+                           "deterministically (lesson 24). 0 = on-policy.")
 
 
 class AlgorithmConfig(_Section):

@@ -31,7 +31,7 @@ from rlcore.model import build_policy
 from rlcore.prompts import PromptFormat
 from rlcore.reference import Reference
 from rlcore.reward import Scorer, overlong_penalty, reward_search_path
-from rlcore.rollout import ENGINES, RolloutEngine, Sampling, fill_groups
+from rlcore.rollout import RolloutEngine, Sampling, fill_groups, make_engine
 from rlcore.seeding import seed_everything
 from rlcore.sft import warm_start_dir, warm_start_tags
 from rlcore.tasks import CuratedStream, DatasetTask, Task, make_task
@@ -86,9 +86,8 @@ def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None,
     reference = Reference(policy) if needs.reference else None  # beta = 0: no reference at all
     critic = Critic(policy, cfg, acc) if needs.values else None
     trainer = Trainer(policy, cfg, acc, critic)
-    engine = ENGINES[cfg.rollout.engine](trainer.unwrapped, tokenizer, seed=cfg.seed, fmt=fmt,
-                                         tool=make_tool(cfg.task.tool), max_tool_calls=cfg.task.max_tool_calls,
-                                         mask_tool_output=cfg.task.mask_tool_output)
+    engine = make_engine(cfg, trainer.unwrapped, tokenizer, seed=cfg.seed, fmt=fmt, tool=make_tool(cfg.task.tool),
+                         max_tool_calls=cfg.task.max_tool_calls, mask_tool_output=cfg.task.mask_tool_output)
     scorer = Scorer(cfg.reward, task, reward_search_path(cfg), reward_models)
     return Loop(cfg=cfg, acc=acc, task=task, scorer=scorer, tokenizer=tokenizer, engine=engine, reference=reference,
                 trainer=trainer, critic=critic, needs=needs, local=slice(rank * n // world, (rank + 1) * n // world),
@@ -131,6 +130,7 @@ def step(loop: Loop, problems: list[Problem],
     """One RL step over the global list of `problems` (`draw` gives more, for a group filter's extra rounds)."""
     cfg, r, timer, needs = loop.cfg, loop.cfg.rollout, PhaseTimer(), loop.needs
     scored: dict[str, float] = {}
+    lag = getattr(loop.engine, "lag", None)  # updates between the weights that sample this batch and the trainer's
     batch = sample(loop, problems, timer, scored)
     filtered: dict[str, float] = {}
     if needs.resample:  # a group filter that draws more rounds (DAPO's dynamic sampling)
@@ -161,6 +161,8 @@ def step(loop: Loop, problems: list[Problem],
     metrics["perf/tokens_per_s"] = metrics.pop("_gen_tokens") / metrics["timing/step"]
     metrics["perf/peak_mem_mb"] = peak_memory_mb()
     metrics["perf/sync_mb"] = moved / 2**20
+    if lag is not None:
+        metrics["rollout/staleness"] = float(lag)
     return batch, metrics
 
 

@@ -13,6 +13,7 @@ split across processes: one process and two processes sample the same tokens.
 
 from __future__ import annotations
 
+import collections
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,6 +110,14 @@ class RolloutEngine:
 
     def rng_state(self) -> torch.Tensor:
         return self.generator.get_state()
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the engine besides its RNG (nothing: its weights are the policy's)."""
+        return {}
+
+    def load_state_dict(self, state: dict, policy: torch.nn.Module) -> None:
+        """Resume: the engine takes the restored policy's weights (weight-sync)."""
+        self.load_weights(policy)
 
     def set_rng_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
@@ -249,7 +258,63 @@ class SeparateEngine(RolloutEngine):
         return moved
 
 
+class StaleEngine(SeparateEngine):
+    """A separate engine that samples with the weights of `staleness` updates ago (`rollout.staleness: k`): the
+    statistics of an asynchronous engine whose batches are k versions old, without its timing, so they reproduce bit
+    for bit. Each weight-sync keeps a snapshot and loads the one k syncs back; until k updates exist the engine keeps
+    the initial weights. `lag` is the staleness of the next batch (min(updates so far, k))."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, staleness: int,
+                 **kw):
+        super().__init__(model, tokenizer, seed, **kw)
+        self.staleness = staleness
+        self.history: collections.deque[dict[str, torch.Tensor]] = collections.deque(maxlen=staleness + 1)
+        self.syncs = 0  # updates the trainer has made
+        self.version = 0  # the update whose weights the engine holds
+
+    @property
+    def lag(self) -> int:
+        return self.syncs - self.version
+
+    @torch.no_grad()
+    def load_weights(self, policy: torch.nn.Module) -> int:
+        """Keep the policy's weights as version `syncs + 1`, load the version k back; returns the bytes loaded."""
+        self.syncs += 1
+        self.history.append({k: v.detach().clone() for k, v in trainable_state(policy).items()})
+        if self.syncs - self.staleness < 1:
+            return 0
+        mine = self.model.state_dict()
+        moved = 0
+        for name, src in self.history[0].items():
+            mine[name].copy_(src)
+            moved += src.numel() * src.element_size()
+        self.version = self.syncs - self.staleness
+        return moved
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "syncs": self.syncs, "version": self.version,
+                "weights": {k: v.clone() for k, v in trainable_state(self.model).items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, policy: torch.nn.Module) -> None:
+        if not state:  # a checkpoint of another engine: start the history from the restored policy
+            return super().load_state_dict(state, policy)
+        self.history.clear()
+        self.history.extend(state["history"])
+        self.syncs, self.version = state["syncs"], state["version"]
+        mine = self.model.state_dict()
+        for name, src in state["weights"].items():
+            mine[name].copy_(src)
+
+
 ENGINES: dict[str, type[RolloutEngine]] = {"shared": RolloutEngine, "separate": SeparateEngine}
+
+
+def make_engine(cfg, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, **kw) -> RolloutEngine:
+    """The run's engine: `rollout.engine`, or with `rollout.staleness: k > 0` a StaleEngine (its own copy)."""
+    if cfg.rollout.staleness > 0:
+        return StaleEngine(model, tokenizer, seed, cfg.rollout.staleness, **kw)
+    return ENGINES[cfg.rollout.engine](model, tokenizer, seed, **kw)
 
 
 def token_logprobs(
