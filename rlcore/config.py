@@ -339,6 +339,10 @@ class AlgorithmConfig(_Section):
         "batch.sampler_logp) and the trainer's policy before the update (proximal), a key of "
         "rlcore.algorithm.IS_CORRECTIONS: none, tis_token, tis_seq (truncated IS), mis_token, mis_seq (masked IS), "
         "decoupled (untruncated token weights: decoupled PPO).")
+    ratio_anchor: Literal["proximal", "behaviour"] = Field(
+        "proximal", description="The policy the PPO ratio is taken against: `proximal`, the trainer's own log-probs "
+        "before the update (recomputed), or `behaviour`, the engine's sampler_logp (coupled PPO: no recompute, but "
+        "a stale or mismatched engine moves every ratio off 1 and the clip silences those tokens).")
     is_cap: float = Field(2.0, gt=0, description="Truncated IS: the weight pi_prox/mu is capped at this (verl's default 2).")
     is_low: float = Field(0.5, gt=0, description="Masked IS: tokens (or sequences) whose weight is below this get weight 0.")
     is_high: float = Field(2.0, gt=0, description="Masked IS: tokens (or sequences) whose weight is above this get weight 0.")
@@ -375,6 +379,15 @@ class AlgorithmConfig(_Section):
     )
     ppo_epochs: int = Field(1, gt=0, le=1000, description="Passes over each rollout batch; > 1 needs old log-probs.")
     minibatches: int = Field(1, gt=0, le=1_000_000, description="Optimizer steps per pass over the rollout batch.")
+
+    @model_validator(mode="after")
+    def _one_behaviour_correction(self) -> AlgorithmConfig:
+        if self.ratio_anchor == "behaviour" and self.behaviour_correction != "none":
+            raise ValueError(f"ratio_anchor: behaviour already takes the ratio against the engine's policy; "
+                             f"behaviour_correction must be none with it, got {self.behaviour_correction!r}")
+        if self.is_low >= self.is_high:
+            raise ValueError(f"is_low must be < is_high, got {self.is_low} >= {self.is_high}")
+        return self
 
     @model_validator(mode="after")
     def _name_matches_axes(self) -> AlgorithmConfig:

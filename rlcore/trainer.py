@@ -259,7 +259,8 @@ class Trainer:
         logp, entropy = token_logprobs(self.model, m, with_entropy=True)  # [b, T], [b, T]
         old = m.old_logp.to(dev) if m.old_logp is not None else logp.detach()  # on-policy: ratio = 1, grad = PG
         sampler = m.sampler_logp.to(dev)  # [b, T] the behaviour policy mu
-        view = LossInputs(old, m.adv.to(dev), mask, sampler)
+        anchor = sampler if a.ratio_anchor == "behaviour" else old  # coupled PPO clips pi/mu, decoupled pi/pi_prox
+        view = LossInputs(anchor, m.adv.to(dev), mask, sampler)
         per_token, pl_metrics = self.policy_loss(logp, view, a)  # [b, T]
         tok = float(mask.sum())
         stats = {k: (float((v * mask).sum()), tok) for k, v in pl_metrics.items()}
