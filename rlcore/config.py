@@ -306,6 +306,9 @@ class RolloutConfig(_Section):
         description="`shared`: the sampler uses the policy's own weights. `separate`: the rollout engine holds its "
         "own copy, refreshed by weight-sync after every update (how vLLM/SGLang engines are fed).",
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="The sampler's precision (a copy of its own, as with engine: separate). bfloat16 "
+        "makes the engine's log-probs differ from the float32 trainer's even on-policy (lesson 24).")
     staleness: int = Field(0, ge=0, le=64, description="Sample with the weights of this many updates ago (a copy "
                            "of its own, as with engine: separate): an asynchronous engine's staleness, simulated "
                            "deterministically (lesson 24). 0 = on-policy.")

@@ -242,9 +242,11 @@ class SeparateEngine(RolloutEngine):
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int,
                  fmt: PromptFormat | None = None, tool: Calculator | None = None, max_tool_calls: int = 1,
-                 mask_tool_output: bool = True):
+                 mask_tool_output: bool = True, dtype: torch.dtype | None = None):
         copy_ = copy.deepcopy(model).eval()
         copy_.requires_grad_(False)
+        if dtype is not None:  # a sampler in another precision than the trainer (lesson 24's mismatch)
+            copy_.to(dtype)
         super().__init__(copy_, tokenizer, seed, fmt, tool, max_tool_calls, mask_tool_output)
 
     @torch.no_grad()
@@ -311,10 +313,15 @@ ENGINES: dict[str, type[RolloutEngine]] = {"shared": RolloutEngine, "separate": 
 
 
 def make_engine(cfg, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, **kw) -> RolloutEngine:
-    """The run's engine: `rollout.engine`, or with `rollout.staleness: k > 0` a StaleEngine (its own copy)."""
-    if cfg.rollout.staleness > 0:
-        return StaleEngine(model, tokenizer, seed, cfg.rollout.staleness, **kw)
-    return ENGINES[cfg.rollout.engine](model, tokenizer, seed, **kw)
+    """The run's engine: `rollout.engine`; with `rollout.staleness: k > 0` a StaleEngine; with `rollout.dtype` other
+    than float32 a copy in that precision (both need weights of their own, so both imply a separate engine)."""
+    r = cfg.rollout
+    dtype = None if r.dtype == "float32" else getattr(torch, r.dtype)
+    if r.staleness > 0:
+        return StaleEngine(model, tokenizer, seed, r.staleness, dtype=dtype, **kw)
+    if dtype is not None:
+        return SeparateEngine(model, tokenizer, seed, dtype=dtype, **kw)
+    return ENGINES[r.engine](model, tokenizer, seed, **kw)
 
 
 def token_logprobs(

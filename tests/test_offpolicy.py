@@ -114,3 +114,17 @@ def test_simulated_staleness_samples_with_old_weights_and_resumes_exactly(lab: P
     assert resumed.run_id == stopped.run_id and [s for s, _ in _hist(lab, resumed.run_id, "reward/mean")][-2:] == [5, 6]
     for key in ("reward/mean", "actor/loss", "mismatch/kl_k3", "is/weight_mean", "rollout/staleness"):
         assert _hist(lab, resumed.run_id, key)[-2:] == _hist(lab, whole.run_id, key)[-2:], key
+
+
+def test_a_bfloat16_sampler_is_off_policy_from_the_first_step(lab: Path) -> None:
+    """`rollout.dtype: bfloat16`: the engine's copy samples in bfloat16 while the trainer computes in float32, so the
+    behaviour policy differs from the proximal one before any update (lesson 24's mismatch), and the weights show it."""
+    from rlcore.controller import run
+
+    base = ["trainer.steps=2", "logging.eval_every=2", "logging.num_samples=0", "logging.experiment=test-bf16",
+            "algorithm.behaviour_correction=tis_token"]
+    fp32 = run(load_experiment(lab / "rl.yaml", base), root=lab)
+    bf16 = run(load_experiment(lab / "rl.yaml", [*base, "rollout.dtype=bfloat16"]), root=lab)
+    k32, k16 = _hist(lab, fp32.run_id, "mismatch/kl_k3"), _hist(lab, bf16.run_id, "mismatch/kl_k3")
+    assert k32[0][1] < 1e-6 and k16[0][1] > 100 * max(k32[0][1], 1e-9)  # step 1: on-policy, yet a gap
+    assert _hist(lab, bf16.run_id, "is/weight_max")[0][1] > 1.01
