@@ -314,6 +314,16 @@ class RolloutConfig(_Section):
                            "deterministically (lesson 24). 0 = on-policy.")
 
 
+class WeightSyncConfig(_Section):
+    """How the trainer's weights reach a rollout engine with weights of its own (engine: separate, a sampler dtype,
+    a staleness): lesson 06."""
+
+    every: int = Field(1, ge=1, le=1_000_000, description="Push the weights every N updates; in between the engine "
+                       "samples with weights up to N - 1 updates old (a copy of its own, as with engine: separate).")
+    verify: bool = Field(True, description="After each push compare every tensor on the engine with the trainer's by "
+                         "checksum, and stop the run FAILED on a mismatch (sync/verified_tensors counts them).")
+
+
 class AlgorithmConfig(_Section):
     name: str = Field("grpo", description="Label of the preset (a tag in MLflow); the axes below define the algorithm.")
     advantage: str = Field("grpo", description="Advantage estimator, a key of rlcore.algorithm.ADVANTAGES.")
@@ -561,9 +571,17 @@ class ExperimentConfig(_Section):
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _one_source_of_staleness(self) -> ExperimentConfig:
+        if self.weight_sync.every > 1 and self.rollout.staleness > 0:
+            raise ValueError("weight_sync.every > 1 and rollout.staleness > 0 both make the engine's weights old; "
+                             "use one of them")
+        return self
 
     @model_validator(mode="after")
     def _groups_have_peers(self) -> ExperimentConfig:

@@ -125,12 +125,15 @@ def sample(loop: Loop, problems: list[Problem], timer: PhaseTimer, scored: dict[
     return batch
 
 
-def step(loop: Loop, problems: list[Problem],
-         draw: Callable[[], list[Problem]] | None = None) -> tuple[RolloutBatch, dict[str, float]]:
-    """One RL step over the global list of `problems` (`draw` gives more, for a group filter's extra rounds)."""
+def step(loop: Loop, problems: list[Problem], draw: Callable[[], list[Problem]] | None = None,
+         i: int = 1) -> tuple[RolloutBatch, dict[str, float]]:
+    """RL step `i` over the global list of `problems` (`draw` gives more, for a group filter's extra rounds)."""
     cfg, r, timer, needs = loop.cfg, loop.cfg.rollout, PhaseTimer(), loop.needs
     scored: dict[str, float] = {}
-    lag = getattr(loop.engine, "lag", None)  # updates between the weights that sample this batch and the trainer's
+    every = cfg.weight_sync.every
+    # updates between the weights that sample this batch and the trainer's: a simulated staleness, or the updates
+    # since the last push when the engine is fed every N updates
+    lag = getattr(loop.engine, "lag", None) if every == 1 else (i - 1) % every
     batch = sample(loop, problems, timer, scored)
     filtered: dict[str, float] = {}
     if needs.resample:  # a group filter that draws more rounds (DAPO's dynamic sampling)
@@ -150,8 +153,10 @@ def step(loop: Loop, problems: list[Problem],
         batch.adv, batch.returns = advantages(batch, cfg.algorithm)  # [B, T], and the critic's targets or None
     with timer("update"):
         stats = loop.trainer.update(batch)
+    moved = 0
     with timer("sync"):
-        moved = loop.engine.load_weights(loop.trainer.unwrapped)  # weight-sync: 0 bytes when shared
+        if i % every == 0:
+            moved = loop.engine.load_weights(loop.trainer.unwrapped)  # weight-sync: 0 bytes when shared
     metrics = (stats | filtered | batch_metrics(batch, loop.acc, r.samples_per_prompt) | scored
                | timer.metrics())
     if loop.engine.fmt.cfg.max_tokens is not None:
@@ -163,6 +168,8 @@ def step(loop: Loop, problems: list[Problem],
     metrics["perf/sync_mb"] = moved / 2**20
     if lag is not None:
         metrics["rollout/staleness"] = float(lag)
+    if moved and getattr(loop.engine, "verify", False):
+        metrics["sync/verified_tensors"] = float(loop.engine.verified)
     return batch, metrics
 
 
@@ -212,7 +219,7 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                    total=cfg.trainer.steps)
         for i in bar:
             problems_of = [stream.take(cfg.rollout.prompts_per_step)]
-            batch, metrics = step(loop, problems_of[0], lambda: stream.take(cfg.rollout.prompts_per_step))
+            batch, metrics = step(loop, problems_of[0], lambda: stream.take(cfg.rollout.prompts_per_step), i)
             out.steps_done = i
             if isinstance(stream, CuratedStream):  # the estimates learn from every process's groups alike
                 rewards = loop.acc.gather(batch.rewards.to(loop.acc.device)).cpu() if loop.acc.num_processes > 1 \

@@ -140,6 +140,8 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("perf/tokens_per_s", "tokens/s", "generated response tokens (all processes) / timing/step", "22"),
     MetricDef("rollout/staleness", "updates", "how many updates older than the trainer's the weights that sampled "
               "this step's batch are (rollout.staleness: min(step - 1, k))", "24"),
+    MetricDef("sync/verified_tensors", "tensors", "tensors of the last weight push checked on the engine by checksum "
+              "(a mismatch stops the run FAILED)", "06"),
     MetricDef("mismatch/kl_k1", "nats", "KL(mu || pi_prox) per token by k1 = log mu - log pi_prox, mu the engine that "
               "sampled, pi_prox the trainer's policy before the update (logged with a behaviour correction)", "24"),
     MetricDef("mismatch/kl_k3", "nats", "the same KL by k3 = r - 1 - log r, r = pi_prox/mu: never negative per token", "24"),

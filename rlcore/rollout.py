@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlcore.batch import Problem, RolloutBatch
+from rlcore.config import RunFailed
 from rlcore.model import trainable_state
 from rlcore.prompts import PromptFormat
 from rlcore.tools import Calculator
@@ -236,6 +237,34 @@ class RolloutEngine:
             forced[i] = self.tokenizer(self.tool.respond(call), add_special_tokens=False)["input_ids"]
 
 
+class WeightSyncError(RunFailed):
+    """A pushed tensor arrived different on the engine: the run stops FAILED rather than sample from wrong weights."""
+
+
+def transfer(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Move one tensor into the engine (in-process here; over NCCL or shared memory in a real system)."""
+    dst.copy_(src)
+
+
+def checksum(t: torch.Tensor) -> tuple[float, float]:
+    """A cheap fingerprint of a tensor: the float64 sum of its values and of their squares (any changed element
+    moves one of them; computed in the engine's precision on both sides, so a bfloat16 copy still matches)."""
+    x = t.detach().double()
+    return float(x.sum()), float((x * x).sum())
+
+
+def verify_push(mine: dict[str, torch.Tensor], pushed: dict[str, torch.Tensor]) -> int:
+    """Compare every pushed tensor with the engine's copy by checksum; raise naming the first that differs. Returns
+    the number of tensors checked."""
+    for name, src in pushed.items():
+        want, got = checksum(src.to(mine[name].dtype)), checksum(mine[name])
+        if want != got:
+            raise WeightSyncError(f"weight-sync: {name} differs on the rollout engine after the push (checksum "
+                                  f"{got[0]:.6g} vs {want[0]:.6g} on the trainer): the engine would sample from "
+                                  "weights the trainer never had")
+    return len(pushed)
+
+
 class SeparateEngine(RolloutEngine):
     """An engine with its own copy of the weights, refreshed by weight-sync after every update (how vLLM/SGLang
     engines are fed); the copy is what `timing/sync` and `perf/sync_mb` measure (lesson 06)."""
@@ -249,15 +278,32 @@ class SeparateEngine(RolloutEngine):
             copy_.to(dtype)
         super().__init__(copy_, tokenizer, seed, fmt, tool, max_tool_calls, mask_tool_output)
 
+    verify = True  # check every pushed tensor by checksum (weight_sync.verify)
+    verified = 0  # tensors checked by the last push
+
     @torch.no_grad()
     def load_weights(self, policy: torch.nn.Module) -> int:
-        """Copy the policy's weights into the engine's model; returns the bytes moved."""
+        """Copy the policy's weights into the engine's model and check each by checksum; returns the bytes moved."""
         moved = 0
         mine = self.model.state_dict()
-        for name, src in trainable_state(policy).items():  # with LoRA: the adapters only
-            mine[name].copy_(src)
+        pushed = trainable_state(policy)  # with LoRA: the adapters only
+        for name, src in pushed.items():
+            transfer(mine[name], src)
             moved += src.numel() * src.element_size()
+        self.verified = verify_push(mine, pushed) if self.verify else 0
         return moved
+
+    def state_dict(self) -> dict:
+        """The engine's own weights: with weight_sync.every > 1 they are older than the policy's."""
+        return {"weights": {k: v.clone() for k, v in trainable_state(self.model).items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, policy: torch.nn.Module) -> None:
+        if "weights" not in state:
+            return super().load_state_dict(state, policy)
+        mine = self.model.state_dict()
+        for name, src in state["weights"].items():
+            mine[name].copy_(src)
 
 
 class StaleEngine(SeparateEngine):
@@ -288,8 +334,9 @@ class StaleEngine(SeparateEngine):
         mine = self.model.state_dict()
         moved = 0
         for name, src in self.history[0].items():
-            mine[name].copy_(src)
+            transfer(mine[name], src)
             moved += src.numel() * src.element_size()
+        self.verified = verify_push(mine, self.history[0]) if self.verify else 0
         self.version = self.syncs - self.staleness
         return moved
 
@@ -299,8 +346,8 @@ class StaleEngine(SeparateEngine):
 
     @torch.no_grad()
     def load_state_dict(self, state: dict, policy: torch.nn.Module) -> None:
-        if not state:  # a checkpoint of another engine: start the history from the restored policy
-            return super().load_state_dict(state, policy)
+        if "history" not in state:  # a checkpoint of another engine: start the history from the restored policy
+            return RolloutEngine.load_state_dict(self, state, policy)
         self.history.clear()
         self.history.extend(state["history"])
         self.syncs, self.version = state["syncs"], state["version"]
@@ -318,10 +365,14 @@ def make_engine(cfg, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     r = cfg.rollout
     dtype = None if r.dtype == "float32" else getattr(torch, r.dtype)
     if r.staleness > 0:
-        return StaleEngine(model, tokenizer, seed, r.staleness, dtype=dtype, **kw)
-    if dtype is not None:
-        return SeparateEngine(model, tokenizer, seed, dtype=dtype, **kw)
-    return ENGINES[r.engine](model, tokenizer, seed, **kw)
+        engine: RolloutEngine = StaleEngine(model, tokenizer, seed, r.staleness, dtype=dtype, **kw)
+    elif dtype is not None or cfg.weight_sync.every > 1:
+        engine = SeparateEngine(model, tokenizer, seed, dtype=dtype, **kw)
+    else:
+        engine = ENGINES[r.engine](model, tokenizer, seed, **kw)
+    if isinstance(engine, SeparateEngine):
+        engine.verify = cfg.weight_sync.verify
+    return engine
 
 
 def token_logprobs(

@@ -128,3 +128,43 @@ def test_a_bfloat16_sampler_is_off_policy_from_the_first_step(lab: Path) -> None
     k32, k16 = _hist(lab, fp32.run_id, "mismatch/kl_k3"), _hist(lab, bf16.run_id, "mismatch/kl_k3")
     assert k32[0][1] < 1e-6 and k16[0][1] > 100 * max(k32[0][1], 1e-9)  # step 1: on-policy, yet a gap
     assert _hist(lab, bf16.run_id, "is/weight_max")[0][1] > 1.01
+
+
+def test_weight_sync_checksum_catches_a_corrupted_tensor(lab: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push that changes one element of one tensor on its way to the engine stops the run FAILED, naming the tensor;
+    an intact push is counted in sync/verified_tensors."""
+    import rlcore.rollout as rollout
+    from rlcore.config import RunFailed
+    from rlcore.controller import run
+
+    base = ["trainer.steps=2", "logging.eval_every=2", "logging.num_samples=0", "logging.experiment=test-sync",
+            "rollout.engine=separate"]
+    good = run(load_experiment(lab / "rl.yaml", base), root=lab)
+    n = _hist(lab, good.run_id, "sync/verified_tensors")
+    assert [s for s, _ in n] == [1, 2] and n[0][1] > 10  # every tensor of the tiny Llama, every push
+
+    real = rollout.transfer
+
+    def corrupting(dst: torch.Tensor, src: torch.Tensor) -> None:
+        real(dst, src)
+        if dst.dim() == 2 and dst.shape[0] == dst.shape[1]:  # one square projection: a single flipped value
+            dst.view(-1)[7] += 1.0
+
+    monkeypatch.setattr(rollout, "transfer", corrupting)
+    with pytest.raises(RunFailed, match=r"weight-sync: model\.layers\.\S+ differs on the rollout engine after the push"):
+        run(load_experiment(lab / "rl.yaml", [*base, "logging.run_name=corrupt"]), root=lab)
+    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
+    bad = c.search_runs([c.get_experiment_by_name("test-sync").experiment_id], "tags.mlflow.runName = 'corrupt'")
+    assert bad[0].info.status == "FAILED"
+
+
+def test_pushing_every_n_updates_makes_the_engine_lag(lab: Path) -> None:
+    """weight_sync.every: 3 pushes after updates 3 and 6: the batches of steps 1-6 are 0, 1, 2, 0, 1, 2 updates old."""
+    from rlcore.controller import run
+
+    r = run(load_experiment(lab / "rl.yaml", ["trainer.steps=6", "logging.eval_every=6", "logging.num_samples=0",
+                                               "logging.experiment=test-sync", "weight_sync.every=3"]), root=lab)
+    assert [v for _, v in _hist(lab, r.run_id, "rollout/staleness")] == [0, 1, 2, 0, 1, 2]
+    assert [s for s, _ in _hist(lab, r.run_id, "sync/verified_tensors")] == [3, 6]
+    mb = [v for _, v in _hist(lab, r.run_id, "perf/sync_mb")]
+    assert mb[0] == mb[1] == 0 and mb[2] > 0  # nothing moves between pushes
