@@ -154,6 +154,11 @@ class Trainer:
         self.policy_loss = lookup(POLICY_LOSSES, a.policy_loss, "policy_loss")
         self.loss_agg = lookup(LOSS_AGG, a.loss_agg, "loss_agg")
         self.correction = lookup(IS_CORRECTIONS, a.behaviour_correction, "behaviour_correction")
+        r = cfg.rollout
+        # The gap between the engine's policy and the trainer's is measured (mismatch/*, is/*) when it is corrected
+        # or when the engine samples with other weights than the trainer's: stale, another precision, pushed rarely.
+        self.watch_mismatch = (a.behaviour_correction != "none" or r.staleness > 0 or r.dtype != "float32"
+                               or cfg.weight_sync.every > 1)
         lookup(KL_ESTIMATORS, a.kl_estimator, "kl_estimator")  # fails early on an unknown name
 
     @property
@@ -264,9 +269,9 @@ class Trainer:
         per_token, pl_metrics = self.policy_loss(logp, view, a)  # [b, T]
         tok = float(mask.sum())
         stats = {k: (float((v * mask).sum()), tok) for k, v in pl_metrics.items()}
-        if a.behaviour_correction != "none":
+        if self.watch_mismatch:
             log_w = (old - sampler) * mask  # [b, T] log pi_prox - log mu (0 on padding)
-            w = self.correction(log_w, mask, a)  # [b, T] detached weights
+            w = self.correction(log_w, mask, a)  # [b, T] detached weights (all 1 without a correction)
             per_token = per_token * w
             stats |= {k: (float((v * mask).sum()), tok) for k, v in mismatch_stats(log_w, w, mask).items()}
             stats["_is_max"] = (float((w * mask).max()) if tok else 0.0, 0.0)
