@@ -383,3 +383,30 @@ def signal_density_control() -> None:
     st.caption("bucket pass rates " + ", ".join(f"{r:.2f}" for r in rates) + f". DAPO rolls out "
                f"{d['dapo_rollouts_per_group']:.2f} groups per informative group and drops the rest; curation skips "
                "before rolling out (rlcore.tasks.signal_density).")
+
+
+@control("24")
+def canaries() -> None:
+    """The infra engineer's canaries on a simulated batch: a sampler whose log-probs differ from the trainer's by a
+    drift (staleness) and a noise (precision), read as rlcore reads them (mismatch KL, IS weights, ESS, rejections)."""
+    from rlcore.algorithm import IS_CORRECTIONS, mismatch_stats
+
+    drift = st.slider("Mean log pi_prox - log mu per token (a stale sampler drifts)", -0.5, 0.5, 0.0, 0.01,
+                      key="c24_drift")
+    noise = st.slider("Spread of the per-token gap (a lower-precision sampler)", 0.0, 1.0, 0.05, 0.01,
+                      key="c24_noise")
+    g = torch.Generator().manual_seed(0)
+    log_w = drift + noise * torch.randn(256, 8, generator=g)  # [B, T] simulated log pi_prox - log mu
+    mask = torch.ones(256, 8)
+    cfg = AlgorithmConfig()
+    rows = []
+    for name in ("none", "tis_token", "tis_seq", "mis_token", "mis_seq", "decoupled"):
+        w = IS_CORRECTIONS[name](log_w, mask, cfg)
+        s = {k: float(v.mean()) for k, v in mismatch_stats(log_w, w, mask).items()}
+        rows.append({"correction": name, "weight mean": s["is/weight_mean"], "weight max": float(w.max()),
+                     "ESS": s["is/weight_mean"] ** 2 / s["is/weight_sq_mean"], "rejected": s["is/masked_frac"]})
+    s = mismatch_stats(log_w, torch.ones_like(log_w), mask)
+    st.metric("mismatch KL (k3), nats per token", f"{float(s['mismatch/kl_k3'].mean()):.4f}")
+    st.dataframe(pd.DataFrame(rows).round(4), hide_index=True, key="c24_table")
+    st.caption("Healthy: k3 below ~1e-3, ESS near 1, nothing rejected. rlcore.algorithm.IS_CORRECTIONS and "
+               "mismatch_stats on 256 x 8 simulated tokens; the same functions run in the trainer.")
