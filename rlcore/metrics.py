@@ -163,6 +163,24 @@ CATALOGUE: list[MetricDef] = [
 # 30 steps x 32 prompts x 8 samples from the shipped warm start) unless the text says otherwise; other models and
 # tasks have other scales, the shape of the curve carries over.
 HEALTH: dict[str, tuple[str, str]] = {
+    "reward/true": ("rises with the training reward, or at least does not fall (here 0.59 → 0.67 over 80 steps of "
+                    "GRPO on a reward model at beta = 0.2)", "falling while reward/mean rises: the policy is "
+                    "exploiting the proxy (lesson 15's over-optimisation, lesson 18's leak)"),
+    "eval/true_accuracy": ("steady or rising (here 0.867 → 0.818 ± 0.019 on a reward model at beta = 0.2)",
+                           "a steady fall while the proxy rises (0.867 → 0.39 under a leaky verifier at beta = 0)"),
+    "mismatch/kl_k3": ("float rounding on-policy (below 1e-6 here); about 5e-4 with a bfloat16 sampler", "growing "
+                       "step by step: a stale engine, a sync that did not happen, or a ratio anchored to the wrong "
+                       "policy (0.08 at staleness 2 without a correction, lesson 24)"),
+    "is/ess": ("near 1 (0.96-0.99 with staleness 2 and a correction)", "well below 1: a few tokens carry the batch; "
+                "the engine and the trainer disagree too much for a reweighting to help"),
+    "rollout/staleness": ("the staleness you configured, and no more", "above max_staleness, or growing: the engine "
+                          "is not receiving weights"),
+    "prm/heldout_step_accuracy": ("well above the base rate of always saying 'right' (0.880 against 0.585 here)",
+                                  "at the base rate: the process model learned nothing but the label frequency"),
+    "rm/heldout_accuracy": ("below 1 - label noise, rising over the epochs (0.75 ± 0.06 here on 350 clean pairs)",
+                            "at 0.5: the reward model ranks at random; above the ceiling: leaked or duplicated pairs"),
+    "rewards/accuracies": ("rises towards 1 on the training pairs", "near 1 while held-out accuracy falls: DPO is "
+                           "over-fitting the pairs (lesson 16)"),
     "reward/mean": ("rises over tens of steps, noisily (here about 0.61 over the first ten steps, 0.63-0.65 over "
                     "the last ten of 30, 0.75 after 100)",
                     "flat from step 0: no group has reward variance, or the lr is far too small; a sudden fall: the "
