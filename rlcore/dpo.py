@@ -24,7 +24,7 @@ from rlcore.batch import RolloutBatch
 from rlcore.config import ExperimentConfig
 from rlcore.pairwise import PAIR_LOSSES, sequence_logps
 from rlcore.prompts import PromptFormat
-from rlcore.rollout import encode_prompts, token_logprobs
+from rlcore.rollout import encode_prompts, pad_rows, token_logprobs
 
 
 def pair_batch(tokenizer, fmt: PromptFormat, rows: list[dict]) -> RolloutBatch:
@@ -34,14 +34,10 @@ def pair_batch(tokenizer, fmt: PromptFormat, rows: list[dict]) -> RolloutBatch:
     texts = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     ids, mask = encode_prompts(tokenizer, prompts, fmt=fmt)  # [2N, P]
     resp = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
-    T = max(len(r) for r in resp)
-    out = torch.full((len(resp), T), tokenizer.pad_token_id, dtype=torch.long)
-    rmask = torch.zeros((len(resp), T))
-    for i, r in enumerate(resp):
-        out[i, : len(r)], rmask[i, : len(r)] = torch.tensor(r), 1.0
-    n = len(resp)
-    return RolloutBatch(input_ids=torch.cat([ids, out], 1), attention_mask=torch.cat([mask, rmask.long()], 1),
-                        response_mask=rmask, group=torch.arange(n), sampler_logp=torch.zeros(n, T),
+    out, rmask = pad_rows(resp, tokenizer.pad_token_id)  # [2N, T]
+    n, T = out.shape
+    return RolloutBatch(input_ids=torch.cat([ids, out], 1), attention_mask=torch.cat([mask, rmask], 1),
+                        response_mask=rmask.float(), group=torch.arange(n), sampler_logp=torch.zeros(n, T),
                         finished=torch.ones(n, dtype=torch.bool), prompt_len=ids.shape[1])
 
 

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlcore.config import ConfigError
 from rlcore.pairwise import sigmoid
 from rlcore.prompts import PromptFormat
-from rlcore.rollout import positions
+from rlcore.rollout import pad_rows, positions
 
 MARKER = "rlcore_reward_model.json"
 
@@ -55,12 +55,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, prompts: list[
     """prompt ids + completion ids + EOS, right-padded. -> ids [N, L], mask [N, L]"""
     rows = [fmt.ids(tokenizer, p) + tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             for p, c in zip(prompts, completions, strict=True)]
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return ids, mask
+    return pad_rows(rows, tokenizer.pad_token_id)
 
 
 def split_by_prompt(rows: list[dict], frac: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -133,15 +128,10 @@ def process_rows(engine, task, problems: list, k: int, sampling, tokenizer) -> l
 def encode_steps(tokenizer, fmt: PromptFormat, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """prompt + the answer's own token ids, right-padded, and a label per answer token (-1 elsewhere).
     -> ids [N, L], mask [N, L], labels [N, L]"""
-    seqs = [fmt.ids(tokenizer, r["prompt"]) for r in rows]
-    L = max(len(p) + len(r["ids"]) for p, r in zip(seqs, rows, strict=True))
-    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    labels = torch.full((len(rows), L), -1.0)
-    for i, (p, r) in enumerate(zip(seqs, rows, strict=True)):
-        n = len(p) + len(r["ids"])
-        ids[i, :n], mask[i, :n] = torch.tensor(p + r["ids"]), 1
-        labels[i, len(p) : n] = torch.tensor(r["labels"])
+    prompts = [fmt.ids(tokenizer, r["prompt"]) for r in rows]
+    ids, mask = pad_rows([p + r["ids"] for p, r in zip(prompts, rows, strict=True)], tokenizer.pad_token_id)
+    labels, _ = pad_rows([[-1.0] * len(p) + r["labels"] for p, r in zip(prompts, rows, strict=True)], -1.0,
+                         dtype=torch.float32)
     return ids, mask, labels
 
 

@@ -40,13 +40,21 @@ def encode_prompts(
     else:
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         rows = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    P = max(width or 0, max(len(r) for r in rows))
-    ids = torch.full((len(rows), P), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    return pad_rows(rows, tokenizer.pad_token_id, width, left=True)
+
+
+def pad_rows(rows: list[list], pad: float, width: int | None = None, left: bool = False,
+             dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of values as one tensor, filled with `pad` to `width` (default: the longest) on the right, or on the left
+    (prompts, so that generation continues every row at the last column). -> values [n, L], mask [n, L] (1 on real
+    entries)"""
+    L = max(width or 0, max(len(r) for r in rows))
+    out = torch.full((len(rows), L), pad, dtype=dtype)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, P - len(r) :] = torch.tensor(r)
-        mask[i, P - len(r) :] = 1
-    return ids, mask
+        span = slice(L - len(r), L) if left else slice(0, len(r))
+        out[i, span], mask[i, span] = torch.tensor(r, dtype=dtype), 1
+    return out, mask
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

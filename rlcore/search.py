@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rlcore.config import ConfigError, ExperimentConfig
+from rlcore.rollout import pad_rows, positions
 
 METHODS = ("greedy", "best_of_n", "best_of_n_prm", "prm_beam", "oracle", "sample")
 EXPANSIONS = 4  # M: candidates sampled from each kept beam
@@ -44,33 +45,13 @@ def best_of_n_accuracy(p: float, decoy: float, n: int) -> dict[str, float]:
     return {"oracle": 1 - (1 - p) ** n, "best_of_n": (1 - miss) ** n - ((1 - p) * (1 - decoy)) ** n, "sample": p}
 
 
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists left-padded for the policy's next-token forward. -> ids [n, L], mask [n, L]"""
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r) :], mask[i, L - len(r) :] = torch.tensor(r), 1
-    return ids, mask
-
-
-def right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists right-padded for a reward model. -> ids [n, L], mask [n, L]"""
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return ids, mask
-
-
 def step_scores(prm, pad: int, prompts: list[list[int]], answers: list[list[int]],
                 chunk: int = 256) -> list[torch.Tensor]:
     """sigma(PRM logit) after every answer token of each (prompt ids, answer ids). -> a [len(answer)] per row"""
     out = []
     for i in range(0, len(prompts), chunk):
         rows = [p + a for p, a in zip(prompts[i : i + chunk], answers[i : i + chunk], strict=True)]
-        ids, mask = right_pad(rows, pad)
+        ids, mask = pad_rows(rows, pad)
         probs = torch.sigmoid(prm(ids, mask, steps=True))  # [n, L]
         out += [probs[j, len(p) : len(p) + len(a)] for j, (p, a) in
                 enumerate(zip(prompts[i : i + chunk], answers[i : i + chunk], strict=True))]
@@ -81,8 +62,6 @@ def prm_beam(policy, prm, tokenizer, prompts: list[list[int]], n: int, max_new_t
              generator: torch.Generator) -> tuple[list[list[int]], int]:
     """PRM-guided beam search for every prompt at once (see the module doc). -> (answer ids, EOS included, per
     prompt; candidate tokens sampled in all)"""
-    from rlcore.rollout import positions
-
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     width = max(1, n // EXPANSIONS)
     beams: list[list[list[int]]] = [[[]] for _ in prompts]  # per prompt: the kept unfinished answers
@@ -93,7 +72,7 @@ def prm_beam(policy, prm, tokenizer, prompts: list[list[int]], n: int, max_new_t
         parents = [a for b in beams for a in b]
         if not parents:
             break
-        ids, mask = left_pad([prompts[i] + a for i, a in zip(owners, parents, strict=True)], pad)
+        ids, mask = pad_rows([prompts[i] + a for i, a in zip(owners, parents, strict=True)], pad, left=True)
         logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -1]  # [b, V]
         probs = torch.softmax(logits.float(), -1)
         per_parent = [n // len(beams[i]) for i in owners]  # the first step draws all N from the empty answer
