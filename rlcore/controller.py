@@ -38,7 +38,7 @@ from rlcore.tasks import CuratedStream, DatasetTask, Task, make_task
 from rlcore.timing import PhaseTimer
 from rlcore.tools import make_tool
 from rlcore.tracking import CONFIG_TAG, Tracker, git_commit, project_root
-from rlcore.trainer import Trainer, accelerator
+from rlcore.trainer import Trainer, accelerator, my_share
 
 
 @dataclass
@@ -74,7 +74,6 @@ class Loop:
 def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None,
           reward_models: dict[str, Path] | None = None) -> Loop:
     """The roles of one run, from the config and the directory of the policy to start from."""
-    rank, world, n = acc.process_index, acc.num_processes, cfg.rollout.prompts_per_step
     seed_everything(cfg.seed)
     policy, tokenizer = build_policy(cfg.model, warm_start)
     task = make_task(cfg.task, cfg._base_dir)
@@ -90,7 +89,7 @@ def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None,
                          max_tool_calls=cfg.task.max_tool_calls, mask_tool_output=cfg.task.mask_tool_output)
     scorer = Scorer(cfg.reward, task, reward_search_path(cfg), reward_models)
     return Loop(cfg=cfg, acc=acc, task=task, scorer=scorer, tokenizer=tokenizer, engine=engine, reference=reference,
-                trainer=trainer, critic=critic, needs=needs, local=slice(rank * n // world, (rank + 1) * n // world),
+                trainer=trainer, critic=critic, needs=needs, local=my_share(cfg.rollout.prompts_per_step, acc),
                 group_filter=lookup(GROUP_FILTERS, cfg.algorithm.group_filter, "group_filter"), warm_start=warm_start)
 
 
@@ -125,15 +124,13 @@ def sample(loop: Loop, problems: list[Problem], timer: PhaseTimer, scored: dict[
     return batch
 
 
-def step(loop: Loop, problems: list[Problem], draw: Callable[[], list[Problem]] | None = None,
-         i: int = 1) -> tuple[RolloutBatch, dict[str, float]]:
-    """RL step `i` over the global list of `problems` (`draw` gives more, for a group filter's extra rounds)."""
+def step(loop: Loop, problems: list[Problem],
+         draw: Callable[[], list[Problem]] | None = None) -> tuple[RolloutBatch, dict[str, float]]:
+    """One RL step over the global list of `problems` (`draw` gives more, for a group filter's extra rounds)."""
     cfg, r, timer, needs = loop.cfg, loop.cfg.rollout, PhaseTimer(), loop.needs
     scored: dict[str, float] = {}
-    every = cfg.weight_sync.every
-    # updates between the weights that sample this batch and the trainer's: a simulated staleness, or the updates
-    # since the last push when the engine is fed every N updates
-    lag = getattr(loop.engine, "lag", None) if every == 1 else (i - 1) % every
+    # updates between the weights that sample this batch and the trainer's (an engine whose weights can lag says)
+    lag = getattr(loop.engine, "lag", None)
     batch = sample(loop, problems, timer, scored)
     filtered: dict[str, float] = {}
     if needs.resample:  # a group filter that draws more rounds (DAPO's dynamic sampling)
@@ -153,10 +150,8 @@ def step(loop: Loop, problems: list[Problem], draw: Callable[[], list[Problem]] 
         batch.adv, batch.returns = advantages(batch, cfg.algorithm)  # [B, T], and the critic's targets or None
     with timer("update"):
         stats = loop.trainer.update(batch)
-    moved = 0
     with timer("sync"):
-        if i % every == 0:
-            moved = loop.engine.load_weights(loop.trainer.unwrapped)  # weight-sync: 0 bytes when shared
+        moved = loop.engine.load_weights(loop.trainer.unwrapped)  # weight-sync: 0 bytes when shared or not due
     metrics = (stats | filtered | batch_metrics(batch, loop.acc, r.samples_per_prompt) | scored
                | timer.metrics())
     if loop.engine.fmt.cfg.max_tokens is not None:
@@ -218,13 +213,13 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                    disable=tracker is None or bool(os.environ.get("RLCORE_NO_BAR")), initial=start,
                    total=cfg.trainer.steps)
         for i in bar:
-            problems_of = [stream.take(cfg.rollout.prompts_per_step)]
-            batch, metrics = step(loop, problems_of[0], lambda: stream.take(cfg.rollout.prompts_per_step), i)
+            problems = stream.take(cfg.rollout.prompts_per_step)
+            batch, metrics = step(loop, problems, lambda: stream.take(cfg.rollout.prompts_per_step))
             out.steps_done = i
             if isinstance(stream, CuratedStream):  # the estimates learn from every process's groups alike
                 rewards = loop.acc.gather(batch.rewards.to(loop.acc.device)).cpu() if loop.acc.num_processes > 1 \
                     else batch.rewards  # [B_global], prompt-major
-                stream.observe(problems_of[0], rewards.tolist(), cfg.rollout.samples_per_prompt)
+                stream.observe(problems, rewards.tolist(), cfg.rollout.samples_per_prompt)
                 metrics |= stream.metrics()
             check_finite(loop, batch, i)
             metrics["timing/wall"] = time.perf_counter() - t0

@@ -274,8 +274,13 @@ def verify_push(mine: dict[str, torch.Tensor], pushed: dict[str, torch.Tensor]) 
 
 
 class SeparateEngine(RolloutEngine):
-    """An engine with its own copy of the weights, refreshed by weight-sync after every update (how vLLM/SGLang
-    engines are fed); the copy is what `timing/sync` and `perf/sync_mb` measure (lesson 06)."""
+    """An engine with its own copy of the weights, refreshed by weight-sync (how vLLM/SGLang engines are fed); the
+    copy is what `timing/sync` and `perf/sync_mb` measure (lesson 06). `load_weights` is called after every update
+    and pushes on every `every`-th (weight_sync.every); in between the engine samples with older weights, and `lag`
+    says how many updates older (None when it pushes every update)."""
+
+    verify = True  # check every pushed tensor by checksum (weight_sync.verify)
+    every = 1  # push on every N-th update (weight_sync.every)
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int,
                  fmt: PromptFormat | None = None, tool: Calculator | None = None, max_tool_calls: int = 1,
@@ -285,16 +290,27 @@ class SeparateEngine(RolloutEngine):
         if dtype is not None:  # a sampler in another precision than the trainer (lesson 24's mismatch)
             copy_.to(dtype)
         super().__init__(copy_, tokenizer, seed, fmt, tool, max_tool_calls, mask_tool_output)
+        self.syncs = 0  # updates the trainer has made
+        self.version = 0  # the update whose weights the engine holds
+        self.verified = 0  # tensors checked by the last push
 
-    verify = True  # check every pushed tensor by checksum (weight_sync.verify)
-    verified = 0  # tensors checked by the last push
+    @property
+    def lag(self) -> int | None:
+        return self.syncs - self.version if self.every > 1 else None
 
     @torch.no_grad()
     def load_weights(self, policy: torch.nn.Module) -> int:
-        """Copy the policy's weights into the engine's model and check each by checksum; returns the bytes moved."""
+        """After an update: push the policy's weights if this is the `every`-th; returns the bytes moved."""
+        self.syncs += 1
+        if self.syncs % self.every:
+            return 0
+        self.version = self.syncs
+        return self._install(trainable_state(policy))  # with LoRA: the adapters only
+
+    def _install(self, pushed: dict[str, torch.Tensor]) -> int:
+        """Copy tensors into the engine's model and check each by checksum; returns the bytes moved."""
         moved = 0
         mine = self.model.state_dict()
-        pushed = trainable_state(policy)  # with LoRA: the adapters only
         for name, src in pushed.items():
             transfer(mine[name], src)
             moved += src.numel() * src.element_size()
@@ -302,13 +318,15 @@ class SeparateEngine(RolloutEngine):
         return moved
 
     def state_dict(self) -> dict:
-        """The engine's own weights: with weight_sync.every > 1 they are older than the policy's."""
-        return {"weights": {k: v.clone() for k, v in trainable_state(self.model).items()}}
+        """The engine's own weights (older than the policy's between pushes) and its update count."""
+        return {"weights": {k: v.clone() for k, v in trainable_state(self.model).items()}, "syncs": self.syncs,
+                "version": self.version}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict, policy: torch.nn.Module) -> None:
         if "weights" not in state:
             return super().load_state_dict(state, policy)
+        self.syncs, self.version = state.get("syncs", 0), state.get("version", 0)
         mine = self.model.state_dict()
         for name, src in state["weights"].items():
             mine[name].copy_(src)
@@ -325,8 +343,6 @@ class StaleEngine(SeparateEngine):
         super().__init__(model, tokenizer, seed, **kw)
         self.staleness = staleness
         self.history: collections.deque[dict[str, torch.Tensor]] = collections.deque(maxlen=staleness + 1)
-        self.syncs = 0  # updates the trainer has made
-        self.version = 0  # the update whose weights the engine holds
 
     @property
     def lag(self) -> int:
@@ -339,18 +355,11 @@ class StaleEngine(SeparateEngine):
         self.history.append({k: v.detach().clone() for k, v in trainable_state(policy).items()})
         if self.syncs - self.staleness < 1:
             return 0
-        mine = self.model.state_dict()
-        moved = 0
-        for name, src in self.history[0].items():
-            transfer(mine[name], src)
-            moved += src.numel() * src.element_size()
-        self.verified = verify_push(mine, self.history[0]) if self.verify else 0
         self.version = self.syncs - self.staleness
-        return moved
+        return self._install(self.history[0])
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "syncs": self.syncs, "version": self.version,
-                "weights": {k: v.clone() for k, v in trainable_state(self.model).items()}}
+        return {"history": list(self.history), **super().state_dict()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict, policy: torch.nn.Module) -> None:
@@ -358,10 +367,7 @@ class StaleEngine(SeparateEngine):
             return RolloutEngine.load_state_dict(self, state, policy)
         self.history.clear()
         self.history.extend(state["history"])
-        self.syncs, self.version = state["syncs"], state["version"]
-        mine = self.model.state_dict()
-        for name, src in state["weights"].items():
-            mine[name].copy_(src)
+        super().load_state_dict(state, policy)
 
 
 ENGINES: dict[str, type[RolloutEngine]] = {"shared": RolloutEngine, "separate": SeparateEngine}
@@ -379,7 +385,7 @@ def make_engine(cfg, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     else:
         engine = ENGINES[r.engine](model, tokenizer, seed, **kw)
     if isinstance(engine, SeparateEngine):
-        engine.verify = cfg.weight_sync.verify
+        engine.verify, engine.every = cfg.weight_sync.verify, cfg.weight_sync.every
     return engine
 
 
