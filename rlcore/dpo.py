@@ -12,7 +12,6 @@ compare on one yardstick.
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from pathlib import Path
@@ -68,7 +67,7 @@ def train_dpo(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float],
     from rlcore.sft import warm_start_dir, warm_start_tags
     from rlcore.tasks import make_task
     from rlcore.tracking import NoTracker, Tracker, git_commit
-    from rlcore.trainer import Learner, adamw, global_sum, my_share, process_group, step_learners
+    from rlcore.trainer import Learner, adamw, epoch_batches, global_sum, my_rows, process_group, step_learners
 
     threads.say_once()
     cpu0 = time.process_time()
@@ -93,7 +92,6 @@ def train_dpo(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float],
             "git_commit": git_commit(root), "rlcore.group": cfg.seed_group(), "seed": str(cfg.seed),
             "world_size": str(acc.num_processes), "model": cfg.model.name_or_path or "tiny-llama",
             **warm_start_tags(ws), **cfg.logging.tags}
-    rng = random.Random(cfg.seed)
     with tracker.run(cfg.logging.run_name or f"{tags['algorithm']}-s{cfg.seed}-{cfg.training_hash()[:6]}", tags,
                      flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
         first = last = evaluate(engine, task, cfg, scorer) if main else {}
@@ -101,34 +99,28 @@ def train_dpo(cfg: ExperimentConfig, root: Path) -> tuple[str, dict[str, float],
         bar = tqdm(total=steps, desc=tags["algorithm"], unit="step", file=sys.stderr, dynamic_ncols=True,
                    disable=not main)
         step = 0
-        for _ in range(d.epochs):
-            order = rows[:]
-            rng.shuffle(order)
-            for i in range(0, len(order), d.batch_size):
-                part = order[i : i + d.batch_size]
-                mine = part[my_share(len(part), acc)]
-                # a process whose share is empty (a last batch smaller than the group) still joins the all-reduce
-                batch = pair_batch(tokenizer, fmt, mine or part[:1])
-                ref = sequence_logps(reference.logprobs(batch, t.micro_batch_size), batch.response_mask)  # [2n]
-                seen: dict[str, float] = {}
+        for step, part in enumerate(epoch_batches(rows, d.epochs, d.batch_size, cfg.seed), 1):
+            mine, w = my_rows(part, acc)
+            batch = pair_batch(tokenizer, fmt, mine)
+            ref = sequence_logps(reference.logprobs(batch, t.micro_batch_size), batch.response_mask)  # [2n]
+            seen: dict[str, float] = {}
 
-                def loss_of(_m, _norm, batch=batch, ref=ref, seen=seen, n=len(part), w=float(bool(mine))):
-                    logp = sequence_logps(token_logprobs(learner, batch)[0], batch.response_mask)  # [2n]
-                    loss, metrics = dpo_loss(logp, ref, d.loss, d.beta, n)
-                    seen.update({"dpo/loss": float(loss.detach()) * w} | {k: float(v) * w for k, v in metrics.items()})
-                    return loss * w, {}
+            def loss_of(_m, _norm, batch=batch, ref=ref, seen=seen, n=len(part), w=w):
+                logp = sequence_logps(token_logprobs(learner, batch)[0], batch.response_mask)  # [2n]
+                loss, metrics = dpo_loss(logp, ref, d.loss, d.beta, n)
+                seen.update({"dpo/loss": float(loss.detach()) * w} | {k: float(v) * w for k, v in metrics.items()})
+                return loss * w, {}
 
-                policy.train()
-                step_learners([Learner("policy", learner, opt, loss_of)], [None], None, t.grad_clip, acc)
-                sched.step()
-                step += 1
-                seen = global_sum(seen, acc)
-                bar.update(1)
-                bar.set_postfix(loss=f"{seen['dpo/loss']:.3f}", acc=f"{seen['rewards/accuracies']:.2f}")
-                tracker.log(step, seen | {"actor/lr": sched.get_last_lr()[0]})
-                if main and (step % cfg.logging.eval_every == 0 or step == steps):
-                    last = evaluate(engine, task, cfg, scorer)
-                    tracker.log(step, last)
+            policy.train()
+            step_learners([Learner("policy", learner, opt, loss_of)], [None], None, t.grad_clip, acc)
+            sched.step()
+            seen = global_sum(seen, acc)
+            bar.update(1)
+            bar.set_postfix(loss=f"{seen['dpo/loss']:.3f}", acc=f"{seen['rewards/accuracies']:.2f}")
+            tracker.log(step, seen | {"actor/lr": sched.get_last_lr()[0]})
+            if main and (step % cfg.logging.eval_every == 0 or step == steps):
+                last = evaluate(engine, task, cfg, scorer)
+                tracker.log(step, last)
         bar.close()
         tracker.log(step, {"perf/cpu_s": time.process_time() - cpu0})
         out = root / cfg.logging.output_dir / str(tracker.run_id) / "policy"

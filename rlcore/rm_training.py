@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -54,7 +53,7 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
     from rlcore.seeding import seed_everything
     from rlcore.sft import warm_start_dir, warm_start_tags
     from rlcore.tracking import NoTracker, Tracker, git_commit
-    from rlcore.trainer import Learner, adamw, global_sum, my_share, process_group, step_learners
+    from rlcore.trainer import Learner, adamw, epoch_batches, global_sum, my_rows, process_group, step_learners
 
     threads.say_once()
     cpu0 = time.process_time()
@@ -87,7 +86,6 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
             "git_commit": git_commit(root), f"rlcore.rm.{unit}": str(len(rows)), f"rlcore.rm.heldout_{unit}": str(len(held)),
             "rlcore.group": cfg.seed_group(), "seed": str(cfg.seed), "world_size": str(world),
             "model": cfg.model.name_or_path or "tiny-llama", **warm_start_tags(ws), **cfg.logging.tags}
-    rng = random.Random(cfg.seed)
     with tracker.run(cfg.logging.run_name or "reward-model", tags, flatten(cfg.to_dict()),
                      yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
         evaluate = process_metrics if process else heldout_metrics
@@ -95,43 +93,35 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
         tracker.log(0, metrics)
         bar = tqdm(total=steps, desc="reward model", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not main)
         step = 0
-        for _ in range(rm.epochs):
-            order = train[:]
-            rng.shuffle(order)
-            for i in range(0, len(order), rm.batch_size):
-                part = order[i : i + rm.batch_size]
-                seen: dict[str, float] = {}
+        for step, part in enumerate(epoch_batches(train, rm.epochs, rm.batch_size, cfg.seed), 1):
+            seen: dict[str, float] = {}
 
-                def loss_of(_m, _norm, part=part, seen=seen) -> tuple[torch.Tensor, dict]:
-                    mine = part[my_share(len(part), acc)]
-                    # a process whose share is empty (a last batch smaller than the group) still joins the all-reduce
-                    w = float(bool(mine))
-                    if process:
-                        ids, mask, labels = encode_steps(tokenizer, fmt, mine or part[:1])  # [n, L] each
-                        logits = learner(ids, mask, steps=True)  # [n, L]
-                        n = sum(len(r["labels"]) for r in part)  # labelled steps of the whole batch
-                        loss = prm_loss(logits, labels, n) * w
-                        on = labels >= 0
-                        seen.update({"prm/loss": float(loss.detach()),
-                                     "prm/accuracy": w * float(((logits > 0) == (labels > 0.5))[on].sum()) / n})
-                        return loss, {}
-                    chosen, rejected = pair_scores(learner, tokenizer, fmt, mine or part[:1])  # [n], [n]
-                    loss = bt_loss(chosen, rejected, rm.center_coef, len(part)) * w
-                    chosen, rejected = chosen[: len(mine)], rejected[: len(mine)]
-                    seen.update({"rm/loss": float(loss.detach()),
-                                 "rm/accuracy": float((chosen > rejected).float().sum()) / len(part)})
+            def loss_of(_m, _norm, part=part, seen=seen) -> tuple[torch.Tensor, dict]:
+                mine, w = my_rows(part, acc)
+                if process:
+                    ids, mask, labels = encode_steps(tokenizer, fmt, mine)  # [n, L] each
+                    logits = learner(ids, mask, steps=True)  # [n, L]
+                    n = sum(len(r["labels"]) for r in part)  # labelled steps of the whole batch
+                    loss = prm_loss(logits, labels, n) * w
+                    on = labels >= 0
+                    seen.update({"prm/loss": float(loss.detach()),
+                                 "prm/accuracy": w * float(((logits > 0) == (labels > 0.5))[on].sum()) / n})
                     return loss, {}
+                chosen, rejected = pair_scores(learner, tokenizer, fmt, mine)  # [n], [n]
+                loss = bt_loss(chosen, rejected, rm.center_coef, len(part)) * w
+                seen.update({"rm/loss": float(loss.detach()),
+                             "rm/accuracy": w * float((chosen > rejected).float().sum()) / len(part)})
+                return loss, {}
 
-                step_learners([Learner("reward_model", learner, opt, loss_of)], [None], None, t.grad_clip, acc)
-                sched.step()
-                step += 1
-                seen = global_sum(seen, acc)
-                bar.update(1)
-                bar.set_postfix(loss=f"{seen['prm/loss' if process else 'rm/loss']:.3f}")
-                tracker.log(step, seen)
-                if main and (step % cfg.logging.eval_every == 0 or step == steps):
-                    metrics = evaluate(model, tokenizer, fmt, held, t.micro_batch_size)
-                    tracker.log(step, metrics)
+            step_learners([Learner("reward_model", learner, opt, loss_of)], [None], None, t.grad_clip, acc)
+            sched.step()
+            seen = global_sum(seen, acc)
+            bar.update(1)
+            bar.set_postfix(loss=f"{seen['prm/loss' if process else 'rm/loss']:.3f}")
+            tracker.log(step, seen)
+            if main and (step % cfg.logging.eval_every == 0 or step == steps):
+                metrics = evaluate(model, tokenizer, fmt, held, t.micro_batch_size)
+                tracker.log(step, metrics)
         bar.close()
         tracker.log(step, {"perf/cpu_s": time.process_time() - cpu0})
         if main:

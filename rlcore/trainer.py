@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -126,6 +127,23 @@ def my_share(n: int, acc: Accelerator | None) -> slice:
     gradient that of the whole batch whatever the split)."""
     world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
     return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def my_rows(part: list, acc: Accelerator | None) -> tuple[list, float]:
+    """This process's rows of a batch and the weight of their loss. A process whose share is empty (a last batch
+    smaller than the process group) still joins the all-reduce: it scores one row and weighs its loss 0."""
+    mine = part[my_share(len(part), acc)]
+    return (mine, 1.0) if mine else (part[:1], 0.0)
+
+
+def epoch_batches(rows: list, epochs: int, size: int, seed: int) -> Iterator[list]:
+    """`epochs` passes over `rows`, each in a new seeded order, in batches of `size` (a pass's last batch shorter)."""
+    rng = random.Random(seed)
+    for _ in range(epochs):
+        order = rows[:]
+        rng.shuffle(order)
+        for i in range(0, len(order), size):
+            yield order[i : i + size]
 
 
 def global_sum(values: dict[str, float], acc: Accelerator | None) -> dict[str, float]:
