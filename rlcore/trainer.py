@@ -295,7 +295,7 @@ class Trainer:
             stats["_is_max"] = (float((w * mask).max()) if tok else 0.0, 0.0)
         stats["actor/pg_loss"] = (float((per_token.detach() * mask).sum()), tok)
         stats["actor/entropy"] = (float((entropy * mask).sum()), tok)
-        stats["actor/sampler_logp_gap"] = (float(((logp.detach() - m.sampler_logp.to(dev)).abs() * mask).sum()), tok)
+        stats["actor/sampler_logp_gap"] = (float(((logp.detach() - sampler).abs() * mask).sum()), tok)
         if m.ref_logp is not None:
             kl = kl_estimate(a.kl_estimator, logp, m.ref_logp.to(dev), a.kl_clamp)  # [b, T]
             if a.kl_placement == "loss":  # with `reward`, the anchor already shaped the advantages

@@ -39,6 +39,20 @@ def write_lab(root: Path) -> Path:
     return root
 
 
+def write_course(root: Path, lessons: dict[str, str]) -> Path:
+    """A lab that is also a small course: experiments/ holds its rl.yaml and sft.yaml, lessons/ these pages
+    (file name -> text), as `rlcore lesson` and the dashboard's Lessons page expect."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_lab(root)
+    (root / "experiments").mkdir()
+    for f in ("rl.yaml", "sft.yaml"):
+        (root / "experiments" / f).write_text((root / f).read_text())
+    (root / "lessons").mkdir()
+    for name, text in lessons.items():
+        (root / "lessons" / name).write_text(text)
+    return root
+
+
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory) -> Path:
     """A project root with mlflow.yml, sft.yaml and rl.yaml; the warm start is built once per session."""

@@ -16,7 +16,7 @@ from rlcore.config import ConfigError
 from rlcore.controller import run
 from rlcore.loading import load_experiment
 from rlcore.tracking import tracking_settings
-from tests.conftest import write_lab
+from tests.conftest import write_course, write_lab
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 
@@ -66,14 +66,8 @@ The reference model and its forward pass.
 def dash(lab: Path, tmp_path_factory) -> Path:
     """A lab with: two GRPO seeds (one group), an RLOO run, a rollout-bound run, a sweep, a lesson, and a lesson
     whose plan (2 variants x 2 seeds) was run the way `rlcore lesson 12` runs it, plus a run of an older plan."""
-    root = write_lab(tmp_path_factory.mktemp("dash"))
+    root = write_course(tmp_path_factory.mktemp("dash"), {"11-grpo.md": LESSON, "12-variants.md": VARIANT_LESSON})
     shutil.copytree(lab / ".rlcore_cache" / "warm_start", root / ".rlcore_cache" / "warm_start")
-    (root / "experiments").mkdir()
-    shutil.copy(root / "rl.yaml", root / "experiments" / "rl.yaml")
-    shutil.copy(root / "sft.yaml", root / "experiments" / "sft.yaml")
-    (root / "lessons").mkdir()
-    (root / "lessons" / "11-grpo.md").write_text(LESSON)
-    (root / "lessons" / "12-variants.md").write_text(VARIANT_LESSON)
     from rlcore.lessons import parse, planned_runs
 
     for f, overrides in planned_runs(parse(root / "lessons" / "12-variants.md")):
@@ -597,14 +591,9 @@ def test_lesson_page_charts_dpo_and_reward_model_runs_too(tmp_path: Path, monkey
     one of its lines."""
     from rlcore.lessons import parse, plan_groups
 
-    root = write_lab(tmp_path)
-    (root / "experiments").mkdir()
-    shutil.copy(root / "rl.yaml", root / "experiments" / "rl.yaml")
-    shutil.copy(root / "sft.yaml", root / "experiments" / "sft.yaml")
-    (root / "lessons").mkdir()
-    (root / "lessons" / "16-kinds.md").write_text(
+    root = write_course(tmp_path, {"16-kinds.md": (
         '---\nid: "16"\ntitle: Kinds\npart: III\nforce: signal\nquestion: q?\nexperiments: [rl.yaml]\n'
-        "variants: [[algorithm.kl_coef=0], [algorithm.kl_coef=0.2]]\nmetrics: [reward/mean]\n---\nbody\n")
+        "variants: [[algorithm.kl_coef=0], [algorithm.kl_coef=0.2]]\nmetrics: [reward/mean]\n---\nbody\n")})
     groups = list(plan_groups(parse(root / "lessons" / "16-kinds.md"), root))
     c = MlflowClient(tracking_settings(root)["tracking_uri"])
     exp = c.create_experiment("kinds")

@@ -164,20 +164,13 @@ def test_lesson_plan_with_two_jobs_gives_the_numbers_of_one_job(lab: Path, tmp_p
 
     from rlcore.controller import run
     from rlcore.tracking import tracking_settings
-    from tests.conftest import write_lab
+    from tests.conftest import write_course
 
-    root = tmp_path / "lab"
-    root.mkdir()
-    write_lab(root)
-    shutil.copytree(lab / ".rlcore_cache", root / ".rlcore_cache")
-    (root / "experiments").mkdir()
-    shutil.copy(root / "rl.yaml", root / "experiments" / "rl.yaml")
-    shutil.copy(root / "sft.yaml", root / "experiments" / "sft.yaml")
-    (root / "lessons").mkdir()
-    (root / "lessons" / "01-two.md").write_text(
+    root = write_course(tmp_path / "lab", {"01-two.md": (
         '---\nid: "01"\ntitle: Two\npart: I\nforce: signal\nquestion: q?\nexperiments: [rl.yaml]\n'
         "overrides: [trainer.steps=2, logging.eval_every=2, logging.num_samples=0]\n"
-        "variants: [[algorithm.kl_coef=0], [algorithm.kl_coef=0.2]]\nseeds: [0]\n---\nbody\n")
+        "variants: [[algorithm.kl_coef=0], [algorithm.kl_coef=0.2]]\nseeds: [0]\n---\nbody\n")})
+    shutil.copytree(lab / ".rlcore_cache", root / ".rlcore_cache")
     proc = subprocess.run([sys.executable, "-m", "rlcore.cli", "lesson", "01", "--jobs", "2"], cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
