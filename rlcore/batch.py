@@ -41,6 +41,7 @@ class RolloutBatch:
     values: torch.Tensor | None = None  # [B, T] critic values V(s_t) before the update (PPO with GAE)
     returns: torch.Tensor | None = None  # [B, T] the critic's targets (PPO with GAE)
     adv: torch.Tensor | None = None  # [B, T] advantages
+    version: int | None = None  # the policy version (updates made) whose weights sampled it, where an engine says
     # Sums a tensor over every process's rows (identity with one process); batch-level statistics use it so they
     # do not depend on how the batch was split.
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, repr=False)
@@ -98,6 +99,8 @@ class RolloutBatch:
                 continue
             if isinstance(value, list):
                 out[name] = [x for b in batches for x in b.__dict__[name]]
+            elif not isinstance(value, torch.Tensor):  # the version: the oldest round's
+                out[name] = min(b.__dict__[name] for b in batches)
             elif value.dim() == 2:  # [B, T] response-aligned
                 out[name] = torch.cat([pad(b.__dict__[name], 0, T - b.__dict__[name].shape[1]) for b in batches])
             else:  # [B]

@@ -311,7 +311,16 @@ class RolloutConfig(_Section):
         "makes the engine's log-probs differ from the float32 trainer's even on-policy (lesson 24).")
     staleness: int = Field(0, ge=0, le=64, description="Sample with the weights of this many updates ago (a copy "
                            "of its own, as with engine: separate): an asynchronous engine's staleness, simulated "
-                           "deterministically (lesson 24). 0 = on-policy.")
+                           "deterministically in colocated mode (lesson 24). 0 = on-policy.")
+    mode: Literal["colocated", "separate", "async"] = Field(
+        "colocated", description="Where the engine runs (lessons 19, 22c). `colocated`: in the trainer's process, "
+        "one phase after the other. `separate`: in a process of its own with its own weights (one torch thread), fed "
+        "by weight-sync; the trainer waits for each batch. `async`: that process samples the next steps' batches "
+        "while the trainer trains (rollout.max_staleness), so the two overlap.")
+    max_staleness: int | None = Field(
+        None, ge=0, le=64, description="mode async only: how many updates old a batch may be; the engine keeps this "
+        "many batches ahead of the trainer (default 1: step n + 1 is sampled while step n trains). Batch j samples with "
+        "update j - 1 - k, exactly as rollout.staleness: k simulates.")
 
 
 class WeightSyncConfig(_Section):
@@ -578,9 +587,30 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _one_source_of_staleness(self) -> ExperimentConfig:
-        if self.weight_sync.every > 1 and self.rollout.staleness > 0:
+        r = self.rollout
+        if self.weight_sync.every > 1 and r.staleness > 0:
             raise ValueError("weight_sync.every > 1 and rollout.staleness > 0 both make the engine's weights old; "
                              "use one of them")
+        if r.max_staleness is not None and r.mode != "async":
+            raise ValueError(f"rollout.max_staleness applies to rollout.mode async, not {r.mode!r} (in colocated mode "
+                             "rollout.staleness simulates it)")
+        if r.mode != "colocated" and r.staleness > 0:
+            raise ValueError(f"rollout.staleness simulates an async engine in colocated mode; with rollout.mode "
+                             f"{r.mode!r} use rollout.mode async and rollout.max_staleness")
+        if r.mode != "colocated" and self.weight_sync.every > 1:
+            raise ValueError(f"weight_sync.every > 1 is for a colocated engine; with rollout.mode {r.mode!r} the "
+                             "engine's staleness is rollout.max_staleness")
+        if r.mode == "async" and (r.max_staleness is None or r.max_staleness > 0):
+            from rlcore.algorithm import requirements
+
+            if requirements(self.algorithm).resample:
+                raise ValueError(f"algorithm.group_filter {self.algorithm.group_filter!r} draws extra rounds inside a "
+                                 "step, which an engine sampling ahead cannot; use rollout.mode separate, or "
+                                 "rollout.max_staleness 0")
+            if self.curation.enabled:
+                raise ValueError("curation.enabled picks each step's prompts from the rewards of the step before, "
+                                 "which an engine sampling ahead has not seen; use rollout.mode separate, or "
+                                 "rollout.max_staleness 0")
         return self
 
     @model_validator(mode="after")

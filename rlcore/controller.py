@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from rlcore.algorithm import GROUP_FILTERS, Needs, advantages, lookup, requireme
 from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import ExperimentConfig, RunFailed, flatten
 from rlcore.critic import Critic, explained_variance
+from rlcore.engine_process import Lookahead
 from rlcore.evaluation import evaluate
 from rlcore.metrics import batch_metrics, peak_memory_mb, reset_peak_memory, sample_rows
 from rlcore.model import build_policy
@@ -124,14 +125,22 @@ def sample(loop: Loop, problems: list[Problem], timer: PhaseTimer, scored: dict[
     return batch
 
 
+def submit(loop: Loop, problems: list[Problem]) -> None:
+    """Send a later step's prompts to an async engine now (the Lookahead's hook): it samples them while the trainer
+    trains, with the same arguments `sample` would give."""
+    r = loop.cfg.rollout
+    loop.engine.submit(problems, r.samples_per_prompt, Sampling(r.max_new_tokens, r.temperature, r.top_p),
+                       rows=loop.local)
+
+
 def step(loop: Loop, problems: list[Problem],
          draw: Callable[[], list[Problem]] | None = None) -> tuple[RolloutBatch, dict[str, float]]:
     """One RL step over the global list of `problems` (`draw` gives more, for a group filter's extra rounds)."""
     cfg, r, timer, needs = loop.cfg, loop.cfg.rollout, PhaseTimer(), loop.needs
     scored: dict[str, float] = {}
-    # updates between the weights that sample this batch and the trainer's (an engine whose weights can lag says)
-    lag = getattr(loop.engine, "lag", None)
     batch = sample(loop, problems, timer, scored)
+    # updates between the weights that sampled this batch and the trainer's (an engine whose weights can lag says)
+    lag = getattr(loop.engine, "lag", None)
     filtered: dict[str, float] = {}
     if needs.resample:  # a group filter that draws more rounds (DAPO's dynamic sampling)
         more = (lambda i: sample(loop, draw(), timer, scored, i)) if draw is not None else None
@@ -163,6 +172,12 @@ def step(loop: Loop, problems: list[Problem],
     metrics["perf/sync_mb"] = moved / 2**20
     if lag is not None:
         metrics["rollout/staleness"] = float(lag)
+    if hasattr(loop.engine, "metrics"):  # an engine in its own process: its busy time, and each role's idle share
+        engine = loop.engine.metrics()
+        metrics |= engine
+        busy = engine.get("engine/generate_s", 0.0) + engine.get("engine/push_s", 0.0)
+        metrics["idle/trainer"] = engine.get("engine/wait_s", 0.0) / metrics["timing/step"]
+        metrics["idle/engine"] = max(0.0, 1.0 - busy / metrics["timing/step"])
     if moved and getattr(loop.engine, "verify", False):
         metrics["sync/verified_tensors"] = float(loop.engine.verified)
     return batch, metrics
@@ -206,9 +221,12 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
     start = checkpoint.restore(loop.trainer, loop.engine, cfg, ckpt) if ckpt is not None else 0
     tracker = Tracker(cfg.logging.experiment, root) if loop.acc.is_main_process else None
     out = RunResult(tracker.run_id if tracker else None, tracker.where if tracker else None, {}, {}, None, start)
-    with open_run(loop, tracker, root, extra_tags, ckpt), checkpoint.StopRequest() as stop_request:
+    with open_run(loop, tracker, root, extra_tags, ckpt), checkpoint.StopRequest() as stop_request, \
+            closing(loop.engine):
         begin(loop, tracker, out, on_start, fresh=start == 0, t0=t0, step=start)
         stream = open_stream(loop, ckpt and ckpt["stream"])  # where the checkpoint left it
+        if (depth := getattr(loop.engine, "staleness", None)) is not None and cfg.rollout.mode == "async":
+            stream = Lookahead(stream, cfg.rollout.prompts_per_step, depth + 1, lambda p: submit(loop, p))
         bar = tqdm(range(start + 1, cfg.trainer.steps + 1), desc="rl", unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=tracker is None or bool(os.environ.get("RLCORE_NO_BAR")), initial=start,
                    total=cfg.trainer.steps)

@@ -139,7 +139,19 @@ CATALOGUE: list[MetricDef] = [
     # perf
     MetricDef("perf/tokens_per_s", "tokens/s", "generated response tokens (all processes) / timing/step", "22"),
     MetricDef("rollout/staleness", "updates", "how many updates older than the trainer's the weights that sampled "
-              "this step's batch are (rollout.staleness: min(step - 1, k))", "24"),
+              "this step's batch are (rollout.staleness or async max_staleness k: min(step - 1, k))", "24"),
+    MetricDef("engine/generate_s", "s", "seconds the engine process spent generating this step's batch, on its own "
+              "clock (rollout.mode separate or async; in async it overlaps the trainer's phases)", "19"),
+    MetricDef("engine/push_s", "s", "seconds the engine process spent installing and checking pushed weights this step",
+              "19"),
+    MetricDef("engine/push_send_s", "s", "seconds the trainer spent sending weights to the engine process this step "
+              "(tensors travel in shared memory)", "19"),
+    MetricDef("engine/wait_s", "s", "seconds the trainer waited for this step's batch (timing/rollout less the "
+              "hand-over): the trainer's idle time", "22c"),
+    MetricDef("idle/trainer", "fraction", "engine/wait_s / timing/step: the share of the step the trainer waited for "
+              "samples (separate: about rollout / step; async: 0 when the engine keeps ahead)", "22c"),
+    MetricDef("idle/engine", "fraction", "1 - (engine/generate_s + engine/push_s) / timing/step: the share of the step "
+              "the engine had nothing to do, with one batch per step (separate: the update's share)", "22c"),
     MetricDef("sync/verified_tensors", "tensors", "tensors of the last weight push checked on the engine by checksum "
               "(a mismatch stops the run FAILED)", "06"),
     MetricDef("mismatch/kl_k1", "nats", "KL(mu || pi_prox) per token by k1 = log mu - log pi_prox, mu the engine that "
@@ -173,6 +185,12 @@ HEALTH: dict[str, tuple[str, str]] = {
                        "policy (0.08 at staleness 2 without a correction, lesson 24)"),
     "is/ess": ("near 1 (0.96-0.99 with staleness 2 and a correction)", "well below 1: a few tokens carry the batch; "
                 "the engine and the trainer disagree too much for a reweighting to help"),
+    "idle/trainer": ("near 0 in async when generation is the shorter role; in separate the rollout's share of "
+                     "the step", "high in async: generation is the bottleneck; more engine capacity (or a shorter "
+                     "max_new_tokens) would pay, not a faster trainer"),
+    "idle/engine": ("the update's share of the step in separate; near 0 in async when generation is the longer role",
+                    "high in async: the trainer is the bottleneck, and a deeper queue (max_staleness) only adds "
+                    "staleness"),
     "rollout/staleness": ("the staleness you configured, and no more", "above max_staleness, or growing: the engine "
                           "is not receiving weights"),
     "prm/heldout_step_accuracy": ("well above the base rate of always saying 'right' (0.880 against 0.585 here)",

@@ -73,6 +73,12 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True)
 
 
+def draw_noise(generator: torch.Generator, n_global: int, k: int, max_new_tokens: int) -> torch.Tensor:
+    """One uniform per (global row, position), drawn even for rows other processes own (see module doc).
+    -> [n_global * k, max_new_tokens]"""
+    return torch.rand((n_global * k, max_new_tokens), generator=generator)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to sample: the length cap, temperature and nucleus mass, or greedy (argmax)."""
@@ -131,16 +137,21 @@ class RolloutEngine:
     def set_rng_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
 
+    def close(self) -> None:
+        """Release what the engine holds outside this process (nothing here; a process engine stops its process)."""
+
     @torch.no_grad()
     def generate(self, problems: list[Problem], k: int, sampling: Sampling, rows: slice | None = None,
-                 group_offset: int = 0, generator: torch.Generator | None = None) -> RolloutBatch:
+                 group_offset: int = 0, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None) -> RolloutBatch:
         """Sample k completions for each problem; `rows` selects this process's problems from the global list.
-        `generator`: draw the noise from it instead of the engine's own (evaluation's paired noise)."""
+        `generator`: draw the noise from it instead of the engine's own (evaluation's paired noise); `noise`: the
+        noise itself, drawn by `draw_noise` (an engine in another process gets it from the trainer's)."""
         max_new_tokens, temperature, top_p, greedy = (sampling.max_new_tokens, sampling.temperature, sampling.top_p,
                                                       sampling.greedy)
         n_global = len(problems)
-        # One uniform per (global row, position), drawn even for rows other processes own (see module doc).
-        noise = torch.rand((n_global * k, max_new_tokens), generator=generator or self.generator)  # [B_global, T]
+        if noise is None:
+            noise = draw_noise(generator or self.generator, n_global, k, max_new_tokens)  # [B_global, T]
         width = None
         if rows is not None:
             width = encode_prompts(self.tokenizer, [p.prompt for p in problems], fmt=self.fmt)[0].shape[1]
@@ -254,11 +265,16 @@ def transfer(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-def checksum(t: torch.Tensor) -> tuple[float, float]:
-    """A cheap fingerprint of a tensor: the float64 sum of its values and of their squares (any changed element
-    moves one of them; computed in the engine's precision on both sides, so a bfloat16 copy still matches)."""
-    x = t.detach().double()
-    return float(x.sum()), float((x * x).sum())
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def checksum(t: torch.Tensor) -> tuple[int, int]:
+    """A cheap fingerprint of a tensor: the sums of its elements' bit patterns, as integers, and of their squares
+    (wrapping at 2**64). Any changed element moves the first. Integer sums are exact in any order, so the trainer's
+    process and the engine's agree whatever their thread counts (float sums would not); computed in the engine's
+    precision on both sides, so a bfloat16 copy still matches."""
+    x = t.detach().contiguous().view(_BITS[t.element_size()]).to(torch.int64)
+    return int(x.sum()), int((x * x).sum())
 
 
 def verify_push(mine: dict[str, torch.Tensor], pushed: dict[str, torch.Tensor]) -> int:
@@ -268,7 +284,7 @@ def verify_push(mine: dict[str, torch.Tensor], pushed: dict[str, torch.Tensor]) 
         want, got = checksum(src.to(mine[name].dtype)), checksum(mine[name])
         if want != got:
             raise WeightSyncError(f"weight-sync: {name} differs on the rollout engine after the push (checksum "
-                                  f"{got[0]:.6g} vs {want[0]:.6g} on the trainer): the engine would sample from "
+                                  f"{got[0]} vs {want[0]} on the trainer): the engine would sample from "
                                   "weights the trainer never had")
     return len(pushed)
 
@@ -374,12 +390,19 @@ ENGINES: dict[str, type[RolloutEngine]] = {"shared": RolloutEngine, "separate": 
 
 
 def make_engine(cfg, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, **kw) -> RolloutEngine:
-    """The run's engine: `rollout.engine`; with `rollout.staleness: k > 0` a StaleEngine; with `rollout.dtype` other
-    than float32 a copy in that precision (both need weights of their own, so both imply a separate engine)."""
+    """The run's engine: with `rollout.mode` separate or async a process of its own; colocated: `rollout.engine`,
+    with `rollout.staleness: k > 0` a StaleEngine, with `rollout.dtype` other than float32 a copy in that precision
+    (both need weights of their own, so both imply a separate engine)."""
     r = cfg.rollout
     dtype = None if r.dtype == "float32" else getattr(torch, r.dtype)
-    if r.staleness > 0:
-        engine: RolloutEngine = StaleEngine(model, tokenizer, seed, r.staleness, dtype=dtype, **kw)
+    if r.mode != "colocated":  # a process of its own (rlcore.engine_process)
+        from rlcore.engine_process import ProcessEngine
+
+        k = None if r.mode == "separate" else (1 if r.max_staleness is None else r.max_staleness)
+        engine: RolloutEngine = ProcessEngine(model, tokenizer, seed, k, dtype=dtype, **kw)
+        engine.verify = cfg.weight_sync.verify
+    elif r.staleness > 0:
+        engine = StaleEngine(model, tokenizer, seed, r.staleness, dtype=dtype, **kw)
     elif dtype is not None or cfg.weight_sync.every > 1:
         engine = SeparateEngine(model, tokenizer, seed, dtype=dtype, **kw)
     else:
