@@ -314,6 +314,12 @@ class SeparateEngine(RolloutEngine):
     def lag(self) -> int | None:
         return self.syncs - self.version if self.every > 1 else None
 
+    def generate(self, *args, **kw) -> RolloutBatch:
+        """RolloutEngine.generate, the batch labelled with the update whose weights sampled it."""
+        batch = super().generate(*args, **kw)
+        batch.version = self.version
+        return batch
+
     @torch.no_grad()
     def load_weights(self, policy: torch.nn.Module) -> int:
         """After an update: push the policy's weights if this is the `every`-th; returns the bytes moved."""
