@@ -418,9 +418,10 @@ def topology() -> None:
     places an engine can run (rlcore.topology.step_time, the model bench/topology.py checks against real runs)."""
     from rlcore.topology import step_time
 
-    roll = st.slider("Rollout: seconds to sample one step's batch", 0.1, 10.0, 0.45, 0.05, key="c19_roll")
-    train = st.slider("Train: seconds of reference, log-probs and update", 0.1, 10.0, 0.75, 0.05, key="c19_train")
-    sync = st.slider("Sync: seconds to push the weights", 0.0, 5.0, 0.01, 0.01, key="c19_sync")
+    # defaults: this lab's separate runs (lesson 19), each role on one thread
+    roll = st.slider("Rollout: seconds to sample one step's batch", 0.05, 10.0, 0.20, 0.05, key="c19_roll")
+    train = st.slider("Train: seconds of reference, log-probs and update", 0.05, 10.0, 0.50, 0.05, key="c19_train")
+    sync = st.slider("Sync: seconds to push the weights", 0.0, 5.0, 0.03, 0.01, key="c19_sync")
     rows = []
     for mode in ("colocated", "separate", "async"):
         t = step_time(mode, roll, train, sync)
