@@ -25,14 +25,14 @@ from rlcore.algorithm import GROUP_FILTERS, Needs, advantages, lookup, requireme
 from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import ExperimentConfig, RunFailed, flatten
 from rlcore.critic import Critic, explained_variance
-from rlcore.engine_process import Lookahead
+from rlcore.engine_process import Lookahead, make_engine
 from rlcore.evaluation import evaluate
 from rlcore.metrics import batch_metrics, peak_memory_mb, reset_peak_memory, sample_rows
 from rlcore.model import build_policy
 from rlcore.prompts import PromptFormat
 from rlcore.reference import Reference
 from rlcore.reward import Scorer, overlong_penalty, reward_search_path
-from rlcore.rollout import RolloutEngine, Sampling, fill_groups, make_engine
+from rlcore.rollout import RolloutEngine, Sampling, fill_groups
 from rlcore.seeding import seed_everything
 from rlcore.sft import warm_start_dir, warm_start_tags
 from rlcore.tasks import CuratedStream, DatasetTask, Task, make_task

@@ -21,6 +21,8 @@ If the engine process dies (killed, out of memory) the trainer notices within `P
 a message naming the engine, and `--resume` continues from the last checkpoint: the checkpoint keeps the weights
 the in-flight batches need, the noise generator's state before the first of them and the prompt stream's position
 before it (`Lookahead`), so the resumed run samples the same batches again.
+
+`make_engine` chooses the run's engine, in this process or in its own.
 """
 
 from __future__ import annotations
@@ -40,7 +42,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import RunFailed
 from rlcore.model import trainable_state
-from rlcore.rollout import RolloutEngine, Sampling, WeightSyncError, checksum, draw_noise, transfer
+from rlcore.rollout import (
+    ENGINES,
+    RolloutEngine,
+    Sampling,
+    SeparateEngine,
+    StaleEngine,
+    WeightSyncError,
+    checksum,
+    draw_noise,
+    transfer,
+)
 from rlcore.threads import usable_cores
 
 POLL_S = 0.2  # how often a waiting trainer checks that the engine process is alive
@@ -303,6 +315,27 @@ class ProcessEngine(RolloutEngine):
                f"exited with code {code}" if code is not None else "stopped answering")
         return EngineDied(f"the rollout engine process (pid {self.proc.pid}) {how} while {doing}; the trainer stopped "
                           "here. Continue from the last checkpoint with --resume")
+
+
+def make_engine(cfg, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, **kw) -> RolloutEngine:
+    """The run's engine: with `rollout.mode` separate or async a process of its own; colocated: `rollout.engine`,
+    with `rollout.staleness: k > 0` a StaleEngine, with `rollout.dtype` other than float32 a copy in that precision
+    (both need weights of their own, so both imply a separate engine)."""
+    r = cfg.rollout
+    dtype = None if r.dtype == "float32" else getattr(torch, r.dtype)
+    if r.mode != "colocated":  # a process of its own (rlcore.engine_process)
+        k = None if r.mode == "separate" else (1 if r.max_staleness is None else r.max_staleness)
+        engine: RolloutEngine = ProcessEngine(model, tokenizer, seed, k, dtype=dtype, **kw)
+        engine.verify = cfg.weight_sync.verify
+    elif r.staleness > 0:
+        engine = StaleEngine(model, tokenizer, seed, r.staleness, dtype=dtype, **kw)
+    elif dtype is not None or cfg.weight_sync.every > 1:
+        engine = SeparateEngine(model, tokenizer, seed, dtype=dtype, **kw)
+    else:
+        engine = ENGINES[r.engine](model, tokenizer, seed, **kw)
+    if isinstance(engine, SeparateEngine):
+        engine.verify, engine.every = cfg.weight_sync.verify, cfg.weight_sync.every
+    return engine
 
 
 class Lookahead:

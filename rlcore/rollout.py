@@ -3,8 +3,9 @@
 An engine is anything with `generate(problems, k, sampling) -> RolloutBatch`, `load_weights(policy)` (weight-sync:
 returns the bytes it moved) and `rng_state()` / `set_rng_state()` (what a checkpoint keeps). `RolloutEngine`
 samples with the policy module itself (`rollout.engine: shared`, sync is free); `SeparateEngine` holds its own copy
-fed by weight-sync, as an inference server (vLLM, SGLang) does (`separate`). Later engines (another precision, another
-process, an async queue) implement the same three methods.
+fed by weight-sync, as an inference server (vLLM, SGLang) does (`separate`); `StaleEngine` samples with older weights
+(a simulated staleness). `rlcore.engine_process` runs an engine in a process of its own (`rollout.mode: separate |
+async`) behind the same methods, and chooses the run's engine (`make_engine`).
 
 Sampling uses inverse-CDF draws from one uniform per (row, position), taken from a seeded generator over the
 *global* batch and sliced to this process's rows. So a prompt's completions do not depend on how prompts are
@@ -393,29 +394,6 @@ class StaleEngine(SeparateEngine):
 
 
 ENGINES: dict[str, type[RolloutEngine]] = {"shared": RolloutEngine, "separate": SeparateEngine}
-
-
-def make_engine(cfg, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, **kw) -> RolloutEngine:
-    """The run's engine: with `rollout.mode` separate or async a process of its own; colocated: `rollout.engine`,
-    with `rollout.staleness: k > 0` a StaleEngine, with `rollout.dtype` other than float32 a copy in that precision
-    (both need weights of their own, so both imply a separate engine)."""
-    r = cfg.rollout
-    dtype = None if r.dtype == "float32" else getattr(torch, r.dtype)
-    if r.mode != "colocated":  # a process of its own (rlcore.engine_process)
-        from rlcore.engine_process import ProcessEngine
-
-        k = None if r.mode == "separate" else (1 if r.max_staleness is None else r.max_staleness)
-        engine: RolloutEngine = ProcessEngine(model, tokenizer, seed, k, dtype=dtype, **kw)
-        engine.verify = cfg.weight_sync.verify
-    elif r.staleness > 0:
-        engine = StaleEngine(model, tokenizer, seed, r.staleness, dtype=dtype, **kw)
-    elif dtype is not None or cfg.weight_sync.every > 1:
-        engine = SeparateEngine(model, tokenizer, seed, dtype=dtype, **kw)
-    else:
-        engine = ENGINES[r.engine](model, tokenizer, seed, **kw)
-    if isinstance(engine, SeparateEngine):
-        engine.verify, engine.every = cfg.weight_sync.verify, cfg.weight_sync.every
-    return engine
 
 
 def token_logprobs(
