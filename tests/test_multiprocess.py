@@ -81,6 +81,20 @@ def test_ppo_critic_two_processes_match_one_process(lab: Path) -> None:
         assert torch.allclose(torch.tensor(h1), torch.tensor(h2), rtol=1e-4, atol=1e-6), (key, h1, h2)
 
 
+def test_async_engines_two_processes_match_one_process(lab: Path) -> None:
+    """rollout.mode async under accelerate: each trainer process has its own engine process sampling its share of
+    the prompts one step ahead; the numbers are those of one trainer with one engine."""
+    mode = ("rollout.mode=async", "rollout.max_staleness=1")
+    one, two = launch(lab, "async-one", 1, *mode), launch(lab, "async-two", 2, *mode)
+    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
+    assert c.get_run(two).data.tags["world_size"] == "2"
+    assert history(c, two, "rollout/staleness") == [0.0, 1.0, 1.0]
+    for key in ("actor/loss", "reward/mean", "kl/mean", "mismatch/kl_k3"):
+        h1, h2 = history(c, one, key), history(c, two, key)
+        assert len(h1) == len(h2) == 3, key
+        assert torch.allclose(torch.tensor(h1), torch.tensor(h2), rtol=1e-4, atol=1e-6), (key, h1, h2)
+
+
 def test_dynamic_sampling_runs_in_lock_step_on_two_processes(lab: Path) -> None:
     """Each process filters its own groups; they agree on the number of rounds, so no collective hangs."""
     two = launch(lab, "dapo-two", 2, "algorithm.group_filter=nonzero_std", "algorithm.max_sample_rounds=3")
