@@ -226,7 +226,8 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
         begin(loop, tracker, out, on_start, fresh=start == 0, t0=t0, step=start)
         stream = open_stream(loop, ckpt and ckpt["stream"])  # where the checkpoint left it
         if (depth := getattr(loop.engine, "staleness", None)) is not None and cfg.rollout.mode == "async":
-            stream = Lookahead(stream, cfg.rollout.prompts_per_step, depth + 1, lambda p: submit(loop, p))
+            stream = Lookahead(stream, cfg.rollout.prompts_per_step, depth + 1, lambda p: submit(loop, p),
+                               steps=cfg.trainer.steps - start)
         bar = tqdm(range(start + 1, cfg.trainer.steps + 1), desc="rl", unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=tracker is None or bool(os.environ.get("RLCORE_NO_BAR")), initial=start,
                    total=cfg.trainer.steps)

@@ -65,12 +65,17 @@ class EngineDied(RunFailed):
 # ------------------------------------------------------------------------------------------------ engine process
 
 
-def serve(conn, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, kw: dict, threads: int) -> None:
-    """The engine process: answer requests in order until the pipe closes. Messages in: ("push", version, weights,
-    checksums), ("gen", request dict). Out: ("pushed", version, tensors verified, t0, t1), ("batch", fields, t0, t1,
-    truncated prompts), or ("error", class name, message) before exiting."""
+def serve(conn, tokenizer: PreTrainedTokenizerBase, kw: dict, threads: int) -> None:
+    """The engine process: take its model (the first message), then answer requests in order until the pipe closes.
+    Messages in: ("push", version, weights, checksums), ("gen", request dict). Out: ("pushed", version, tensors
+    verified, t0, t1), ("batch", fields, t0, t1, truncated prompts), or ("error", class name, message) before
+    exiting."""
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes the pipe
+    try:
+        model = conn.recv()
+    except (EOFError, OSError):
+        return
     engine = RolloutEngine(model, tokenizer, seed=0, **kw)  # its noise comes with each request
     mine = model.state_dict()
     while True:
@@ -163,9 +168,10 @@ class ProcessEngine(RolloutEngine):
         ctx = mp.get_context("spawn")  # fork is unsafe once torch's threads exist
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=serve, name="rlcore-rollout-engine", daemon=True,
-                                args=(child, engine_model, tokenizer, dict(kw), threads))
+                                args=(child, tokenizer, dict(kw), threads))
         self.proc.start()
         child.close()  # only the engine holds its end: its death closes the pipe
+        self._send(engine_model)  # through the pipe, not the Process's arguments, which the parent would keep alive
         del engine_model
 
     # -------------------------------------------------------------------------------------------- the interface
@@ -260,7 +266,7 @@ class ProcessEngine(RolloutEngine):
                 self.conn.send(("stop",))
             except OSError:
                 pass
-            self.proc.join(timeout=5)
+            self.proc.join(timeout=2)  # a batch still being sampled (a run stopped early) is not waited for
             if self.proc.is_alive():
                 self.proc.kill()
         self.conn.close()
@@ -343,16 +349,18 @@ class Lookahead:
     and returns the oldest. Its position and state are those before the first prompts not yet taken, so a
     checkpoint resumes the stream where training (not the engine) was."""
 
-    def __init__(self, stream, n: int, depth: int, submit: Callable[[list[Problem]], None]):
+    def __init__(self, stream, n: int, depth: int, submit: Callable[[list[Problem]], None], steps: int):
         self.stream, self.n, self.depth, self.submit = stream, n, depth, submit
+        self.left = steps  # steps the run still needs: nothing is sampled for a step that will not come
         self.queued: collections.deque[tuple[int, dict, list[Problem]]] = collections.deque()
 
     def take(self, n: int) -> list[Problem]:
         assert n == self.n, "an async engine's lookahead reads whole steps"
-        while len(self.queued) < self.depth:
+        while len(self.queued) < self.depth and self.left > 0:
             position, state = self.stream.position, self.stream.state_dict()
             problems = self.stream.take(self.n)
             self.queued.append((position, state, problems))
+            self.left -= 1
             self.submit(problems)
         return self.queued.popleft()[2]
 

@@ -147,3 +147,22 @@ def test_kill_9_of_the_engine_fails_the_run_and_resume_finishes_it(lab: Path) ->
         steps = [s for s, _ in hist(lab, run_id, key)]
         assert len(steps) == len(set(steps)), f"{key}: a step logged twice"
         assert hist(lab, run_id, key) == hist(lab, whole.run_id, key), key
+
+
+def test_lookahead_reads_ahead_but_not_past_the_run_and_saves_the_untrained_position() -> None:
+    """Depth 3 over a 4-step run: step 1 submits steps 1-3, each later step one more, and nothing after step 4. The
+    stream's saved position is that of the first prompts not yet trained on."""
+    from rlcore.config import TaskConfig
+    from rlcore.engine_process import Lookahead
+    from rlcore.tasks import AdditionTask
+
+    stream = AdditionTask(TaskConfig(heldout_size=4)).stream(seed=0)
+    sent: list[list] = []
+    ahead = Lookahead(stream, 2, 3, sent.append, steps=4)
+    first = ahead.take(2)
+    assert len(sent) == 3 and first is sent[0]
+    assert ahead.position == 2 and stream.position == 6  # trained on 2 prompts; the engine has 6
+    assert ahead.take(2) is sent[1] and len(sent) == 4
+    ahead.take(2)
+    ahead.take(2)
+    assert len(sent) == 4 and ahead.position == stream.position == 8  # nothing sampled for a step that won't come
