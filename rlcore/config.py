@@ -309,6 +309,10 @@ class RolloutConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="The sampler's precision (a copy of its own, as with engine: separate). bfloat16 "
         "makes the engine's log-probs differ from the float32 trainer's even on-policy (lesson 24).")
+    attention: Literal["same", "eager", "sdpa"] = Field(
+        "same", description="The sampler's attention kernel (a copy of its own, as with engine: separate): `same` as "
+        "the trainer's, or `eager` / `sdpa` (transformers' attn_implementation), a mismatch source as dtype is "
+        "(lesson 24).")
     staleness: int = Field(0, ge=0, le=64, description="Sample with the weights of this many updates ago (a copy "
                            "of its own, as with engine: separate): an asynchronous engine's staleness, simulated "
                            "deterministically in colocated mode (lesson 24). 0 = on-policy.")

@@ -28,7 +28,6 @@ before it (`Lookahead`), so the resumed run samples the same batches again.
 from __future__ import annotations
 
 import collections
-import copy
 import multiprocessing as mp
 import signal
 import time
@@ -51,6 +50,7 @@ from rlcore.rollout import (
     WeightSyncError,
     checksum,
     draw_noise,
+    engine_copy,
     transfer,
 )
 from rlcore.threads import usable_cores
@@ -146,7 +146,7 @@ class ProcessEngine(RolloutEngine):
     verify = True  # weight_sync.verify
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, staleness: int | None,
-                 dtype: torch.dtype | None = None, threads: int = 1, **kw):
+                 dtype: torch.dtype | None = None, attention: str | None = None, threads: int = 1, **kw):
         super().__init__(model, tokenizer, seed, **kw)
         # One thread per role: the engine's process has `threads`, the trainer keeps the cores left (restored on close)
         self.trainer_threads = torch.get_num_threads()
@@ -161,10 +161,7 @@ class ProcessEngine(RolloutEngine):
         self.history = {0: self._snapshot(model)}  # version -> weights the queue may still need
         self.stats: dict[str, float] = {}
         self.verified = 0
-        engine_model = copy.deepcopy(model).eval()  # the engine's own copy (sent once, in shared memory)
-        engine_model.requires_grad_(False)
-        if dtype is not None:
-            engine_model.to(dtype)
+        engine_model = engine_copy(model, dtype, attention)  # the engine's own copy (sent once, in shared memory)
         ctx = mp.get_context("spawn")  # fork is unsafe once torch's threads exist
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=serve, name="rlcore-rollout-engine", daemon=True,
@@ -325,18 +322,20 @@ class ProcessEngine(RolloutEngine):
 
 def make_engine(cfg, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, **kw) -> RolloutEngine:
     """The run's engine: with `rollout.mode` separate or async a process of its own; colocated: `rollout.engine`,
-    with `rollout.staleness: k > 0` a StaleEngine, with `rollout.dtype` other than float32 a copy in that precision
+    with `rollout.staleness: k > 0` a StaleEngine, with `rollout.dtype` other than float32 (or `rollout.attention`
+    other than the trainer's) a copy in that precision (with that kernel)
     (both need weights of their own, so both imply a separate engine)."""
     r = cfg.rollout
     dtype = None if r.dtype == "float32" else getattr(torch, r.dtype)
+    attention = None if r.attention == "same" else r.attention
     if r.mode != "colocated":  # a process of its own (rlcore.engine_process)
         k = None if r.mode == "separate" else (1 if r.max_staleness is None else r.max_staleness)
-        engine: RolloutEngine = ProcessEngine(model, tokenizer, seed, k, dtype=dtype, **kw)
+        engine: RolloutEngine = ProcessEngine(model, tokenizer, seed, k, dtype=dtype, attention=attention, **kw)
         engine.verify = cfg.weight_sync.verify
     elif r.staleness > 0:
-        engine = StaleEngine(model, tokenizer, seed, r.staleness, dtype=dtype, **kw)
-    elif dtype is not None or cfg.weight_sync.every > 1:
-        engine = SeparateEngine(model, tokenizer, seed, dtype=dtype, **kw)
+        engine = StaleEngine(model, tokenizer, seed, r.staleness, dtype=dtype, attention=attention, **kw)
+    elif dtype is not None or attention is not None or cfg.weight_sync.every > 1:
+        engine = SeparateEngine(model, tokenizer, seed, dtype=dtype, attention=attention, **kw)
     else:
         engine = ENGINES[r.engine](model, tokenizer, seed, **kw)
     if isinstance(engine, SeparateEngine):

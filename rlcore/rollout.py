@@ -257,6 +257,18 @@ class RolloutEngine:
             forced[i] = self.tokenizer(self.tool.respond(call), add_special_tokens=False)["input_ids"]
 
 
+def engine_copy(model: PreTrainedModel, dtype: torch.dtype | None = None, attention: str | None = None) -> PreTrainedModel:
+    """The engine's own copy of the policy, frozen; in another precision or with another attention kernel than the
+    trainer's when asked (rollout.dtype, rollout.attention: lesson 24's sources of mismatch)."""
+    out = copy.deepcopy(model).eval()
+    out.requires_grad_(False)
+    if dtype is not None:
+        out.to(dtype)
+    if attention is not None:
+        out.set_attn_implementation(attention)
+    return out
+
+
 class WeightSyncError(RunFailed):
     """A pushed tensor arrived different on the engine: the run stops FAILED rather than sample from wrong weights."""
 
@@ -301,12 +313,9 @@ class SeparateEngine(RolloutEngine):
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int,
                  fmt: PromptFormat | None = None, tool: Calculator | None = None, max_tool_calls: int = 1,
-                 mask_tool_output: bool = True, dtype: torch.dtype | None = None):
-        copy_ = copy.deepcopy(model).eval()
-        copy_.requires_grad_(False)
-        if dtype is not None:  # a sampler in another precision than the trainer (lesson 24's mismatch)
-            copy_.to(dtype)
-        super().__init__(copy_, tokenizer, seed, fmt, tool, max_tool_calls, mask_tool_output)
+                 mask_tool_output: bool = True, dtype: torch.dtype | None = None, attention: str | None = None):
+        super().__init__(engine_copy(model, dtype, attention), tokenizer, seed, fmt, tool, max_tool_calls,
+                         mask_tool_output)
         self.syncs = 0  # updates the trainer has made
         self.version = 0  # the update whose weights the engine holds
         self.verified = 0  # tensors checked by the last push

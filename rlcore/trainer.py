@@ -176,7 +176,8 @@ class Trainer:
         # The gap between the engine's policy and the trainer's is measured (mismatch/*, is/*) when it is corrected
         # or when the engine samples with other weights than the trainer's: stale, another precision, pushed rarely.
         self.watch_mismatch = (a.behaviour_correction != "none" or r.staleness > 0 or r.dtype != "float32"
-                               or cfg.weight_sync.every > 1 or r.mode != "colocated")
+                               or cfg.weight_sync.every > 1 or r.mode != "colocated"
+                               or r.attention != "same")
         lookup(KL_ESTIMATORS, a.kl_estimator, "kl_estimator")  # fails early on an unknown name
 
     @property

@@ -168,3 +168,18 @@ def test_pushing_every_n_updates_makes_the_engine_lag(lab: Path) -> None:
     assert [s for s, _ in _hist(lab, r.run_id, "sync/verified_tensors")] == [3, 6]
     mb = [v for _, v in _hist(lab, r.run_id, "perf/sync_mb")]
     assert mb[0] == mb[1] == 0 and mb[2] > 0  # nothing moves between pushes
+
+
+def test_another_attention_kernel_in_the_sampler(lab: Path) -> None:
+    """`rollout.attention: eager`: the engine's copy runs transformers' eager attention while the trainer keeps sdpa;
+    the gap is measured (mismatch/*), and on CPU it is float rounding."""
+    from rlcore.controller import build_for, run
+
+    cfg = load_experiment(lab / "rl.yaml", ["rollout.attention=eager", "trainer.steps=1", "logging.eval_every=1",
+                                            "logging.num_samples=0", "logging.experiment=test-attn"])
+    loop = build_for(cfg, lab)
+    assert loop.engine.model.config._attn_implementation == "eager"
+    assert loop.trainer.unwrapped.config._attn_implementation == "sdpa"
+    r = run(cfg, root=lab)
+    k3 = _hist(lab, r.run_id, "mismatch/kl_k3")
+    assert len(k3) == 1 and 0 <= k3[0][1] < 1e-6
