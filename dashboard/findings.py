@@ -219,6 +219,55 @@ def clipped_too_much(params: dict, steps: pd.DataFrame, wall: pd.Series | None) 
     return None
 
 
+# ------------------------------------------------------------------------------------------------ off-policy rollout
+
+
+def _staleness(params: dict) -> str:
+    k = params.get("rollout.max_staleness")
+    return "1 (the default)" if k in (None, "", "None") else str(k)
+
+
+@rule
+def engine_waits_for_trainer(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+    idle = _col(steps, "idle/engine")
+    if params.get("rollout.mode") == "async" and len(idle) and idle.mean() >= 0.4:
+        return Finding("engine_waits_for_trainer", "info", f"The async engine idles {idle.mean():.0%} of each step "
+                       "(>= 40 %): training is the longer role, so the overlap already hides all of the rollout. A "
+                       f"deeper queue (rollout.max_staleness is {_staleness(params)}) adds staleness, not speed; the "
+                       "trainer's cores, or a colocated run on all of them, would.", "19")
+    return None
+
+
+@rule
+def trainer_waits_for_engine(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+    idle = _col(steps, "idle/trainer")
+    mode = params.get("rollout.mode")
+    if mode == "async" and len(idle) > 2 and idle.iloc[2:].mean() >= 0.2:  # the queue fills in the first steps
+        return Finding("trainer_waits_for_engine", "warn", f"The trainer waits for samples {idle.iloc[2:].mean():.0%}"
+                       " of each step (>= 20 %): generation is the bottleneck. A faster or larger engine, or a "
+                       f"lower rollout.max_new_tokens (now {params.get('rollout.max_new_tokens', '?')}), shortens "
+                       f"the step; a deeper queue (rollout.max_staleness is {_staleness(params)}) helps only if "
+                       "rollouts are uneven.", "22c")
+    if mode == "separate" and len(idle) and idle.mean() >= 0.2:
+        return Finding("trainer_waits_for_engine", "info", f"The trainer waits for samples {idle.mean():.0%} of "
+                       "each step (>= 20 %) and the engine waits for the update: rollout.mode=async would overlap "
+                       "them, one update stale.", "19")
+    return None
+
+
+@rule
+def sampler_disagrees(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+    k3 = _col(steps, "mismatch/kl_k3")
+    corrected = params.get("algorithm.behaviour_correction", "none") not in ("none", "", None) or \
+        params.get("algorithm.ratio_anchor") == "behaviour"
+    if len(k3) and k3.mean() > 1e-3 and not corrected:
+        return Finding("sampler_disagrees", "warn", f"The sampler's policy is {k3.mean():.2g} nats/token (k3) from "
+                       "the trainer's (> 1e-3) and nothing corrects it: stale samples or another precision bias "
+                       "the update. Turn on algorithm.behaviour_correction=tis_token, or "
+                       "algorithm.ratio_anchor=behaviour (the clip acts on pi/mu).", "24")
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ the wall-clock
 
 

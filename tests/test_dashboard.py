@@ -297,6 +297,29 @@ def test_findings_rules_fire_on_built_cases() -> None:
     assert set(f) == {"eval_bound"} and "40%" in f["eval_bound"].message and "eval_every is 5" in f["eval_bound"].message
 
 
+def test_findings_for_an_engine_of_its_own() -> None:
+    """An async run whose engine idles (training-bound), one whose trainer waits (generation-bound, after the queue
+    fills), a separate run that would overlap, and a stale sampler left uncorrected, each named with its lesson."""
+    from dashboard.findings import diagnose
+
+    base = {"timing/step": [1.0] * 6, "timing/update": [0.45] * 6, "timing/rollout": [0.45] * 6}
+    async_ = {"rollout.mode": "async", "rollout.max_staleness": "2", "rollout.max_new_tokens": "8"}
+    idle_engine = pd.DataFrame({**base, "idle/engine": [0.6] * 6, "idle/trainer": [0.01] * 6})
+    f = {x.rule: x for x in diagnose(async_, idle_engine)}
+    assert set(f) == {"engine_waits_for_trainer"} and "60%" in f["engine_waits_for_trainer"].message
+    assert "max_staleness is 2" in f["engine_waits_for_trainer"].message and f["engine_waits_for_trainer"].lesson == "19"
+    waits = pd.DataFrame({**base, "idle/engine": [0.0] * 6, "idle/trainer": [0.9, 0.9, 0.3, 0.3, 0.3, 0.3]})
+    f = {x.rule: x for x in diagnose(async_, waits)}
+    assert set(f) == {"trainer_waits_for_engine"} and "30%" in f["trainer_waits_for_engine"].message  # steps 3-6
+    assert f["trainer_waits_for_engine"].lesson == "22c"
+    f = {x.rule: x for x in diagnose({"rollout.mode": "separate"}, waits)}
+    assert "rollout.mode=async" in f["trainer_waits_for_engine"].message
+    stale = pd.DataFrame({**base, "mismatch/kl_k3": [0.02] * 6})
+    assert [x.rule for x in diagnose({"algorithm.behaviour_correction": "none"}, stale)] == ["sampler_disagrees"]
+    assert diagnose({"algorithm.behaviour_correction": "tis_token"}, stale) == []
+    assert diagnose({"algorithm.ratio_anchor": "behaviour"}, stale) == []
+
+
 def test_samples_page_shows_completions(dash: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from streamlit.testing.v1 import AppTest
 
