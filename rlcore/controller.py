@@ -256,9 +256,11 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
                 break
         t = time.perf_counter()
         out.output_dir = checkpoint.save_policy(loop.trainer, loop.tokenizer, root, cfg, tracker, loop.acc)
+        cpu = {"perf/cpu_s": time.process_time() - cpu0}
+        if hasattr(loop.engine, "cpu_s"):  # an engine process: its own CPU seconds, since it started
+            cpu["perf/engine_cpu_s"] = loop.engine.cpu_s
         tracker and tracker.log(out.steps_done, {"timing/save": time.perf_counter() - t,
-                                                 "timing/total": time.perf_counter() - t0,
-                                                 "perf/cpu_s": time.process_time() - cpu0})
+                                                 "timing/total": time.perf_counter() - t0, **cpu})
     return out
 
 

@@ -68,8 +68,8 @@ class EngineDied(RunFailed):
 def serve(conn, tokenizer: PreTrainedTokenizerBase, kw: dict, threads: int) -> None:
     """The engine process: take its model (the first message), then answer requests in order until the pipe closes.
     Messages in: ("push", version, weights, checksums), ("gen", request dict). Out: ("pushed", version, tensors
-    verified, t0, t1), ("batch", fields, t0, t1, truncated prompts), or ("error", class name, message) before
-    exiting."""
+    verified, t0, t1, CPU seconds so far), ("batch", fields, t0, t1, truncated prompts, CPU seconds so far), or
+    ("error", class name, message) before exiting."""
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it closes the pipe
     try:
@@ -90,7 +90,7 @@ def serve(conn, tokenizer: PreTrainedTokenizerBase, kw: dict, threads: int) -> N
                 for name, src in weights.items():
                     transfer(mine[name], src)
                 verified = _verify(mine, sums)
-                conn.send(("pushed", version, verified, t0, time.monotonic()))
+                conn.send(("pushed", version, verified, t0, time.monotonic(), time.process_time()))
             elif msg[0] == "gen":
                 req = msg[1]
                 t0 = time.monotonic()
@@ -99,7 +99,7 @@ def serve(conn, tokenizer: PreTrainedTokenizerBase, kw: dict, threads: int) -> N
                                     group_offset=req["group_offset"], noise=req["noise"])
                 truncated = (engine.fmt.truncated - before) if engine.fmt is not None else 0
                 out = {f.name: getattr(b, f.name) for f in fields(RolloutBatch) if f.name != "reduce_sum"}
-                conn.send(("batch", out, t0, time.monotonic(), truncated))
+                conn.send(("batch", out, t0, time.monotonic(), truncated, time.process_time()))
             else:
                 return
         except Exception as e:  # noqa: BLE001 - every failure goes back to the trainer, which fails the run
@@ -208,7 +208,7 @@ class ProcessEngine(RolloutEngine):
         while req.reply is None:
             self._receive("generating a batch")
         self.pending.popleft()
-        _, out, t0, t1, truncated = req.reply
+        _, out, t0, t1, truncated, self.cpu_s = req.reply
         if self.fmt is not None:
             self.fmt.truncated += truncated
         self.last_version = req.version
@@ -272,6 +272,7 @@ class ProcessEngine(RolloutEngine):
     # -------------------------------------------------------------------------------------------- the pipe
 
     version_acked = 0  # the last version the engine said it installed
+    cpu_s = 0.0  # CPU seconds the engine process had spent at its last reply (perf/engine_cpu_s)
 
     def _snapshot(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in trainable_state(model).items()}  # with LoRA: the adapters only
@@ -306,7 +307,7 @@ class ProcessEngine(RolloutEngine):
             raise (WeightSyncError if kind == "WeightSyncError" else RunFailed)(
                 text if kind in ("WeightSyncError", "PromptTooLong") else f"rollout engine process: {text}")
         if msg[0] == "pushed":
-            _, version, verified, t0, t1 = msg
+            _, version, verified, t0, t1, self.cpu_s = msg
             self.version_acked, self.verified = version, verified
             self.stats["engine/push_s"] = self.stats.get("engine/push_s", 0.0) + t1 - t0
             return

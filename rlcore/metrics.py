@@ -165,6 +165,8 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("is/masked_frac", "fraction", "response tokens whose weight is 0 (masked IS rejected them)", "24"),
     MetricDef("perf/cpu_s", "s", "CPU seconds the run's process spent (all its threads; rank 0's on several processes), "
               "logged at the end: compute compared across methods on a shared machine, where wall-clock is noisy", "18a"),
+    MetricDef("perf/engine_cpu_s", "s", "CPU seconds the rollout engine's own process spent (rollout.mode separate "
+              "or async; start-up included), logged at the end beside perf/cpu_s, which counts the trainer's", "19"),
     MetricDef("perf/peak_mem_mb", "MB", "peak memory of this run: CUDA max allocated, or on CPU the peak RSS since the run began (Linux)", "22"),
     # sweeps (the parent run of `rlcore sweep`)
     MetricDef("sweep/best_value", "objective", "best objective value among the trials completed so far", "26"),

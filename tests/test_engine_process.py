@@ -44,6 +44,8 @@ def test_separate_samples_what_colocated_samples(lab: Path) -> None:
     assert all(0 < v < 1 for _, v in hist(lab, there.run_id, "idle/trainer"))
     assert all(v > 10 for _, v in hist(lab, there.run_id, "sync/verified_tensors"))
     assert not hist(lab, here.run_id, "engine/generate_s")  # a colocated run has no engine process to measure
+    engine_cpu = hist(lab, there.run_id, "perf/engine_cpu_s")
+    assert len(engine_cpu) == 1 and engine_cpu[0][1] > sum(v for _, v in hist(lab, there.run_id, "engine/generate_s"))
 
 
 def test_async_equals_the_staleness_simulation_and_resumes_with_batches_in_flight(lab: Path) -> None:
