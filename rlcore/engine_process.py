@@ -103,7 +103,9 @@ def serve(conn, tokenizer: PreTrainedTokenizerBase, kw: dict, threads: int) -> N
             else:
                 return
         except Exception as e:  # noqa: BLE001 - every failure goes back to the trainer, which fails the run
-            conn.send(("error", type(e).__name__, str(e) if isinstance(e, RunFailed) else traceback.format_exc()))
+            if not isinstance(e, RunFailed):
+                traceback.print_exc()  # the engine's stderr is the trainer's: the whole trace for a bug report
+            conn.send(("error", type(e).__name__, " ".join(str(e).split()) or type(e).__name__))
             return
 
 
@@ -305,7 +307,8 @@ class ProcessEngine(RolloutEngine):
         if msg[0] == "error":
             kind, text = msg[1], msg[2]
             raise (WeightSyncError if kind == "WeightSyncError" else RunFailed)(
-                text if kind in ("WeightSyncError", "PromptTooLong") else f"rollout engine process: {text}")
+                text if kind in ("WeightSyncError", "PromptTooLong") else
+                f"the rollout engine process failed: {kind}: {text} (its traceback is above)")
         if msg[0] == "pushed":
             _, version, verified, t0, t1, self.cpu_s = msg
             self.version_acked, self.verified = version, verified

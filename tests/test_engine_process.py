@@ -168,3 +168,21 @@ def test_lookahead_reads_ahead_but_not_past_the_run_and_saves_the_untrained_posi
     ahead.take(2)
     ahead.take(2)
     assert len(sent) == 4 and ahead.position == stream.position == 8  # nothing sampled for a step that won't come
+
+
+def test_a_failure_inside_the_engine_process_is_one_line_for_the_trainer(lab: Path) -> None:
+    """An exception in the engine process comes back as the run's failure, one line naming it (the traceback goes
+    to stderr); the process has exited."""
+    from rlcore.config import RunFailed
+    from rlcore.controller import build_for
+    from rlcore.rollout import Sampling
+
+    loop = build_for(load_experiment(lab / "rl.yaml", [*BASE, "rollout.mode=separate"]), lab)
+    try:
+        with pytest.raises(RunFailed, match=r"^the rollout engine process failed: AttributeError: 'NoneType' object "
+                                            r"has no attribute 'prompt' \(its traceback is above\)$"):
+            loop.engine.generate([None], 2, Sampling(4))
+        loop.engine.proc.join(timeout=10)
+        assert loop.engine.proc.exitcode == 0
+    finally:
+        loop.engine.close()
