@@ -91,16 +91,26 @@ class Sampling:
 
 
 class Engine(Protocol):
-    """The rollout role's interface: what the controller, evaluation and checkpoints use of an engine."""
+    """The rollout role's interface: what the controller, evaluation and checkpoints use of an engine. Optional, by
+    engines that have them: `lag` (updates behind the trainer, rollout/staleness), `submit` (start a later step's
+    batch now: async), `metrics()` (the engine's own per-step measurements) and `cpu_s` (its process's CPU
+    seconds)."""
 
     def generate(self, problems: list[Problem], k: int, sampling: Sampling, rows: slice | None = None,
-                 group_offset: int = 0, generator: torch.Generator | None = None) -> RolloutBatch: ...
+                 group_offset: int = 0, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None) -> RolloutBatch: ...
 
     def load_weights(self, policy: torch.nn.Module) -> int: ...
 
     def rng_state(self) -> torch.Tensor: ...
 
     def set_rng_state(self, state: torch.Tensor) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict, policy: torch.nn.Module) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class RolloutEngine:
