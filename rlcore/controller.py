@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from rlcore import checkpoint, rm_training, threads
 from rlcore.algorithm import GROUP_FILTERS, Needs, advantages, lookup, requirements
 from rlcore.batch import Problem, RolloutBatch
-from rlcore.config import ExperimentConfig, RunFailed, flatten
+from rlcore.config import ExperimentConfig, RolloutConfig, RunFailed, flatten
 from rlcore.critic import Critic, explained_variance
 from rlcore.engine_process import Lookahead, make_engine
 from rlcore.evaluation import evaluate
@@ -104,14 +104,20 @@ def build_for(cfg: ExperimentConfig, root: Path) -> Loop:
     return build(cfg, acc, ws, models)
 
 
+def training_sampling(r: RolloutConfig) -> Sampling:
+    """How training rollouts sample (rollout.max_new_tokens, temperature, top_p): one definition for `sample` and
+    `submit`, so a batch an async engine samples ahead is drawn exactly as a colocated one."""
+    return Sampling(r.max_new_tokens, r.temperature, r.top_p)
+
+
 def sample(loop: Loop, problems: list[Problem], timer: PhaseTimer, scored: dict[str, float],
            round_: int = 0) -> RolloutBatch:
     """Rollout and reward for this process's share of `problems` (round_ keeps group ids unique across rounds);
     the reward's metrics go to `scored` (reward/errors summed over rounds, component means from the first)."""
     cfg, r = loop.cfg, loop.cfg.rollout
     with timer("rollout"):
-        batch = loop.engine.generate(problems, r.samples_per_prompt, Sampling(r.max_new_tokens, r.temperature, r.top_p),
-                                     rows=loop.local, group_offset=round_ * len(problems))
+        batch = loop.engine.generate(problems, r.samples_per_prompt, training_sampling(r), rows=loop.local,
+                                     group_offset=round_ * len(problems))
         if loop.acc.num_processes > 1:
             batch.reduce_sum = lambda t: loop.acc.reduce(t.to(loop.acc.device), reduction="sum").cpu()
     with timer("reward"):
@@ -129,8 +135,7 @@ def submit(loop: Loop, problems: list[Problem]) -> None:
     """Send a later step's prompts to an async engine now (the Lookahead's hook): it samples them while the trainer
     trains, with the same arguments `sample` would give."""
     r = loop.cfg.rollout
-    loop.engine.submit(problems, r.samples_per_prompt, Sampling(r.max_new_tokens, r.temperature, r.top_p),
-                       rows=loop.local)
+    loop.engine.submit(problems, r.samples_per_prompt, training_sampling(r), rows=loop.local)
 
 
 def step(loop: Loop, problems: list[Problem],
@@ -225,8 +230,8 @@ def run(cfg: ExperimentConfig, root: Path | None = None, extra_tags: dict[str, s
             closing(loop.engine):
         begin(loop, tracker, out, on_start, fresh=start == 0, t0=t0, step=start)
         stream = open_stream(loop, ckpt and ckpt["stream"])  # where the checkpoint left it
-        if (depth := getattr(loop.engine, "staleness", None)) is not None and cfg.rollout.mode == "async":
-            stream = Lookahead(stream, cfg.rollout.prompts_per_step, depth + 1, lambda p: submit(loop, p),
+        if cfg.rollout.mode == "async":  # the engine samples max_staleness steps ahead: keep it fed
+            stream = Lookahead(stream, cfg.rollout.prompts_per_step, loop.engine.staleness + 1, lambda p: submit(loop, p),
                                steps=cfg.trainer.steps - start)
         bar = tqdm(range(start + 1, cfg.trainer.steps + 1), desc="rl", unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=tracker is None or bool(os.environ.get("RLCORE_NO_BAR")), initial=start,

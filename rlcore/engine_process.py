@@ -40,7 +40,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlcore.batch import Problem, RolloutBatch
 from rlcore.config import RunFailed
-from rlcore.model import trainable_state
 from rlcore.rollout import (
     ENGINES,
     RolloutEngine,
@@ -48,10 +47,12 @@ from rlcore.rollout import (
     SeparateEngine,
     StaleEngine,
     WeightSyncError,
-    checksum,
     draw_noise,
     engine_copy,
+    push_checksums,
+    snapshot,
     transfer,
+    verify_push,
 )
 from rlcore.threads import usable_cores
 
@@ -89,7 +90,7 @@ def serve(conn, tokenizer: PreTrainedTokenizerBase, kw: dict, threads: int) -> N
                 t0 = time.monotonic()
                 for name, src in weights.items():
                     transfer(mine[name], src)
-                verified = _verify(mine, sums)
+                verified = verify_push(mine, sums, "rollout engine process") if sums is not None else 0
                 conn.send(("pushed", version, verified, t0, time.monotonic(), time.process_time()))
             elif msg[0] == "gen":
                 req = msg[1]
@@ -107,19 +108,6 @@ def serve(conn, tokenizer: PreTrainedTokenizerBase, kw: dict, threads: int) -> N
                 traceback.print_exc()  # the engine's stderr is the trainer's: the whole trace for a bug report
             conn.send(("error", type(e).__name__, " ".join(str(e).split()) or type(e).__name__))
             return
-
-
-def _verify(mine: dict[str, torch.Tensor], sums: dict[str, tuple[int, int]] | None) -> int:
-    """Compare each installed tensor with the trainer's checksum (None: weight_sync.verify off)."""
-    if sums is None:
-        return 0
-    for name, want in sums.items():
-        got = checksum(mine[name])
-        if got != want:
-            raise WeightSyncError(f"weight-sync: {name} differs on the rollout engine process after the push "
-                                  f"(checksum {got[0]} vs {want[0]} on the trainer): the engine would sample from "
-                                  "weights the trainer never had")
-    return len(sums)
 
 
 # ------------------------------------------------------------------------------------------------ trainer side
@@ -141,9 +129,10 @@ class Request:
 
 
 class ProcessEngine(RolloutEngine):
-    """The engine interface over a process of its own (see the module doc). `depth` = max_staleness + 1 requests in
-    flight (async), or 0: each request is sent when the step needs it (separate). The in-process `RolloutEngine`
-    part, over the trainer's own model, serves held-out evaluation."""
+    """The engine interface over a process of its own (see the module doc). `staleness`: async's max_staleness k
+    (batch j samples with update j - 1 - k; the Lookahead keeps k + 1 requests in flight), or None: separate, each
+    request sent when the step needs it. The in-process `RolloutEngine` part, over the trainer's own model, serves
+    held-out evaluation."""
 
     verify = True  # weight_sync.verify
 
@@ -160,9 +149,11 @@ class ProcessEngine(RolloutEngine):
         self.last_version: int | None = None  # the version of the last batch handed to a step
         self.dtype = dtype
         self.pending: collections.deque[Request] = collections.deque()  # sent, not yet taken by a step
-        self.history = {0: self._snapshot(model)}  # version -> weights the queue may still need
+        self.history = {0: snapshot(model)}  # version -> weights the queue may still need
         self.stats: dict[str, float] = {}
-        self.verified = 0
+        self.verified = 0  # tensors the engine checked in its last push
+        self.version_acked = 0  # the last version the engine said it installed
+        self.cpu_s = 0.0  # CPU seconds the engine process had spent at its last reply (perf/engine_cpu_s)
         engine_model = engine_copy(model, dtype, attention)  # the engine's own copy (sent once, in shared memory)
         ctx = mp.get_context("spawn")  # fork is unsafe once torch's threads exist
         self.conn, child = ctx.Pipe()
@@ -225,7 +216,7 @@ class ProcessEngine(RolloutEngine):
         """After an update: keep the weights as version `syncs`; separate pushes them now and waits for the engine to
         install and verify them, async when a queued batch first needs them. Returns the bytes of the push."""
         self.syncs += 1
-        snap = self._snapshot(policy)
+        snap = snapshot(policy)
         self.history[self.syncs] = snap
         for v in [v for v in self.history if v < self.syncs - (self.staleness or 0)]:
             del self.history[v]
@@ -273,16 +264,10 @@ class ProcessEngine(RolloutEngine):
 
     # -------------------------------------------------------------------------------------------- the pipe
 
-    version_acked = 0  # the last version the engine said it installed
-    cpu_s = 0.0  # CPU seconds the engine process had spent at its last reply (perf/engine_cpu_s)
-
-    def _snapshot(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in trainable_state(model).items()}  # with LoRA: the adapters only
 
     def _push(self, version: int) -> None:
         weights = self.history[version]
-        dtype = self.dtype
-        sums = {n: checksum(t if dtype is None else t.to(dtype)) for n, t in weights.items()} if self.verify else None
+        sums = push_checksums(weights, self.dtype) if self.verify else None
         t = time.perf_counter()
         self._send(("push", version, wire(dict(weights)), sums))
         self.stats["engine/push_send_s"] = self.stats.get("engine/push_send_s", 0.0) + time.perf_counter() - t

@@ -300,16 +300,26 @@ def checksum(t: torch.Tensor) -> tuple[int, int]:
     return int(x.sum()), int((x * x).sum())
 
 
-def verify_push(mine: dict[str, torch.Tensor], pushed: dict[str, torch.Tensor]) -> int:
-    """Compare every pushed tensor with the engine's copy by checksum; raise naming the first that differs. Returns
-    the number of tensors checked."""
-    for name, src in pushed.items():
-        want, got = checksum(src.to(mine[name].dtype)), checksum(mine[name])
-        if want != got:
-            raise WeightSyncError(f"weight-sync: {name} differs on the rollout engine after the push (checksum "
+def push_checksums(weights: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, tuple[int, int]]:
+    """The trainer's checksum of every tensor it pushes, taken in the engine's precision (`dtype`; None: as is)."""
+    return {name: checksum(t if dtype is None else t.to(dtype)) for name, t in weights.items()}
+
+
+def verify_push(mine: dict[str, torch.Tensor], sums: dict[str, tuple[int, int]], where: str = "rollout engine") -> int:
+    """Compare every pushed tensor's copy on the engine (`mine`) with the trainer's checksum; raise naming the first
+    that differs. Returns the number of tensors checked."""
+    for name, want in sums.items():
+        got = checksum(mine[name])
+        if got != want:
+            raise WeightSyncError(f"weight-sync: {name} differs on the {where} after the push (checksum "
                                   f"{got[0]} vs {want[0]} on the trainer): the engine would sample from "
                                   "weights the trainer never had")
-    return len(pushed)
+    return len(sums)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights weight-sync moves (with LoRA: the adapters only), apart from the live ones."""
+    return {k: v.detach().clone() for k, v in trainable_state(model).items()}
 
 
 class SeparateEngine(RolloutEngine):
@@ -326,6 +336,7 @@ class SeparateEngine(RolloutEngine):
                  mask_tool_output: bool = True, dtype: torch.dtype | None = None, attention: str | None = None):
         super().__init__(engine_copy(model, dtype, attention), tokenizer, seed, fmt, tool, max_tool_calls,
                          mask_tool_output)
+        self.dtype = dtype  # the engine copy's precision (None: the trainer's), in which pushes are checksummed
         self.syncs = 0  # updates the trainer has made
         self.version = 0  # the update whose weights the engine holds
         self.verified = 0  # tensors checked by the last push
@@ -356,12 +367,12 @@ class SeparateEngine(RolloutEngine):
         for name, src in pushed.items():
             transfer(mine[name], src)
             moved += src.numel() * src.element_size()
-        self.verified = verify_push(mine, pushed) if self.verify else 0
+        self.verified = verify_push(mine, push_checksums(pushed, self.dtype)) if self.verify else 0
         return moved
 
     def state_dict(self) -> dict:
         """The engine's own weights (older than the policy's between pushes) and its update count."""
-        return {"weights": {k: v.clone() for k, v in trainable_state(self.model).items()}, "syncs": self.syncs,
+        return {"weights": snapshot(self.model), "syncs": self.syncs,
                 "version": self.version}
 
     @torch.no_grad()
@@ -394,7 +405,7 @@ class StaleEngine(SeparateEngine):
     def load_weights(self, policy: torch.nn.Module) -> int:
         """Keep the policy's weights as version `syncs + 1`, load the version k back; returns the bytes loaded."""
         self.syncs += 1
-        self.history.append({k: v.detach().clone() for k, v in trainable_state(policy).items()})
+        self.history.append(snapshot(policy))
         if self.syncs - self.staleness < 1:
             return 0
         self.version = self.syncs - self.staleness
