@@ -79,6 +79,12 @@ def run(
 
     if ship_it and (cfg.kind != "sft" or seeds is not None or resume):
         raise ConfigError("--ship: only for a `kind: sft` experiment, without --seeds or --resume")
+    if resume and cfg.kind in ("sft", "dpo", "reward_model"):  # these write no checkpoints: a "resume" would start over
+        raise ConfigError(f"--resume: a `kind: {cfg.kind}` run keeps no checkpoint to continue from; run it again "
+                          "without --resume")
+    if resume and seeds is not None:
+        raise ConfigError("--resume: continues one run; resume each seed of a --seeds batch with "
+                          "--set seed=N --resume")
     if seeds is not None:
         seed_list = _parse_seeds(seeds)
         if cfg.kind != "rl":

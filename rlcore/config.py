@@ -257,6 +257,16 @@ class RewardComponent(_Section):
                              "(outputs/<run_id>/reward_model, relative to this YAML). The run then also logs the task's "
                              "own verifier as reward/true and eval/true_accuracy: the proxy can rise while the truth falls.")
 
+    @field_validator("params")
+    @classmethod
+    def _params_not_passed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from rlcore.reward import PASSED
+
+        if clash := sorted(set(value) & set(PASSED)):
+            raise ValueError(f"{clash[0]!r} is passed to every reward call by the lab ({', '.join(PASSED)}); a "
+                             "param of that name would collide with it")
+        return value
+
     @model_validator(mode="after")
     def _path_for_models(self) -> RewardComponent:
         if (self.fn == "reward_model") != (self.path is not None):
@@ -265,8 +275,9 @@ class RewardComponent(_Section):
 
 
 class RewardConfig(_Section):
-    """The reward is sum_i weight_i * fn_i(sample). A component whose fn raises or returns a non-finite value scores
-    0 for that sample and is counted in reward/errors; the run goes on."""
+    """The reward is sum_i weight_i * fn_i(sample). A component whose fn raises, times out or returns anything but a
+    finite number scores 0 for that sample and is counted in reward/errors; the run goes on, unless the component
+    fails on every sample of 3 steps in a row (the run stops FAILED with its first error)."""
 
     extract: Literal["none", "tag", "boxed", "last_number"] = Field(
         "none", description="What the verifiers read from a completion: all of it, the content of the last "
@@ -279,6 +290,9 @@ class RewardConfig(_Section):
         "reward/mean is it, and no reward/<name> is logged.",
     )
 
+    timeout_s: float = Field(10.0, gt=0, le=3600, description="Longest a reward function may take on one sample; "
+                             "past it the call counts as a failure (scores 0, reward/errors), so a hanging reward "
+                             "cannot hang the run.")
     log_true: bool = Field(False, description="Also log the task's own verifier beside the reward (reward/true, "
                            "eval/true_accuracy, eval/proxy_reward): on for a learned reward model, and the way to "
                            "watch a hackable reward (lesson 18) being hacked.")
@@ -335,6 +349,22 @@ class WeightSyncConfig(_Section):
                        "samples with weights up to N - 1 updates old (a copy of its own, as with engine: separate).")
     verify: bool = Field(True, description="After each push compare every tensor on the engine with the trainer's by "
                          "checksum, and stop the run FAILED on a mismatch (sync/verified_tensors counts them).")
+
+
+def near_preset(name: str) -> str | None:
+    """The preset a label is a spelling of (case, punctuation, `++`) or a near miss of (`gpro`), else None."""
+    import difflib
+
+    from rlcore.algorithm import PRESETS
+
+    def norm(x: str) -> str:
+        return "".join(ch for ch in x.lower().replace("++", "pp") if ch.isalnum())
+
+    forms = {norm(n): n for n in PRESETS}
+    if norm(name) in forms:
+        return forms[norm(name)]
+    close = difflib.get_close_matches(norm(name), list(forms), n=1, cutoff=0.8)
+    return forms[close[0]] if close else None
 
 
 class AlgorithmConfig(_Section):
@@ -426,6 +456,11 @@ class AlgorithmConfig(_Section):
         elif self.name in PRESETS and (diff := preset_mismatch(self.name, self)):
             raise ValueError(f"name {self.name!r} is a preset, but the axes say otherwise: {diff} (set name to "
                              "the preset the axes are, or to a label of your own)")
+        elif self.name not in PRESETS and (near := near_preset(self.name)):
+            # `PPO` or `dr_grpo` would train whatever the axes say under a label the Algorithms page files as that
+            # preset's: a GRPO run shown as PPO.
+            raise ValueError(f"name {self.name!r} is not a preset but reads as one: did you mean {near!r}? (preset "
+                             f"names are exact: {', '.join(PRESETS)}; a label of your own must not look like one)")
         return self
 
     @field_validator("advantage", "policy_loss", "loss_agg", "kl_estimator", "group_filter", "behaviour_correction")
@@ -557,6 +592,9 @@ class DPOConfig(_Section):
         return value
 
 
+LAB_TAGS = ("algorithm", "task", "model", "git_commit", "seed", "world_size", "torch_threads", "config_hash")
+
+
 class LoggingConfig(_Section):
     experiment: str = Field("rlcore", min_length=1, max_length=250, pattern=r"\S",
                             description="MLflow experiment name.")
@@ -564,8 +602,39 @@ class LoggingConfig(_Section):
     eval_every: int = Field(20, gt=0, le=BIG, description="Held-out evaluation every N steps (and at step 0 and the end).")
     samples_every: int = Field(20, gt=0, le=BIG, description="Log a table of sample completions every N steps.")
     num_samples: int = Field(16, ge=0, le=10_000, description="Completions per sample table.")
-    output_dir: str = Field("outputs", description="Where final weights go (relative to the project root).")
-    tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags.")
+    output_dir: str = Field("outputs", min_length=1, description="Where final weights go (relative to the project root).")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags (not the lab's own: rlcore.*, "
+                                 "mlflow.*, algorithm, task, model, seed, ...).")
+
+    @field_validator("experiment", "run_name")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and (bad := next((ch for ch in value if not ch.isprintable()), None)):
+            raise ValueError(f"must be printable text, got a control character {bad!r} in {value!r}")
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _plain_dir(cls, value: str) -> str:
+        if value.startswith("~"):
+            raise ValueError(f"{value!r}: '~' is not expanded here (it would make a folder named '~'); give an "
+                             "absolute path or one relative to the project root")
+        if not value.strip():
+            raise ValueError("must not be blank")
+        if Path(value).resolve() == Path("/"):
+            raise ValueError("must not be the filesystem root '/'")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _not_the_labs(cls, value: dict[str, str]) -> dict[str, str]:
+        for k, v in value.items():
+            if k.startswith(("rlcore.", "mlflow.", "warm_start.")) or k in LAB_TAGS:
+                raise ValueError(f"{k!r} is a tag the lab sets itself (rlcore.*, mlflow.*, warm_start.*, "
+                                 f"{', '.join(LAB_TAGS)}); a tag of your own needs another name")
+            if not k.strip() or any(not ch.isprintable() for ch in k + str(v)):
+                raise ValueError(f"tag {k!r}: names and values must be printable text")
+        return value
 
 
 class ExperimentConfig(_Section):

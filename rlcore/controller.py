@@ -81,7 +81,8 @@ def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None,
     if isinstance(task, DatasetTask):
         task.check_budget(cfg.trainer.steps, cfg.rollout.prompts_per_step)
     fmt = PromptFormat(cfg.prompt, chat=cfg.model.use_chat_template)
-    fmt.check(tokenizer, [p.prompt for p in task.heldout], "a held-out prompt")  # before any run exists
+    longest = fmt.check(tokenizer, [p.prompt for p in task.heldout], "a held-out prompt")  # before any run exists
+    check_positions(policy, longest, cfg)
     needs = requirements(cfg.algorithm)
     reference = Reference(policy) if needs.reference else None  # beta = 0: no reference at all
     critic = Critic(policy, cfg, acc) if needs.values else None
@@ -92,6 +93,20 @@ def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None,
     return Loop(cfg=cfg, acc=acc, task=task, scorer=scorer, tokenizer=tokenizer, engine=engine, reference=reference,
                 trainer=trainer, critic=critic, needs=needs, local=my_share(cfg.rollout.prompts_per_step, acc),
                 group_filter=lookup(GROUP_FILTERS, cfg.algorithm.group_filter, "group_filter"), warm_start=warm_start)
+
+
+def check_positions(policy, longest_prompt: int, cfg: ExperimentConfig) -> None:
+    """A prompt and its completion must fit the model's positions: past them a tiny Llama's rotary tables run out
+    and generation fails or hangs in the first eval. Refused before any run exists (a ConfigError)."""
+    from rlcore.config import ConfigError
+
+    limit = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+    need = longest_prompt + cfg.rollout.max_new_tokens
+    if limit is not None and need > limit:
+        raise ConfigError(f"rollout.max_new_tokens: the longest held-out prompt has {longest_prompt} tokens, and "
+                          f"{longest_prompt} + {cfg.rollout.max_new_tokens} new tokens = {need} is over the model's "
+                          f"{limit} positions (model.tiny.max_position_embeddings for the tiny model); shorten the "
+                          "prompt (prompt.max_tokens) or the completions")
 
 
 def build_for(cfg: ExperimentConfig, root: Path) -> Loop:

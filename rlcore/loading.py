@@ -6,6 +6,7 @@ validated against the schema (rlcore.config), warm starts and model paths checke
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -223,12 +224,44 @@ def named_experiment(cfg: ExperimentConfig, key: str, rel: str, kind: str,
     return exp
 
 
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def check_model_fit(cfg: ExperimentConfig) -> None:
+    """What the model itself must have for the config to mean anything, where it can be read without loading it: a
+    chat template for model.use_chat_template, and the linear layers model.lora.target_modules names (the tiny model
+    and its warm starts are Llamas; a local folder says what it is in config.json)."""
+    import json
+
+    m = cfg.model
+    folder = Path(m.name_or_path).expanduser() if m.name_or_path else None
+    local = folder is not None and (folder / "config.json").is_file()
+    if m.use_chat_template:
+        if m.name_or_path is None:
+            raise ConfigError("model.use_chat_template: the tiny model's character tokenizer has no chat template "
+                              "(it is for Hugging Face models that ship one)")
+        if local:
+            tc = folder / "tokenizer_config.json"
+            has = (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file() or (
+                tc.is_file() and "chat_template" in json.loads(tc.read_text(encoding="utf-8", errors="replace")))
+            if not has:
+                raise ConfigError(f"model.use_chat_template: {m.name_or_path!r} has no chat template (no "
+                                  "chat_template in tokenizer_config.json, no chat_template.jinja)")
+    if m.lora is not None:
+        llama = m.name_or_path is None or (local and json.loads((folder / "config.json").read_text()).get(
+            "model_type") in ("llama", "mistral", "qwen2"))
+        if llama and (missing := [t for t in m.lora.target_modules if t not in LLAMA_LINEAR]):
+            raise ConfigError(f"model.lora.target_modules: {missing[0]!r} is not a layer of this model (a Llama: "
+                              f"{', '.join(LLAMA_LINEAR)})")
+
+
 def check_workload(cfg: ExperimentConfig) -> None:
     """What the schema alone cannot see, checked before any run exists: the task builds (a reasoning-gym generator
     by that name and options, dataset files and columns that exist) and every reward function can be imported."""
     from rlcore.reward import LEARNED, RewardImportError, resolve_fn, reward_search_path
     from rlcore.tasks import make_task
 
+    check_model_fit(cfg)
     process = cfg.kind == "reward_model" and cfg.reward_model.type == "process"
     if process and cfg.reward_model.pairs is not None:
         raise ConfigError("reward_model.pairs: a process reward model trains on prefix labels, not pairs (remove it, "
@@ -255,10 +288,18 @@ def check_workload(cfg: ExperimentConfig) -> None:
         if comp.fn == "math_verify" and importlib.util.find_spec("math_verify") is None:
             raise ConfigError(f"reward.components.{i}.fn: math_verify needs the math-verify package: "
                               'pip install -e ".[tasks]"')
-    if cfg.task.name != "addition":
-        task = make_task(cfg.task, cfg._base_dir)  # raises ConfigError naming the key
-        if hasattr(task, "check_budget"):
-            task.check_budget(cfg.trainer.steps, cfg.rollout.prompts_per_step)
+    task = make_task(cfg.task, cfg._base_dir)  # raises ConfigError naming the key
+    if hasattr(task, "check_budget"):
+        task.check_budget(cfg.trainer.steps, cfg.rollout.prompts_per_step)
+    if getattr(task, "heldout_duplicates", 0):
+        print(f"note: task: {task.heldout_duplicates} held-out rows repeat a prompt; each prompt is evaluated once "
+              f"({len(task.heldout)} held-out prompts)", file=sys.stderr)
+    from rlcore.reward import probe
+
+    try:  # a reward that cannot score one right answer would train on zeros to the end
+        probe(cfg.reward, task, reward_search_path(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_reward_model_path(cfg: ExperimentConfig, key: str, path: str, want: str | None = None) -> None:

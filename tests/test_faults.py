@@ -143,15 +143,22 @@ def test_a_kill_during_a_checkpoint_write_leaves_no_temp_file(stopped, lab: Path
 
 def test_outage_kill_resume_delivers_each_point_exactly_once(lab: Path, monkeypatch) -> None:
     """Steps 0-2 reach the store; 3-5 are buffered during an outage; the process dies (kill -9: no finish); the run
-    resumes from its checkpoint at step 2 and replays 3-6 with the same values. Each (metric, step) is stored once."""
+    resumes from its checkpoint at step 2 and replays 3-6 with the same values. Each (metric, step) is stored once,
+    and every sample table and tag, those queued during the outage included, arrives (none lost)."""
     first = Tracker("faults-outage", lab)
     run_id = first.start("outage", {}, {}, "x: 1\n")
     for s in range(3):
         first.log(s, {"reward/mean": s / 10})
+    first.log_table(1, [{"completion": "1", "reward": 1.0}])
     first.drain()
-    monkeypatch.setattr(first.client, "log_batch", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down")))
+    down = lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down"))  # noqa: E731
+    monkeypatch.setattr(first.client, "log_batch", down)
+    monkeypatch.setattr(first.client, "log_text", down)
+    monkeypatch.setattr(first.client, "set_tag", down)
     for s in range(3, 6):
         first.log(s, {"reward/mean": s / 10})
+        first.log_table(s, [{"completion": str(s), "reward": s / 10}])
+    first.set_tag("rlcore.note", "queued during the outage")
     first.drain()  # spilled to disk
     first._stop.set()  # the process dies: its thread stops, nothing is finished or delivered
     first._thread.join()
@@ -164,7 +171,11 @@ def test_outage_kill_resume_delivers_each_point_exactly_once(lab: Path, monkeypa
     second.finish("FINISHED")
     steps = sorted(m.step for m in client(lab).get_metric_history(run_id, "reward/mean"))
     assert steps == [0, 1, 2, 3, 4, 5, 6]
-    assert client(lab).get_run(run_id).info.status == "FINISHED"
+    run = client(lab).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["rlcore.note"] == "queued during the outage"
+    tables = sorted(f.path for f in client(lab).list_artifacts(run_id, "samples"))
+    assert tables == [f"samples/step_{s:06d}.json" for s in (1, 3, 4, 5)]  # 0 of 4 lost
+    assert not list((lab / ".rlcore_cache" / "undelivered").glob(f"{run_id}*"))
 
 
 # ------------------------------------------------------------------------------------------------ sweeps
