@@ -79,9 +79,31 @@ def background(cwd: Path, command: list[str] | None = None, env: dict[str, str] 
         log.close()
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+
+
+def accept_only_local_hosts(argv: list[str]) -> None:
+    """Refuse any request whose Host header is not this machine (400), HTTP and websocket alike: a page on another
+    site that resolves its own name to 127.0.0.1 (DNS rebinding) must not reach the dashboard. A server bound to
+    another address on purpose (`--server.address`) also accepts that name."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from streamlit.web.server.starlette import starlette_app
+
+    bound = argv[argv.index("--server.address") + 1] if "--server.address" in argv[:-1] else None
+    allowed = [*LOCAL_HOSTS, *([bound] if bound and bound not in ("0.0.0.0", "::") else [])]
+    inner = starlette_app.create_streamlit_middleware
+
+    def middleware():
+        return [Middleware(TrustedHostMiddleware, allowed_hosts=allowed), *inner()]
+
+    starlette_app.create_streamlit_middleware = middleware
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(APP.parent.parent))
     warm()
+    accept_only_local_hosts(sys.argv[1:])
     from streamlit.web.cli import main
 
     sys.argv = ["streamlit", "run", str(APP), *sys.argv[1:]]

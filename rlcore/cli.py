@@ -170,11 +170,13 @@ def choose_checkpoint(cfg, root: Path) -> Path:
     from rlcore import checkpoint
     from rlcore.runs import reap_orphans, run_state
 
+    found = list(checkpoint.candidates(root / cfg.logging.output_dir, cfg.config_hash()))
     reaped = reap_orphans(root, cfg.logging.experiment, cfg.config_hash()) if _is_main() else []
     for run_id in reaped:
-        typer.echo(f"run {run_id}: its process is gone and it left no checkpoint; closed as KILLED", err=True)
+        if not any(r == run_id for _, r in found):  # one with a checkpoint is the run resumed below
+            typer.echo(f"run {run_id}: its process is gone and it left no checkpoint; closed as KILLED", err=True)
     states: dict[str, tuple[str | None, bool]] = {}
-    for pt, run_id in checkpoint.candidates(root / cfg.logging.output_dir, cfg.config_hash()):
+    for pt, run_id in found:
         status, alive = states.setdefault(run_id, run_state(root, run_id))
         if status in (None, "FINISHED"):  # deleted, or done: its checkpoints are history, not a place to resume
             continue

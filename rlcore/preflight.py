@@ -7,6 +7,7 @@ An outage *during* a run is not refused: the tracker buffers and retries (rlcore
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from rlcore.config import ConfigError
@@ -28,6 +29,12 @@ def preflight(configs: list, root: Path) -> None:
             raise ConfigError(f"logging.output_dir: {cfg.logging.output_dir!r}: {existing} is a file, not a directory")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"logging.output_dir: {cfg.logging.output_dir!r}: {existing} is not writable")
+        try:  # os.access says yes to root on /proc and read-only mounts: write a file to be sure
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as e:
+            raise ConfigError(f"logging.output_dir: {cfg.logging.output_dir!r}: cannot write in {existing} "
+                              f"({e.strerror or type(e).__name__})") from None
 
 
 def check_store(root: Path | None = None, timeout_s: float = 5.0) -> str:

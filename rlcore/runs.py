@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -74,6 +75,17 @@ def replay(path: Path) -> tuple[str, int, str | None]:
     rows = [Metric(*r) for x in lines if isinstance(x, list) for r in x]
     for i in range(0, len(rows), 1000):
         client.log_batch(footer["run_id"], metrics=rows[i : i + 1000], synchronous=True)
+    tables = path.with_name(f"{footer['run_id']}.tables.jsonl")  # sample tables and tags of the same outage
+    if tables.is_file():
+        from rlcore.tracking import Tracker
+
+        deliver = Tracker._deliver.__get__(SimpleNamespace(client=client, run_id=footer["run_id"]))
+        for line in tables.read_text().splitlines():
+            try:
+                deliver(json.loads(line))
+            except ValueError:  # cut by a kill while it was written
+                continue
+        tables.unlink()
     client.set_terminated(footer["run_id"], status=footer["status"])
     path.unlink()
     return footer["run_id"], len(rows), footer["status"]

@@ -222,3 +222,34 @@ def test_url_state_survives_a_reload(server: str, page, dash: Path) -> None:  # 
     # a deep link gets the app's own menu (a `pages/` folder used to add Streamlit's file list on first load)
     nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
     assert "Learn" in nav and "Lessons" in nav and "app" not in nav.split("\n")
+
+
+def _status(url: str, host: str, path: str = "/", upgrade: bool = False) -> int:
+    """The HTTP status the dashboard answers a request for `path` with this Host header (a websocket handshake when
+    `upgrade`)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    headers = {"Host": host}
+    if upgrade:
+        headers |= {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    conn.request("GET", path, headers=headers)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_a_foreign_host_is_refused_on_http_and_websocket(server: str) -> None:
+    """DNS rebinding: a page of another site whose name resolves to 127.0.0.1 sends its own name as Host. The
+    dashboard answers it 400, for a page and for the websocket handshake; this machine's names still work."""
+    port = server.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+        assert _status(server, host) == 400, host
+        assert _status(server, host, "/_stcore/stream", upgrade=True) == 400, host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert _status(server, host) == 200, host
+        assert _status(server, host, "/_stcore/health") == 200, host
+        assert _status(server, host, "/_stcore/stream", upgrade=True) == 101, host

@@ -146,6 +146,8 @@ def test_kill_9_of_the_engine_fails_the_run_and_resume_finishes_it(lab: Path) ->
     assert f"resuming from {ckpt}" in resumed.stdout
     run_id = victim[0].info.run_id
     assert c.get_run(run_id).info.status == "FINISHED"
+    assert "rlcore.failure" not in c.get_run(run_id).data.tags  # the failure it was resumed from is history
+    assert "left no checkpoint" not in resumed.stderr
     for key in (*TRAINING, "rollout/staleness", "eval/sampled_reward"):
         steps = [s for s, _ in hist(lab, run_id, key)]
         assert len(steps) == len(set(steps)), f"{key}: a step logged twice"

@@ -93,6 +93,26 @@ def test_resume_closes_a_run_killed_before_its_first_checkpoint(lab: Path, capsy
     assert after.info.status == "KILLED" and "killed" in after.data.tags["rlcore.failure"]
 
 
+def test_resume_after_kill_9_says_it_resumes_and_the_finished_run_keeps_no_failure(lab: Path, capsys,
+                                                                                 monkeypatch) -> None:
+    """kill -9 after a checkpoint: --resume closes nothing as 'left no checkpoint' (it resumes that very run), and
+    the run it finishes carries no rlcore.failure tag from the kill."""
+    sets = ["trainer.steps=40", "trainer.checkpoint_every=2", "logging.experiment=faults-kill9-resume"]
+    cfg = load_experiment(lab / "rl.yaml", sets)
+    proc = start_cli(lab, *sets)
+    wait_for(lambda: len(checkpoint.candidates(lab / "outputs", cfg.config_hash())) >= 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    (victim,) = runs_of(lab, "faults-kill9-resume")
+    monkeypatch.chdir(lab)
+    code, out, err = run_cli(["run", "rl.yaml", "--resume", *[x for s in sets for x in ("--set", s)]], capsys,
+                             monkeypatch)
+    assert code == 0, err
+    assert "left no checkpoint" not in err and "resuming from" in out
+    after = client(lab).get_run(victim.info.run_id)
+    assert after.info.status == "FINISHED" and "rlcore.failure" not in after.data.tags
+
+
 @pytest.fixture(scope="module")
 def stopped(lab: Path):
     """A run stopped by SIGTERM after a few checkpoints (KILLED, resumable): (config, its checkpoint dir)."""
