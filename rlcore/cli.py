@@ -364,9 +364,9 @@ def run_any(cfg, root: Path):
     """A lesson's run of any kind (RL, DPO, a reward model, preference data) as a RunResult."""
     from rlcore.controller import RunResult
     from rlcore.controller import run as run_rl
-    from rlcore.tracking import tracking_settings
+    from rlcore.tracking import redact, tracking_settings
 
-    uri = tracking_settings(root)["tracking_uri"]
+    uri = redact(tracking_settings(root)["tracking_uri"])
     if cfg.kind == "dpo":
         from rlcore.dpo import train_dpo
 

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from rlcore.config import ConfigError
-from rlcore.tracking import tracking_settings
+from rlcore.tracking import redact, tracking_settings
 
 
 def preflight(configs: list, root: Path) -> None:
@@ -49,15 +49,20 @@ def check_store(root: Path | None = None, timeout_s: float = 5.0) -> str:
     if scheme == "sqlite":
         _check_sqlite(Path(uri[len("sqlite:///"):]), timeout_s)
     elif scheme in ("http", "https"):
-        import urllib.error
-        import urllib.request
+        # As MLflow's client connects: credentials from the URI or MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
 
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:  # noqa: S310
-                r.read(64)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise ConfigError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); start it, "
-                              "or unset MLFLOW_TRACKING_URI to use the embedded store") from None
+            r = http_request(get_default_host_creds(uri.rstrip("/")), "/health", "GET", max_retries=0,
+                             timeout=timeout_s, raise_on_status=False)
+            problem = None if r.status_code == 200 else f"HTTP {r.status_code} from /health" + (
+                " (credentials refused)" if r.status_code in (401, 403) else "")
+        except Exception as e:  # noqa: BLE001 - any failure to connect is the user's to see, on one line
+            problem = type(e).__name__
+        if problem:
+            raise ConfigError(f"MLflow tracking server {redact(uri)} is unreachable ({problem}); start it, or "
+                              "unset MLFLOW_TRACKING_URI to use the embedded store") from None
     else:
         check_database_url(uri, "tracking_uri", timeout_s)
     return uri

@@ -214,20 +214,33 @@ def _alarm(signum, frame) -> None:
     raise RewardTimeout
 
 
+_in_call = threading.local()  # inside a reward call on this thread: a stop signal then ends the run at once
+
+
+def in_reward_call() -> bool:
+    """Whether this thread is running a reward function now (rlcore.checkpoint.StopRequest asks: a step stuck in a
+    user's grader would never reach the end-of-step checkpoint, so one SIGTERM must stop it there)."""
+    return getattr(_in_call, "depth", 0) > 0
+
+
 def call_reward(fn: RewardFn, timeout: float | None, *args: Any, **kwargs: Any) -> float:
     """One reward call, as a float (as_reward), stopped after `timeout` seconds where a timer can interrupt it (the
     main thread; elsewhere it runs unbounded). A timeout raises RewardTimeout."""
-    if not timeout or threading.current_thread() is not threading.main_thread():
-        return as_reward(fn(*args, **kwargs))
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
+    _in_call.depth = getattr(_in_call, "depth", 0) + 1
     try:
-        return as_reward(fn(*args, **kwargs))
-    except RewardTimeout:
-        raise RewardTimeout(f"took longer than reward.timeout_s = {timeout:g} s") from None
+        if not timeout or threading.current_thread() is not threading.main_thread():
+            return as_reward(fn(*args, **kwargs))
+        previous = signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return as_reward(fn(*args, **kwargs))
+        except RewardTimeout:
+            raise RewardTimeout(f"took longer than reward.timeout_s = {timeout:g} s") from None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        _in_call.depth -= 1
 
 
 def probe(cfg, task: Task, search: tuple[Path, ...] = ()) -> None:

@@ -45,6 +45,21 @@ def project_root(start: Path | None = None) -> Path:
     return here
 
 
+def redact(uri: str) -> str:
+    """The URI with any password replaced by *** (`http://user:***@host`): safe to print, log or write to disk."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:  # a URI too malformed to parse: hide everything between :// and @
+        head, sep, tail = uri.partition("://")
+        return f"{head}{sep}***@{tail.rpartition('@')[2]}" if "@" in tail else uri
+
+
 def tracking_settings(root: Path | None = None) -> dict[str, Any]:
     """Resolved settings: tracking_uri and artifact_location absolute, env var first."""
     root = root or project_root()
@@ -69,7 +84,7 @@ def tracking_settings(root: Path | None = None) -> dict[str, Any]:
     scheme = uri.partition(":")[0].partition("+")[0].lower()
     if "://" not in uri or scheme not in SCHEMES:
         where = "MLFLOW_TRACKING_URI" if "MLFLOW_TRACKING_URI" in os.environ else f"{path}: tracking_uri"
-        raise ConfigError(f"{where}: unsupported tracking URI {uri!r} (use one of: "
+        raise ConfigError(f"{where}: unsupported tracking URI {redact(uri)!r} (use one of: "
                           f"{', '.join(s + '://' for s in SCHEMES)})")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         db = Path(uri[len("sqlite:///"):])
@@ -200,7 +215,8 @@ class Tracker:
 
     @property
     def where(self) -> str:
-        return self.settings["tracking_uri"]
+        """The store's URI as it may be shown (credentials redacted)."""
+        return redact(self.settings["tracking_uri"])
 
     def start(self, run_name: str | None, tags: dict[str, str], params: dict[str, Any], config_yaml: str) -> str:
         from mlflow.entities import Param

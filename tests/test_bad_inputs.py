@@ -119,6 +119,10 @@ SERVICES = [
     ("env uri unsupported", {}, {"MLFLOW_TRACKING_URI": "ftp://127.0.0.1/x"},
      "MLFLOW_TRACKING_URI: unsupported tracking URI 'ftp://127.0.0.1/x'"),
     ("env uri a bare path", {}, {"MLFLOW_TRACKING_URI": "mlruns"}, "unsupported tracking URI 'mlruns'"),
+    ("env uri with a password, unreachable", {}, {"MLFLOW_TRACKING_URI": "http://alice:s3cret@127.0.0.1:{port}"},
+     "MLflow tracking server http://alice:***@127.0.0.1:"),
+    ("env uri with a password, unsupported", {}, {"MLFLOW_TRACKING_URI": "ftp://alice:s3cret@127.0.0.1/x"},
+     "unsupported tracking URI 'ftp://alice:***@127.0.0.1/x'"),
     ("env uri unreachable server", {}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}, "is unreachable"),
     ("env uri database down", {}, {"MLFLOW_TRACKING_URI": "postgresql+psycopg://u@127.0.0.1:{port}/db"},
      "tracking_uri: cannot connect to postgresql+psycopg://u@127.0.0.1"),
@@ -216,6 +220,7 @@ def test_broken_service_gives_one_line_and_exit_2(name, change, env, message, tm
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "s3cret" not in err  # a password in the URI is never printed
     assert not (root / ".rlcore_cache" / "warm_start").exists()  # refused before any work, warm start included
     _no_runs(root)
 
