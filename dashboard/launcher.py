@@ -80,11 +80,16 @@ def validate(root: Path, file: str, overrides: list[str]) -> str:
     if is_sweep(path):
         if overrides:
             raise ConfigError("sweeps take no --set overrides here (edit the sweep file's `overrides`)")
+        from rlcore.loading import confined_to
         from rlcore.sweep_config import load_sweep
 
-        sw = load_sweep(path)
+        with confined_to(root):
+            sw = load_sweep(path)
         return f"sweep {sw.name}: {sw.n_trials} trials, {sw.workers} worker(s)"
-    cfg = load_experiment(path, overrides)
+    from rlcore.loading import confined_to
+
+    with confined_to(root):  # no user reward module imported while a person types; no file outside the project
+        cfg = load_experiment(path, overrides)
     inside_project(root, cfg)
     return f"{cfg.kind} experiment, algorithm={cfg.algorithm.name}, steps={cfg.trainer.steps}"
 

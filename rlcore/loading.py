@@ -5,8 +5,11 @@ validated against the schema (rlcore.config), warm starts and model paths checke
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,30 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rlcore.config import ConfigError, ExperimentConfig, ModelConfig
+
+# ---------------------------------------------------------------------------------------------- untrusted editing
+
+# Set while the dashboard validates what a person is typing: user reward modules are then neither imported nor
+# called (their top level would run at every keystroke), and every file the config names must lie inside this
+# folder (the page is a door into the project, not into the disk). `rlcore run` validates fully when it starts.
+_confined: contextvars.ContextVar[Path | None] = contextvars.ContextVar("confined", default=None)
+
+
+@contextmanager
+def confined_to(root: Path) -> Iterator[None]:
+    """Validate without running user code, reading only files under `root` (the dashboard's Launch form)."""
+    token = _confined.set(root.resolve())
+    try:
+        yield
+    finally:
+        _confined.reset(token)
+
+
+def check_inside(key: str, path: Path | str) -> None:
+    """Under `confined_to`, refuse a path outside the project before anything reads it."""
+    root = _confined.get()
+    if root is not None and not Path(path).expanduser().resolve().is_relative_to(root):
+        raise ConfigError(f"{key}: {str(path)!r} is outside the project (not allowed from the dashboard)")
 
 # ---------------------------------------------------------------------------------------------- validation
 
@@ -213,6 +240,7 @@ def named_experiment(cfg: ExperimentConfig, key: str, rel: str, kind: str,
     """The experiment that `key` names by path (relative to `cfg`'s file), loaded, validated and of the `kind` it
     must be; every problem is a ConfigError naming the key."""
     path = cfg.resolve_path(rel)
+    check_inside(key, path)
     if not path.is_file():
         raise ConfigError(f"{key}: no such file {rel!r}")
     try:
@@ -258,7 +286,7 @@ def check_model_fit(cfg: ExperimentConfig) -> None:
 def check_workload(cfg: ExperimentConfig) -> None:
     """What the schema alone cannot see, checked before any run exists: the task builds (a reasoning-gym generator
     by that name and options, dataset files and columns that exist) and every reward function can be imported."""
-    from rlcore.reward import LEARNED, RewardImportError, resolve_fn, reward_search_path
+    from rlcore.reward import BUILTINS, LEARNED, RewardImportError, resolve_fn, reward_search_path
     from rlcore.tasks import make_task
 
     check_model_fit(cfg)
@@ -281,6 +309,12 @@ def check_workload(cfg: ExperimentConfig) -> None:
         if comp.fn == LEARNED:
             check_reward_model_path(cfg, f"reward.components.{i}.path", comp.path)
             continue
+        if _confined.get() is not None and comp.fn not in BUILTINS:
+            module, sep, name = comp.fn.partition(":")
+            if not (sep and module and name):
+                raise ConfigError(f"reward.components.{i}.fn: {comp.fn!r} is neither a built-in "
+                                  f"({', '.join(BUILTINS)}) nor `module:function`")
+            continue  # user code: imported and probed by `rlcore run` when the launch starts, not while typing
         try:
             resolve_fn(comp.fn, reward_search_path(cfg))
         except RewardImportError as e:
@@ -288,6 +322,9 @@ def check_workload(cfg: ExperimentConfig) -> None:
         if comp.fn == "math_verify" and importlib.util.find_spec("math_verify") is None:
             raise ConfigError(f"reward.components.{i}.fn: math_verify needs the math-verify package: "
                               'pip install -e ".[tasks]"')
+    for key in ("train", "heldout"):
+        if getattr(cfg.task, key, None):
+            check_inside(f"task.{key}", cfg.resolve_path(getattr(cfg.task, key)))
     task = make_task(cfg.task, cfg._base_dir)  # raises ConfigError naming the key
     if hasattr(task, "check_budget"):
         task.check_budget(cfg.trainer.steps, cfg.rollout.prompts_per_step)
@@ -296,6 +333,8 @@ def check_workload(cfg: ExperimentConfig) -> None:
               f"({len(task.heldout)} held-out prompts)", file=sys.stderr)
     from rlcore.reward import probe
 
+    if _confined.get() is not None:
+        return  # the probe calls user code: `rlcore run` does it when the launch starts
     try:  # a reward that cannot score one right answer would train on zeros to the end
         probe(cfg.reward, task, reward_search_path(cfg))
     except ValueError as e:
@@ -311,6 +350,7 @@ def check_reward_model_path(cfg: ExperimentConfig, key: str, path: str, want: st
     from rlcore.reward_model import MARKER
 
     p = cfg.resolve_path(path)
+    check_inside(key, p)
     if p.suffix in (".yaml", ".yml"):
         got = named_experiment(cfg, key, path, "reward_model").reward_model.type
     elif not (p / MARKER).is_file():
@@ -337,6 +377,7 @@ def check_model_source(m: ModelConfig) -> None:
             raise ConfigError(f"model.name_or_path: {m.name_or_path!r} {e}") from None
         return
     p = Path(m.name_or_path).expanduser()
+    check_inside("model.name_or_path", p)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"model.name_or_path: {m.name_or_path!r} is a file, not a model directory")
     if p.is_dir() and not (p / "config.json").is_file():

@@ -141,3 +141,29 @@ def test_a_held_out_fraction_never_shares_a_prompt_with_training(tmp_path: Path,
     assert held and train and not held & train  # was: 6 of 10 held-out prompts also trained on
     assert len(task.heldout) == len(held) == 3 and len(task.rows) == 42
     assert "held-out rows repeat a prompt" in capsys.readouterr().err  # said by the validation above
+
+
+# ------------------------------------------------------------------------------------------------ the Launch form
+
+def test_the_launch_form_runs_no_user_code_and_reads_nothing_outside_the_project(tmp_path: Path) -> None:
+    """What a person types is validated as they type: a reward module named there used to be imported (its top
+    level ran) on every keystroke, and files anywhere on disk were read."""
+    from dashboard import launcher
+    from tests.conftest import write_course
+
+    root = write_course(tmp_path / "course", {})
+    marker = tmp_path / "imported"
+    (root / "experiments" / "sneaky.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                                    "def score(completion, answer, **info):\n    return 1.0\n")
+    desc = launcher.validate(root, "rl.yaml", ["reward.components=[{name: r, fn: 'sneaky:score'}]"])
+    assert desc.startswith("rl experiment") and not marker.exists()  # valid as far as can be told without running it
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text('{"prompt": "1+1=", "answer": "2"}\n' * 20)
+    for override, key in ((f"task={{name: dataset, train: {outside}}}", "task.train"),
+                          (f"model={{name_or_path: {tmp_path}}}", "model.name_or_path"),
+                          ("model.warm_start=../../elsewhere.yaml", "model.warm_start")):
+        with pytest.raises(ConfigError, match=f"{key}: .* is outside the project"):
+            launcher.validate(root, "rl.yaml", [override])
+    # `rlcore run` (what Start launches) still validates fully: the import happens there, once
+    load_experiment(root / "experiments" / "rl.yaml", ["reward.components=[{name: r, fn: 'sneaky:score'}]"])
+    assert marker.read_text() == "ran"
