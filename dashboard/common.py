@@ -3,6 +3,7 @@ switches, the metric catalogue's tooltips, and the line chart with a min/max (or
 
 from __future__ import annotations
 
+import html
 import textwrap
 from pathlib import Path
 
@@ -213,6 +214,28 @@ PALETTE = ["#4e79a7", "#d95f02", "#59a14f", "#e15759", "#7570b3", "#9c755f", "#e
            "#b07aa1", "#6f8a00", "#666666"]
 
 
+LEGEND_MAX = 8  # series a chart's own legend lists; past it the legend rows squeezed the plot to ~50 px (20 runs)
+LEGEND_ROW_PX = 28  # what one legend row takes in the browser (measured: 20 px left the plot 60 px at 8 runs)
+
+
+def series_style(domain: list[str]) -> dict[str, tuple[str, str]]:
+    """Each series' colour and line style, in `domain` order: 12 colours, then the same colours dashed, then
+    dotted, so 36 series stay apart (the colours alone repeated after 12)."""
+    styles = ("solid", "dashed", "dotted")
+    return {name: (PALETTE[i % len(PALETTE)], styles[min(i // len(PALETTE), 2)]) for i, name in enumerate(domain)}
+
+
+DASHES = {"solid": [1, 0], "dashed": [6, 3], "dotted": [1, 3]}
+
+
+def shared_legend(domain: list[str]) -> str:
+    """One legend for a page of charts that share `domain` (HTML: a swatch of each series' colour and style)."""
+    items = [f'<span style="white-space:nowrap;margin-right:14px"><span style="display:inline-block;width:22px;'
+             f'border-top:3px {style} {colour};vertical-align:middle;margin-right:5px"></span>{html.escape(name)}</span>'
+             for name, (colour, style) in series_style(domain).items()]
+    return '<div style="line-height:1.9;font-size:0.85rem">' + " ".join(items) + "</div>"
+
+
 def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: str = "", band: bool = True,
                lo: str = "vmin", hi: str = "vmax", domain: list[str] | None = None, metric: str = "",
                log_y: bool = False) -> alt.Chart:
@@ -222,10 +245,16 @@ def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: 
     The legend lists every series in full; x zooms and pans (drag, wheel; double-click resets); steps are integer
     ticks; `log_y`: a log axis (symlog when a value is <= 0)."""
     m = BY_NAME.get(metric or title)
-    scale = alt.Scale(domain=domain, range=PALETTE) if domain else alt.Scale(range=PALETTE)
+    names = domain or sorted(frame[color].astype(str).unique()) if len(frame) else (domain or [])
+    style = series_style(list(names))
+    scale = alt.Scale(domain=list(style), range=[c for c, _ in style.values()])
+    dash = alt.StrokeDash(f"{color}:N", scale=alt.Scale(domain=list(style), range=[DASHES[d] for _, d in style.values()]),
+                          legend=None)
     # two legend columns while labels are short; one when they are long (two would clip them at the chart's edge)
     ncol = 2 if len(frame) and frame[color].astype(str).str.len().max() <= 30 else 1
-    legend = alt.Legend(orient="bottom", columns=ncol, labelLimit=0, symbolType="circle", symbolOpacity=1, title=None)
+    own_legend = len(style) <= LEGEND_MAX  # more: the page draws one shared legend (shared_legend) instead
+    legend = alt.Legend(orient="bottom", columns=ncol, labelLimit=0, symbolType="stroke", symbolOpacity=1,
+                        title=None) if own_legend else None
     xaxis = alt.Axis(format="d", tickMinStep=1) if x == "step" else alt.Axis(format="~s") if x == "tokens" else alt.Undefined
     base = alt.Chart(frame).encode(x=alt.X(f"{x}:Q", title=x, axis=xaxis),
                                    color=alt.Color(f"{color}:N", scale=scale, legend=legend))
@@ -233,7 +262,7 @@ def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: 
     yscale = alt.Scale(type="log" if positive else "symlog") if log_y else alt.Scale(zero=False)
     tips = [alt.Tooltip(f"{color}:N", title=color), alt.Tooltip(f"{x}:Q", format="d" if x == "step" else ",.4~g"),
             alt.Tooltip("value:Q", format=".4g", title=f"{m.name} ({m.unit})" if m else "value")]
-    line = base.mark_line().encode(y=alt.Y("value:Q", title=None, scale=yscale), tooltip=tips)
+    line = base.mark_line().encode(y=alt.Y("value:Q", title=None, scale=yscale), tooltip=tips, strokeDash=dash)
     if m:  # the catalogue's formula in every tooltip, one hop from the number
         line = line.transform_calculate(formula=alt.expr.toString(m.formula)).encode(
             tooltip=[*tips, alt.Tooltip("formula:N", title="formula")])
@@ -244,6 +273,6 @@ def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: 
                               subtitleColor="#8a8f98", anchor="start") if m else title  # mid grey: both themes
     # Streamlit fits the whole chart (title, legend, axes) into `height`: grow it with the legend's rows so the
     # plot itself keeps ~220 px however many runs are drawn.
-    rows = -(-frame[color].nunique() // ncol) if len(frame) else 1
-    height = 220 + (44 if m else 20) + 20 * rows + 40
+    rows = -(-frame[color].nunique() // ncol) if len(frame) and own_legend else 0
+    height = 220 + (44 if m else 20) + LEGEND_ROW_PX * rows + 40
     return alt.layer(*layers).properties(title=heading, height=height).interactive(bind_y=False)

@@ -21,7 +21,7 @@ from rlcore.tracking import project_root, tracking_settings
 # Tags the pages filter and group by; read for every run.
 RUN_TAGS = ("algorithm", "rlcore.kind", "rlcore.group", "seed", "rlcore.study", "rlcore.trial", "rlcore.trial_state",
             "mlflow.parentRunId", "lesson", "variant", "task", "model", "world_size", "warm_start.sha256",
-            "rlcore.launch", "mlflow.note.content")
+            "rlcore.launch", "mlflow.note.content", "rlcore.failure")
 # Tags rlcore itself writes that are not worth a column; every other tag is the user's and shows in `tags`.
 QUIET_TAGS = ("git_commit", "torch_threads", "rlcore.config", "rlcore.config_hash", "rlcore.owner",
               "rlcore.stopped_at_step")
@@ -363,6 +363,18 @@ class Store:
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(self.uri)
+
+
+def numeric_columns(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """`columns` of `frame` as numbers where every value there is one (MLflow stores params as text, which sorts
+    "0.0003" after "3e-05" and shows a float's 20 digits); a column with any other text is left as it is."""
+    out = frame.copy()
+    for col in columns:
+        if col in out:
+            num = pd.to_numeric(out[col], errors="coerce")
+            if num.notna().sum() == out[col].notna().sum():
+                out[col] = num
+    return out
 
 
 def _finish_runs(runs: pd.DataFrame, tags: pd.DataFrame) -> pd.DataFrame:

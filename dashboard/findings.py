@@ -89,6 +89,30 @@ def _share(wall: pd.Series | None, part: str) -> float:
     return float(wall[part] / wall["total"]) if wall is not None and wall.get("total", 0) > 0 else 0.0
 
 
+def _error_share(params: dict, steps: pd.DataFrame) -> float:
+    """Failed reward calls per step over the calls a step makes (samples x components), averaged over steps."""
+    errors = _col(steps, "reward/errors")
+    calls = _num(params, "rollout.prompts_per_step") * _num(params, "rollout.samples_per_prompt")
+    return float(errors.mean() / calls) if len(errors) and calls > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ the reward first
+
+
+@rule
+def reward_errors(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
+    """Before any advice that reads the reward: a reward that raised is 0, not a measurement."""
+    share = _error_share(params, steps)
+    if share >= 0.05:
+        what = ("every sample's reward is 0 because the reward raised: the other findings about rewards, groups "
+                "and the KL read a broken reward, not the policy" if share >= 0.5 else
+                "those samples scored 0 whatever they said")
+        return Finding("reward_errors", "warn", f"reward/errors: {share:.0%} of reward calls failed (raised, timed "
+                       f"out or returned no number) on the average step (>= 5 %): {what}. Fix the reward function "
+                       "(its first error is in the run's rlcore.failure tag when it stopped the run).", "03")
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ the step
 
 
@@ -136,7 +160,7 @@ def reference_bound(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -
 def reference_removable(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
     beta = _num(params, "algorithm.kl_coef")
     kl = _col(steps, "kl/mean")
-    if beta > 0 and len(kl) and kl.abs().mean() < 1e-3:
+    if beta > 0 and len(kl) and kl.abs().mean() < 1e-3 and _error_share(params, steps) < 0.5:
         ref = phase_shares(steps).get("reference", 0.0)
         return Finding("reference_removable", "info", f"beta = {beta:g} but the KL stays below 1e-3 nats "
                        f"(mean {kl.abs().mean():.2e}): the anchor does almost nothing while the reference forward "
@@ -147,7 +171,7 @@ def reference_removable(params: dict, steps: pd.DataFrame, wall: pd.Series | Non
 @rule
 def zero_variance_groups(params: dict, steps: pd.DataFrame, wall: pd.Series | None) -> Finding | None:
     z = _col(steps, "reward/zero_var_group_frac")
-    if len(z) and z.mean() >= 0.4:
+    if len(z) and z.mean() >= 0.4 and _error_share(params, steps) < 0.5:  # all-zero from a broken reward: not this
         k = params.get("rollout.samples_per_prompt", "?")
         if params.get("algorithm.group_filter", "none") not in ("none", None, ""):
             fix = (f"The group filter ({params['algorithm.group_filter']}) is already on: it draws up to "

@@ -243,6 +243,8 @@ class PromptConfig(_Section):
 
 
 EXTRACTORS = ("none", "tag", "boxed", "last_number")
+# What every reward call receives (rlcore.reward): a component's params may not reuse these names.
+PASSED = ("completion", "answer", "extracted", "finished", "prompt", "metadata", "tag")
 
 
 class RewardComponent(_Section):
@@ -260,8 +262,6 @@ class RewardComponent(_Section):
     @field_validator("params")
     @classmethod
     def _params_not_passed(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from rlcore.reward import PASSED
-
         if clash := sorted(set(value) & set(PASSED)):
             raise ValueError(f"{clash[0]!r} is passed to every reward call by the lab ({', '.join(PASSED)}); a "
                              "param of that name would collide with it")
@@ -621,7 +621,7 @@ class LoggingConfig(_Section):
                              "absolute path or one relative to the project root")
         if not value.strip():
             raise ValueError("must not be blank")
-        if Path(value).resolve() == Path("/"):
+        if Path(value).is_absolute() and Path(value).resolve() == Path("/"):
             raise ValueError("must not be the filesystem root '/'")
         return value
 

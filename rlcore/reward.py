@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlcore.batch import RolloutBatch
+from rlcore.config import PASSED  # noqa: F401 - what every reward call receives, named once
 
 if TYPE_CHECKING:
     from rlcore.config import AlgorithmConfig, RewardConfig
@@ -191,7 +192,6 @@ def resolve_fn(name: str, search: tuple[Path, ...] = ()) -> RewardFn | None:
 
 LEARNED = "reward_model"  # a component scored by a trained reward model (rlcore.reward_model), batched
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards become float32 tensors: 1e39 is finite only in float64
-PASSED = ("completion", "answer", "extracted", "finished", "prompt", "metadata", "tag")  # what every call receives
 FAILING_STEPS = 3  # steps in a row on which a component fails on every sample before the run stops FAILED
 
 

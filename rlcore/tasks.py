@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rlcore.batch import Problem
-from rlcore.config import AnyTaskConfig, ConfigError, DatasetTaskConfig, ReasoningGymTaskConfig, TaskConfig
+from rlcore.config import AnyTaskConfig, ConfigError, DatasetTaskConfig, ReasoningGymTaskConfig, RunFailed, TaskConfig
 
 
 class Stream(Protocol):
@@ -181,13 +181,20 @@ class ReasoningGymTask:
         self._heldout_ds = reasoning_gym_dataset(cfg, derived_seed("heldout", cfg.heldout_seed), cfg.heldout_size)
         self.heldout = [self._problem(self._heldout_ds[i]) for i in range(cfg.heldout_size)]
         self._heldout_questions = {p.prompt for p in self.heldout}
-        if len(self._heldout_questions) < cfg.heldout_size:
-            # The generator repeats itself within the held-out draws: its question space is about this size, and a
-            # training stream that skips every held-out question could find none left (it would spin forever).
-            raise ConfigError(f"task.heldout_size: {cfg.dataset} made only {len(self._heldout_questions)} distinct "
-                              f"questions in {cfg.heldout_size} draws with these options; its space is too small for "
-                              "this held-out set and a training stream beside it (lower heldout_size or widen "
-                              "task.config)")
+        # A generator's space may be small: the held-out draws repeat, and a held-out set that covers the whole space
+        # leaves the training stream (which skips held-out questions) nothing to draw: refused here, not spun on.
+        unique: dict[str, Problem] = {}
+        for p in self.heldout:
+            unique.setdefault(p.prompt, p)
+        self.heldout_duplicates = len(self.heldout) - len(unique)
+        self.heldout = list(unique.values())
+        try:
+            next(self.stream(0))
+        except RunFailed:
+            raise ConfigError(f"task.heldout_size: {cfg.dataset} made only {len(unique)} distinct questions in "
+                              f"{cfg.heldout_size} draws, and the training stream finds none outside them in "
+                              f"{IndexStream.MAX_SKIPS} tries: the held-out set covers the generator's space (lower "
+                              "heldout_size or widen task.config)") from None
 
     @staticmethod
     def _problem(entry: dict) -> Problem:
@@ -228,8 +235,6 @@ class IndexStream(_Taking):
             if p.prompt not in self.skip:
                 self.position += 1
                 return p
-        from rlcore.config import RunFailed
-
         raise RunFailed(f"the task's training stream drew {self.MAX_SKIPS} held-out questions in a row at item "
                         f"{self.index}: every question it makes is held out (lower task.heldout_size)")
 

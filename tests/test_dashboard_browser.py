@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -253,3 +254,176 @@ def test_a_foreign_host_is_refused_on_http_and_websocket(server: str) -> None:
         assert _status(server, host) == 200, host
         assert _status(server, host, "/_stcore/health") == 200, host
         assert _status(server, host, "/_stcore/stream", upgrade=True) == 101, host
+
+
+# ------------------------------------------------------------------------------------------------ a day of use (issue 28)
+
+@pytest.fixture(scope="module")
+def busy(lab: Path, tmp_path_factory):
+    """A lab with 24 runs of one experiment (metrics and a numeric param logged straight to its MLflow store: what
+    the charts and the table are tested on), a real run whose reward raised on every sample (FAILED by the lab),
+    and its dashboard. Yields (root, url, the 24 run ids)."""
+    import math
+
+    from mlflow.entities import Metric
+
+    from rlcore.controller import run
+    from rlcore.loading import load_experiment
+    from rlcore.tracking import experiment_id
+    from tests.conftest import write_course
+
+    root = write_course(tmp_path_factory.mktemp("busy"), {})
+    shutil.copytree(lab / ".rlcore_cache" / "warm_start", root / ".rlcore_cache" / "warm_start")
+    s = tracking_settings(root)
+    c = MlflowClient(s["tracking_uri"])
+    eid = experiment_id(c, "many", s["artifact_location"])
+    ids = []
+    for i in range(24):
+        r = c.create_run(eid, run_name=f"grpo-lr{i}", tags={"rlcore.kind": "rl", "algorithm": "grpo", "seed": str(i)})
+        now = int(time.time() * 1000)
+        c.log_batch(r.info.run_id, metrics=[Metric(k, f(t), now + t, t) for t in range(1, 41) for k, f in (
+            ("reward/mean", lambda t, i=i: 0.5 + 0.4 * (1 - math.exp(-t / (8 + i)))),
+            ("kl/mean", lambda t, i=i: 0.001 * t * (1 + i / 10)))])
+        c.log_param(r.info.run_id, "trainer.lr", str([3e-4, 3e-5, 1e-3, 1e-4][i % 4]))
+        c.set_terminated(r.info.run_id)
+        ids.append(r.info.run_id)
+    import trust_rewards
+
+    trust_rewards.CALLS["broken"] = 0  # its first call (validation's probe) succeeds, every later one raises
+    cfg = load_experiment(root / "rl.yaml", ["trainer.steps=8", "logging.experiment=broken-reward",
+                                             "logging.run_name=broken-reward",
+                                             "reward.components=[{name: r, fn: 'trust_rewards:broken_after_probe'}]"])
+    with pytest.raises(Exception, match="failed on every sample"):
+        run(cfg, root=root)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with background(root, env=env) as url:
+        yield root, url, ids
+
+
+def test_twenty_ticked_runs_draw_readable_charts_in_distinct_styles(busy, page) -> None:
+    """20 ticked runs: every chart keeps a plot of >= 120 px (it was ~50 px: the legend took it) with 20 lines, one
+    shared legend lists them once, and no two of them share colour and line style (colours repeated after 12)."""
+    _, url, ids = busy
+    page.goto(f"{url}/?runs={','.join(ids[:20])}")
+    settled(page)
+    assert charts_drawn(page, 2) >= 2
+    page.wait_for_timeout(1500)
+    shapes = page.evaluate("""() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].map(el => {
+        const frame = el.querySelector('.mark-group.role-frame path');
+        const lines = [...el.querySelectorAll('.mark-line.role-mark path')];
+        return {plot: frame ? frame.getBBox().height : 0,
+                styles: lines.map(p => p.getAttribute('stroke') + ' ' + (p.getAttribute('stroke-dasharray') || '-'))};
+    })""")
+    assert len(shapes) >= 2
+    for s in shapes:
+        assert s["plot"] >= 120, shapes
+        assert len(s["styles"]) == 20 and len(set(s["styles"])) == 20, s["styles"]
+    legend = page.locator("text=grpo-lr19 (")
+    assert legend.count() >= 1  # the shared legend names every ticked run
+    no_exception(page)
+    page.screenshot(path=str(SHOTS / "runs-20-ticked.png"), full_page=True)
+
+
+def test_numeric_params_show_as_numbers(busy, page, monkeypatch) -> None:
+    """trainer.lr is a number in the table (short, not 20 digits of a float's text) and sorts as one: as text
+    "0.0003" sorted after "3e-05"."""
+    root, url, _ = busy
+    page.set_viewport_size({"width": 3400, "height": 1000})  # every column of the table drawn (it virtualises)
+    page.goto(url)
+    settled(page)
+    page.wait_for_selector('[data-testid="stDataFrame"] [role="columnheader"]', state="attached", timeout=30_000)
+    page.wait_for_timeout(1000)
+    grid = page.locator('[data-testid="stDataFrame"]').first
+    headers = grid.locator('[role="columnheader"]')
+    names = [headers.nth(i).inner_text() for i in range(headers.count())]
+    assert "trainer.lr" in names, names
+    col = headers.nth(names.index("trainer.lr")).get_attribute("aria-colindex")
+    cells = grid.locator(f'[role="gridcell"][aria-colindex="{col}"]')
+    shown = {cells.nth(j).inner_text() for j in range(cells.count())}
+    assert shown and all(len(v) <= 8 and float(v) in (3e-4, 3e-5, 1e-3, 1e-4) for v in shown if v), shown
+    from dashboard.data import numeric_columns
+
+    text = pd.DataFrame({"trainer.lr": ["0.0003", "3e-05", "0.001", None], "mode": ["a", "b", "c", "d"]})
+    num = numeric_columns(text, ["trainer.lr", "mode"])
+    assert list(num.sort_values("trainer.lr")["trainer.lr"].dropna()) == [3e-05, 0.0003, 0.001]  # text: 0.0003 first
+    assert num["mode"].tolist() == ["a", "b", "c", "d"]  # not numbers: left as they are
+
+
+def test_deleting_a_run_deletes_exactly_it_says_so_and_undo_brings_it_back(busy, page) -> None:
+    """Delete asks for the run's name; afterwards the page names what went and offers Undo, and the next run shown
+    has an empty confirmation (a shared tick box stayed ticked, and the next click deleted an unrelated run)."""
+    root, url, ids = busy
+    c = MlflowClient(tracking_settings(root)["tracking_uri"])
+    victim = ids[5]
+    name = c.get_run(victim).info.run_name
+    active = lambda: {r.info.run_id for e in c.search_experiments() for r in c.search_runs([e.experiment_id])}  # noqa: E731
+    before = active()
+    page.goto(f"{url}/run?run={victim}")
+    settled(page)
+    page.get_by_text("Manage: rename, note, tags, delete").click()
+    delete = page.get_by_role("button", name="Delete run")
+    assert delete.is_disabled()
+    box = page.get_by_role("textbox", name=f"To delete this run, type its name: {name}")
+    box.fill("grpo-lr1")  # another run's name: not enough
+    box.press("Enter")
+    settled(page)
+    assert page.get_by_role("button", name="Delete run").is_disabled()
+    box.fill(name)
+    box.press("Enter")
+    settled(page)
+    page.get_by_role("button", name="Delete run").click()
+    page.wait_for_selector(f"text=Deleted run {name}", timeout=30_000)
+    settled(page)
+    assert active() == before - {victim}  # exactly that run
+    page.get_by_text("Manage: rename, note, tags, delete").click()
+    assert page.get_by_role("button", name="Delete run").is_disabled()  # the state went with it
+    assert page.locator('input[aria-label^="To delete this run"]').first.input_value() == ""
+    page.get_by_role("button", name=f"Undo: restore {name}").click()
+    settled(page)
+    assert active() == before
+    no_exception(page)
+
+
+def test_the_run_page_shows_no_help_text_and_a_failed_runs_reason_first(busy, page) -> None:
+    root, url, _ = busy
+    c = MlflowClient(tracking_settings(root)["tracking_uri"])
+    (failed,) = c.search_runs([c.get_experiment_by_name("broken-reward").experiment_id])
+    page.goto(f"{url}/run?run={failed.info.run_id}")
+    settled(page)
+    body = page.locator("body").inner_text()
+    assert "DeltaGenerator" not in body and "Help on" not in body and "st.dataframe" not in body  # Streamlit's magic
+    assert page.get_by_text("FAILED: RunFailed: reward component 'r'").count() == 1
+    no_exception(page)
+
+
+def test_a_reward_that_always_raised_gets_a_finding_naming_reward_errors(busy, page) -> None:
+    """Not advice to turn on dynamic sampling or drop the KL anchor, which read a broken reward as a policy."""
+    root, url, _ = busy
+    c = MlflowClient(tracking_settings(root)["tracking_uri"])
+    (failed,) = c.search_runs([c.get_experiment_by_name("broken-reward").experiment_id])
+    page.goto(f"{url}/bottlenecks?runs={failed.info.run_id}")
+    settled(page)
+    page.wait_for_selector("text=reward_errors", timeout=30_000)
+    body = page.locator("body").inner_text()
+    assert "reward/errors: 100% of reward calls failed" in body
+    assert "zero_variance_groups —" not in body and "reference_removable —" not in body
+    no_exception(page)
+
+
+def test_a_finished_launch_reads_finished(busy, page) -> None:
+    """The Launch page open while a launch runs and ends: it showed `RUNNING · step 4/12` for good."""
+    from dashboard import launcher
+
+    root, url, _ = busy
+    launch = launcher.start(root, "rl.yaml", ["trainer.steps=6", "logging.experiment=browser-finish"])
+    page.goto(f"{url}/launch")
+    page.wait_for_selector(f"text={launch.id}", timeout=60_000)
+    deadline = time.time() + 180
+    while launch.status(root) in ("running", "stopping") and time.time() < deadline:
+        time.sleep(0.5)
+    assert launch.status(root) == "finished", launcher.tail(launch.log(root))[-800:]
+    page.wait_for_selector(f"text={launch.id} · rl.yaml · finished", timeout=60_000)
+    page.get_by_text(f"{launch.id} · rl.yaml · finished").click()
+    page.wait_for_selector("text=· FINISHED · step 6/6", timeout=30_000)
+    assert page.get_by_text("· RUNNING ·").count() == 0
+    no_exception(page)

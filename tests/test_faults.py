@@ -306,7 +306,7 @@ def test_launch_overrides_cannot_leave_the_project(project: Path, tmp_path: Path
 
     outside = tmp_path / "sft.yaml"
     shutil.copy(project / "sft.yaml", outside)
-    with pytest.raises(ConfigError, match="model.warm_start: .* is outside experiments/"):
+    with pytest.raises(ConfigError, match="model.warm_start: .* is outside the project"):  # refused before it is read
         launcher.validate(project, "rl.yaml", [f"model.warm_start={outside}"])
     with pytest.raises(ConfigError, match="model.warm_start: .* is outside experiments/"):
         launcher.validate(project, "rl.yaml", ["model.warm_start=../sft.yaml"])

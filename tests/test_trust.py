@@ -65,8 +65,11 @@ def _hist(lab: Path, run_id: str, key: str) -> list[float]:
 
 def test_a_reward_that_fails_on_every_sample_stops_the_run_failed_with_its_first_error(lab: Path) -> None:
     """It passes the probe, then raises on every call: the run used to train on reward 0 to the end, FINISHED."""
+    import trust_rewards
+
     from rlcore.controller import run
 
+    trust_rewards.CALLS["broken"] = 0
     cfg = load_experiment(lab / "rl.yaml", ["trainer.steps=8", "logging.experiment=trust-broken-reward",
                                             "reward.components=[{name: r, fn: 'trust_rewards:broken_after_probe'}]"])
     with pytest.raises(RunFailed, match=r"reward component 'r' \(trust_rewards:broken_after_probe\) failed on every "

@@ -89,7 +89,7 @@ def test_a_reward_function_that_raises_scores_zero_and_is_counted() -> None:
     s = _scorer([{"name": "correct", "fn": "exact"}, {"name": "flaky", "fn": "flaky_rewards:flaky"}])
     parts, errors = s.components(["7", "13", "nan"], [True] * 3, [Problem("q", "7"), Problem("q", "13"), Problem("q", "1")])
     # flaky raises on odd answers and returns NaN for "nan": both count, both score 0; the even one scores 1
-    assert parts.tolist() == [[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]] and errors == 3
+    assert parts.tolist() == [[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]] and errors.tolist() == [0.0, 3.0]  # per component
 
 
 # ------------------------------------------------------------------------------------------------ prompts

@@ -14,7 +14,7 @@ WALL = ["timing/startup", "timing/step", "timing/eval", "timing/checkpoint", "ti
         "timing/wall"]
 DETAIL = 3  # runs with per-step detail at first (each is a chart, two tables and findings)
 HEALTH = ["reward/zero_var_group_frac", "response/clip_ratio", "actor/entropy", "kl/mean", "actor/clipfrac_high",
-          "actor/clipfrac_low", "perf/tokens_per_s", "perf/peak_mem_mb"]
+          "actor/clipfrac_low", "perf/tokens_per_s", "perf/peak_mem_mb", "reward/errors"]
 
 st.title("Bottlenecks")
 runs = common.load_runs()

@@ -78,7 +78,12 @@ def launches_panel() -> None:
         return
     now_active = sorted((x.id, x.status(root)) for x in launches if x.status(root) in ACTIVE)
     if now_active != st.session_state.get("active_launches"):
-        st.rerun()  # a launch started, ended or began stopping: redraw its Stop/Kill row above
+        # A launch started, ended or began stopping: redraw its Stop/Kill row above, from fresh reads (the cached
+        # ones are up to TTL_S old, and with no launch left running nothing would refresh them: a finished launch
+        # kept showing RUNNING · step 4/12)
+        common.runs_frame.clear()
+        common.summary.clear()
+        st.rerun()
     st.subheader("Launches")
     for launch in launches[:20]:
         status = launch.status(root)

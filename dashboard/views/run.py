@@ -8,6 +8,15 @@ import yaml
 from dashboard import common
 
 st.title("Run")
+if gone := st.session_state.get("just_deleted"):
+    box = st.container(border=True)
+    box.success(f"Deleted run **{gone['name']}** ({gone['id'][:8]}) of experiment {gone['experiment']}.")
+    if box.button(f"Undo: restore {gone['name']}", key="undo-delete"):
+        common.store()._client().restore_run(gone["id"])
+        del st.session_state["just_deleted"]
+        common.url_set("run", gone["id"])
+        st.cache_data.clear()
+        st.rerun()
 runs = common.load_runs()
 if runs is not None:
     ids = list(runs["run_id"])
@@ -28,6 +37,8 @@ if runs is not None:
     st.caption(f"experiment {r['experiment']} · id {run_id} · started {r['start']:%Y-%m-%d %H:%M:%S}"
                + (f" · group {r['rlcore.group']}" if isinstance(r["rlcore.group"], str) else "")
                + (f" · launched from the Launch page ({r['rlcore.launch']})" if isinstance(r["rlcore.launch"], str) else ""))
+    if isinstance(r["rlcore.failure"], str) and r["status"] in ("FAILED", "KILLED"):  # why, first, not in the tags
+        st.error(f"{r['status']}: {r['rlcore.failure']}")
     if isinstance(r["mlflow.note.content"], str) and r["mlflow.note.content"]:
         st.info(r["mlflow.note.content"])
 
@@ -56,9 +67,14 @@ if runs is not None:
                 client.delete_tag(run_id, gone)
                 st.cache_data.clear()
                 st.rerun()
-        sure = st.checkbox("I want to delete this run (soft: MLflow keeps it, and Restore below brings it back)")
-        if st.button("Delete run", disabled=not sure, type="primary"):
+        # Confirmed by typing this run's name, in a box of this run's own: a tick box shared by every run stayed
+        # ticked when the page moved on to another run after a delete, and the next click deleted that one.
+        typed = st.text_input(f"To delete this run, type its name: {r['name']}", key=f"confirm-delete-{run_id}",
+                              help="Soft delete: MLflow keeps the run, and Undo (or Restore below) brings it back.")
+        if st.button("Delete run", disabled=typed != r["name"], type="primary", key=f"delete-{run_id}"):
             client.delete_run(run_id)
+            st.session_state.pop(f"confirm-delete-{run_id}", None)
+            st.session_state["just_deleted"] = {"id": run_id, "name": r["name"], "experiment": r["experiment"]}
             st.session_state["selected_runs"] = [x for x in st.session_state.get("selected_runs", []) if x != run_id]
             common.url_set("run", "")
             st.cache_data.clear()
@@ -84,7 +100,10 @@ if runs is not None:
             st.caption(f"no config.yaml artifact ({type(e).__name__})")
     st.subheader("Artifacts and checkpoints")
     arts = common.store().artifacts(run_id)
-    st.dataframe(arts, hide_index=True, key="run_artifacts") if not arts.empty else st.caption("no artifacts")
+    if arts.empty:  # a statement, not `a if c else b`: Streamlit's magic would print the expression's value (the
+        st.caption("no artifacts")  # element's help text, ~4,000 px of it)
+    else:
+        st.dataframe(arts, hide_index=True, key="run_artifacts")
     ckpts = sorted((common.root() / "outputs" / run_id / "checkpoints").glob("step_*.pt"))
     policy = common.root() / "outputs" / run_id / "policy"
     st.caption((f"checkpoints: {', '.join(p.stem for p in ckpts)} (resume with `rlcore run FILE --resume`)"

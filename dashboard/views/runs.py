@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import common
-from dashboard.data import config_diff, merge_ticks, search, smooth
+from dashboard.data import config_diff, merge_ticks, numeric_columns, search, smooth
 
 # The table's metric and config columns: what people sort and compare runs by.
 LAST = ["reward/mean", "eval/greedy_accuracy", "eval/sampled_reward", "kl/mean"]
@@ -38,6 +38,7 @@ if runs is not None:
     summary = common.summary(uri, tuple(shown["run_id"]), tuple(LAST), tuple(BEST), tuple(PARAMS))
     table = shown.set_index("run_id")[["name", "experiment", "algorithm", "status", "seed", "rlcore.group", "tags",
                                        "start", "duration_s"]].join(summary)
+    table = numeric_columns(table, PARAMS)  # MLflow keeps params as text: "0.0003" sorted after "3e-05"
     table.insert(0, "show", table.index.isin(selected))
     table.insert(1, "id", table.index.str[:8])
     table["rlcore.group"] = table["rlcore.group"].str.rsplit("-", n=1).str[-1].str[:8]  # experiment-HASH: the hash
@@ -53,6 +54,7 @@ if runs is not None:
             "duration_s": st.column_config.NumberColumn("duration", format="%.0f s"),
             **{f"last:{k}": st.column_config.NumberColumn(f"{k} (last)", format="%.3f") for k in LAST},
             **{f"best:{k}": st.column_config.NumberColumn(f"{k} (best)", format="%.3f") for k in BEST},
+            **{k: st.column_config.NumberColumn(k, format="%.4g") for k in PARAMS},
         })
     chosen = merge_ticks(selected, list(table.index), set(table.index[edited["show"].to_numpy()]))
     if chosen != selected:
@@ -105,6 +107,9 @@ if runs is not None:
                 h["run"] = h["run_id"].map(names)
                 if x == "tokens":  # cumulative generated tokens, summed over every raw step before downsampling
                     h = h.merge(common.tokens(uri, tuple(chosen)), on=["run_id", "step"], how="inner")
+                domain = [names[r] for r in chosen]
+                if len(domain) > common.LEGEND_MAX:  # one legend for all the charts, not one squeezing each plot
+                    st.markdown(common.shared_legend(domain), unsafe_allow_html=True)
                 cols = st.columns(2)
                 for i, key in enumerate(picked):
                     part = h[h["key"] == key]
