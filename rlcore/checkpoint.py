@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from rlcore.atomic import plainly
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -77,7 +79,7 @@ def save(path_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     final = path_dir / f"step_{step:06d}.pt"
     fd, tmp = tempfile.mkstemp(dir=path_dir, prefix=".tmp-", suffix=".pt")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with plainly(final, "checkpoint"), os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -198,6 +200,7 @@ def save_policy(trainer, tokenizer, root: Path, cfg: ExperimentConfig, tracker, 
     model = trainer.unwrapped
     if cfg.model.lora is not None and cfg.model.lora.merge:  # W + (alpha/r) B A: a plain HF model, no peft needed
         model = model.merge_and_unload()
-    model.save_pretrained(out)  # unmerged LoRA: peft writes the adapter alone (adapter_model.safetensors)
-    tokenizer.save_pretrained(out)
+    with plainly(out, "final policy"):
+        model.save_pretrained(out)  # unmerged LoRA: peft writes the adapter alone (adapter_model.safetensors)
+        tokenizer.save_pretrained(out)
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rlcore.atomic import atomic_dir
+from rlcore.atomic import atomic_dir, damage
 from rlcore.config import ConfigError, ExperimentConfig
 from rlcore.prompts import PromptFormat
 from rlcore.reward_model import (
@@ -164,11 +164,13 @@ def cached(cfg: ExperimentConfig, root: Path) -> Path:
 
     key = cfg.config_hash(sections=("seed", "model", "task", "prompt", "reward_model", "trainer"), changed_only=True)
     out = root / ".rlcore_cache" / "reward_model" / key
-    if (out / MARKER).is_file():
+    if (out / MARKER).is_file() and damage(out) is None:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
-        if not (out / MARKER).is_file():
+        if out.exists() and (why := damage(out)) is not None:  # a damaged cache would fail every later run
+            print(f"warning: the cached reward model {out} is damaged ({why}); training it again", file=sys.stderr)
+        if not (out / MARKER).is_file() or damage(out) is not None:
             with atomic_dir(out) as tmp:
                 train_reward_model(cfg, root, tmp, distributed=False)
     return out

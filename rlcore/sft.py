@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import rlcore
-from rlcore.atomic import atomic_dir
+from rlcore.atomic import SEAL, atomic_dir
 from rlcore.config import ExperimentConfig
 from rlcore.evaluation import evaluate
 from rlcore.loading import load_experiment
@@ -119,7 +119,7 @@ def ship(sft_cfg: ExperimentConfig, built: Path, root: Path, name: str, metrics:
     dest = root / SHIPPED_DIR / name
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(built, dest)
+    shutil.copytree(built, dest, ignore=shutil.ignore_patterns(SEAL))  # the cache's seal is not shipped
     files = {p.name: sha256(p) for p in sorted(dest.iterdir()) if p.is_file() and p.name != MANIFEST}
     meta = {
         "cache_key": cache_key(sft_cfg),

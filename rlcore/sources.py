@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlcore.atomic import atomic_dir
+from rlcore.atomic import atomic_dir, damage
 
 
 class SourceUnavailable(RuntimeError):
@@ -79,9 +79,17 @@ def _folder(name: str, gguf_file: Path) -> Path:
     return cache_root() / f"{name}-{file_hash(gguf_file)}-c{CONVERSION}"
 
 
-def _cached(name: str, gguf_file: Path) -> Path | None:
+def _cached(name: str, gguf_file: Path, say: Callable[[str], None] | None = None) -> Path | None:
+    """The converted folder if it is whole and unchanged since conversion (its seal); a damaged one is said and
+    converted again rather than failing every later run."""
     d = _folder(name, gguf_file)
-    return d if (d / "config.json").is_file() and (d / "model.safetensors").is_file() else None
+    if not d.is_dir():
+        return None
+    if (why := damage(d)) is not None:
+        if say is not None:
+            say(f"warning: the converted model {d} is damaged ({why}); converting it again")
+        return None
+    return d
 
 
 def resolve(name: str, say: Callable[[str], None] = print) -> Path:
@@ -95,7 +103,7 @@ def resolve(name: str, say: Callable[[str], None] = print) -> Path:
     final = _folder(name, gguf_file)
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
-        if (done := _cached(name, gguf_file)) is not None:  # another process converted it while we waited
+        if (done := _cached(name, gguf_file, say)) is not None:  # another process converted it while we waited
             return done
         say(f"converting {gguf_file.name} to a Hugging Face folder (once; cached in {final})")
         with atomic_dir(final) as tmp:

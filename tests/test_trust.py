@@ -170,3 +170,59 @@ def test_the_launch_form_runs_no_user_code_and_reads_nothing_outside_the_project
     # `rlcore run` (what Start launches) still validates fully: the import happens there, once
     load_experiment(root / "experiments" / "rl.yaml", ["reward.components=[{name: r, fn: 'sneaky:score'}]"])
     assert marker.read_text() == "ran"
+
+
+# ------------------------------------------------------------------------------------------------ a full disk
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A real 96 KB filesystem (tmpfs): room for the run's first files, not for its weights."""
+    import subprocess
+
+    where = tmp_path / "full"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_says_no_space_left_with_the_path(lab: Path, tiny_disk: Path) -> None:
+    from rlcore.controller import run
+
+    cfg = load_experiment(lab / "rl.yaml", ["logging.experiment=trust-disk-full", f"logging.output_dir={tiny_disk}",
+                                            "trainer.steps=2", "trainer.checkpoint_every=1"])
+    with pytest.raises(RunFailed, match=rf"no space left on the device writing the checkpoint to {tiny_disk}/.*"
+                                        r"\(0\.\d MB free\)"):
+        run(cfg, root=lab)
+    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
+    (r,) = c.search_runs([c.get_experiment_by_name("trust-disk-full").experiment_id])
+    assert r.info.status == "FAILED" and "no space left" in r.data.tags["rlcore.failure"]
+    assert not [p for p in tiny_disk.rglob(".tmp-*")]  # no half-written file left behind
+
+
+# ------------------------------------------------------------------------------------------------ damaged caches
+
+def test_a_damaged_cached_reward_model_is_rebuilt_not_a_traceback_on_every_run(lab: Path, capsys) -> None:
+    """A reward model trained on first use and cached: a byte of its weights flipped on disk made every later run
+    fail with a traceback. Its folder is sealed (sha256 of every file): the damage is said and it is trained again."""
+    from rlcore import rm_training
+    from rlcore.atomic import damage
+
+    (lab / "trust_prefs.yaml").write_text("kind: preferences\nmodel: {warm_start: sft.yaml}\n"
+                                          "task: {min_digits: 1, max_digits: 1, heldout_size: 16}\n"
+                                          "preferences: {prompts: 16, samples_per_prompt: 2}\n")
+    (lab / "trust_rm.yaml").write_text("kind: reward_model\nmodel: {warm_start: sft.yaml}\n"
+                                       "task: {min_digits: 1, max_digits: 1, heldout_size: 16}\n"
+                                       "reward_model: {pairs: trust_prefs.yaml, epochs: 1, batch_size: 8}\n")
+    cfg = load_experiment(lab / "trust_rm.yaml")
+    first = rm_training.cached(cfg, lab)
+    assert damage(first) is None
+    weights = next(p for p in first.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert "changed since it was built" in damage(first)
+    again = rm_training.cached(cfg, lab)
+    assert again == first and damage(again) is None
+    assert "is damaged" in capsys.readouterr().err

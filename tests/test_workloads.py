@@ -353,6 +353,17 @@ def test_smollm2_loads_offline_and_runs_one_step(lab: Path, monkeypatch: pytest.
     folder = sources.resolve("smollm2-135m-instruct")
     assert (folder / "model.safetensors").is_file() and "quantization_config" not in (folder / "config.json").read_text()
     assert sources.resolve("smollm2-135m-instruct") == folder  # cached: the second call converts nothing
+    # A damaged conversion is seen (every later run used to fail with a traceback) and would be converted again
+    said: list[str] = []
+    cfg_file = folder / "config.json"
+    text = cfg_file.read_text()
+    try:
+        cfg_file.write_text(text.replace("{", "{ ", 1))
+        assert sources._cached("smollm2-135m-instruct", sources.SOURCES["smollm2-135m-instruct"].file(), said.append) is None
+        assert "config.json changed since it was built" in said[0]
+    finally:
+        cfg_file.write_text(text)
+    assert sources._cached("smollm2-135m-instruct", sources.SOURCES["smollm2-135m-instruct"].file()) == folder
     cfg = load_experiment(REPO / "experiments" / "smollm2_basic_arithmetic_lora.yaml",
                           ["trainer.steps=1", "rollout.prompts_per_step=1", "rollout.samples_per_prompt=2",
                            "rollout.max_new_tokens=12", "task.heldout_size=2", "trainer.checkpoint_every=0",
