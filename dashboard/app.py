@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import streamlit as st
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `dashboard` and `rlcore` from a source checkout
 
-st.set_page_config(page_title="rlcore lab", layout="wide")
+# A favicon made here: a page's material icon as favicon is fetched from fonts.gstatic.com, and the lab works offline.
+st.set_page_config(page_title="rlcore lab", layout="wide", page_icon=Image.new("RGB", (32, 32), "#4e79a7"))
 here = Path(__file__).parent / "views"  # not pages/: Streamlit lists that folder as a second menu on a deep link
 nav = st.navigation({
     "Runs": [st.Page(str(here / "runs.py"), title="Runs", icon=":material/show_chart:", default=True),

@@ -427,3 +427,17 @@ def test_a_finished_launch_reads_finished(busy, page) -> None:
     page.wait_for_selector("text=· FINISHED · step 6/6", timeout=30_000)
     assert page.get_by_text("· RUNNING ·").count() == 0
     no_exception(page)
+
+
+def test_deep_links_fetch_nothing_from_the_internet_and_get_no_404(busy, page) -> None:
+    """The lab works offline: a page's material icon as favicon came from fonts.gstatic.com, and every deep link
+    asked for /<page>/_stcore/host-config and /health first (two 404s per load)."""
+    _, url, ids = busy
+    seen: list[tuple] = []
+    page.on("response", lambda r: seen.append((r.status, r.url)))
+    page.on("requestfailed", lambda r: seen.append(("failed", r.url)))
+    for name in PAGES:
+        page.goto(f"{url}/{name}?runs={ids[0]}")
+        settled(page)
+    bad = [(s, u) for s, u in seen if not u.startswith(url) or s == "failed" or (isinstance(s, int) and s >= 400)]
+    assert not bad, bad[:6]
