@@ -267,6 +267,8 @@ def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: 
         line = line.transform_calculate(formula=alt.expr.toString(m.formula)).encode(
             tooltip=[*tips, alt.Tooltip("formula:N", title="formula")])
     layers = [line]
+    if len(frame) and frame.groupby(color).size().min() <= 2:  # a line needs two points: perf/cpu_s has one
+        layers.append(base.mark_circle(size=60, opacity=1).encode(y=alt.Y("value:Q", scale=yscale), tooltip=tips))
     if band and lo in frame and hi in frame:
         layers.insert(0, base.mark_area(opacity=0.18).encode(y=alt.Y(f"{lo}:Q", scale=yscale), y2=f"{hi}:Q"))
     heading = alt.TitleParams(text=title, subtitle=textwrap.wrap(f"{m.unit} · {m.formula}", 70), subtitleFontSize=10,

@@ -390,6 +390,8 @@ def _finish_runs(runs: pd.DataFrame, tags: pd.DataFrame) -> pd.DataFrame:
     for t in RUN_TAGS:
         if t not in runs:
             runs[t] = None
+    # A sweep trial the pruner stopped ends FINISHED in MLflow (it closed cleanly): say PRUNED, as Optuna does
+    runs.loc[(runs["status"] == "FINISHED") & (runs["rlcore.trial_state"] == "PRUNED"), "status"] = "PRUNED"
     runs["start"] = pd.to_datetime(runs["start_time"], unit="ms")
     runs["end"] = pd.to_datetime(runs["end_time"], unit="ms")
     now = pd.Timestamp.now()

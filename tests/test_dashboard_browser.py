@@ -285,6 +285,7 @@ def busy(lab: Path, tmp_path_factory):
             ("reward/mean", lambda t, i=i: 0.5 + 0.4 * (1 - math.exp(-t / (8 + i)))),
             ("kl/mean", lambda t, i=i: 0.001 * t * (1 + i / 10)))])
         c.log_param(r.info.run_id, "trainer.lr", str([3e-4, 3e-5, 1e-3, 1e-4][i % 4]))
+        c.log_metric(r.info.run_id, "perf/cpu_s", 10.0 + i, step=40)  # logged once, at the end, as runs do
         c.set_terminated(r.info.run_id)
         ids.append(r.info.run_id)
     import trust_rewards
@@ -441,3 +442,21 @@ def test_deep_links_fetch_nothing_from_the_internet_and_get_no_404(busy, page) -
         settled(page)
     bad = [(s, u) for s, u in seen if not u.startswith(url) or s == "failed" or (isinstance(s, int) and s >= 400)]
     assert not bad, bad[:6]
+
+
+def test_a_one_point_metric_draws_its_point_and_filters_live_in_the_url(busy, page) -> None:
+    """perf/cpu_s is logged once per run: its chart was empty (a line needs two points). The sidebar filters were
+    lost on a reload: now a link carries them."""
+    root, url, ids = busy
+    page.goto(f"{url}/?runs={ids[0]},{ids[1]}&m=perf/cpu_s")
+    settled(page)
+    assert charts_drawn(page, 1) >= 1
+    page.wait_for_timeout(1500)
+    points = page.evaluate("""() => document.querySelectorAll('[data-testid="stVegaLiteChart"] .mark-symbol.role-mark path').length""")
+    assert points == 2  # one per run
+    page.goto(f"{url}/?exp=broken-reward")
+    settled(page)
+    c = MlflowClient(tracking_settings(root)["tracking_uri"])
+    total = sum(len(c.search_runs([e.experiment_id])) for e in c.search_experiments())
+    page.wait_for_selector(f"text=1 of {total} runs shown", timeout=30_000)
+    no_exception(page)

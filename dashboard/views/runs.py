@@ -19,9 +19,15 @@ runs = common.load_runs()
 if runs is not None:
     with st.sidebar:
         st.caption("Filters (ticked runs stay ticked when a filter hides them)")
-        exps = st.multiselect("Experiment", sorted(runs["experiment"].dropna().unique()))
-        algos = st.multiselect("Algorithm", sorted(runs["algorithm"].dropna().unique()))
-        status = st.multiselect("Status", sorted(runs["status"].unique()))
+        # in the URL too, so a link or a reload shows the same rows
+        def picker(label: str, options: list[str], param: str) -> list[str]:
+            chosen = st.multiselect(label, options, default=[v for v in common.url_list(param) if v in options])
+            common.url_set(param, chosen)
+            return chosen
+
+        exps = picker("Experiment", sorted(runs["experiment"].dropna().unique()), "exp")
+        algos = picker("Algorithm", sorted(runs["algorithm"].dropna().unique()), "algo")
+        status = picker("Status", sorted(runs["status"].unique()), "status")
         text = st.text_input("Name or tag contains", common.url_get("q", "") or "", key="search")
         common.url_set("q", text)
     shown = runs
