@@ -279,7 +279,9 @@ def busy(lab: Path, tmp_path_factory):
     eid = experiment_id(c, "many", s["artifact_location"])
     ids = []
     for i in range(24):
-        r = c.create_run(eid, run_name=f"grpo-lr{i}", tags={"rlcore.kind": "rl", "algorithm": "grpo", "seed": str(i)})
+        group = f"many-g{i:02d}" if i < 20 else f"many-pair{'AB'[(i - 20) // 2]}"  # 20 single runs, two 2-seed groups
+        r = c.create_run(eid, run_name=f"grpo-lr{i}", tags={"rlcore.kind": "rl", "algorithm": "grpo", "seed": str(i),
+                                                            "rlcore.group": group})
         now = int(time.time() * 1000)
         c.log_batch(r.info.run_id, metrics=[Metric(k, f(t), now + t, t) for t in range(1, 41) for k, f in (
             ("reward/mean", lambda t, i=i: 0.5 + 0.4 * (1 - math.exp(-t / (8 + i)))),
@@ -460,3 +462,17 @@ def test_a_one_point_metric_draws_its_point_and_filters_live_in_the_url(busy, pa
     total = sum(len(c.search_runs([e.experiment_id])) for e in c.search_experiments())
     page.wait_for_selector(f"text=1 of {total} runs shown", timeout=30_000)
     no_exception(page)
+
+
+def test_the_algorithms_page_draws_the_multi_seed_groups_first(busy, monkeypatch) -> None:
+    """22 groups, two of them with 2 seeds: the charts opened on six single-run groups and hid both (AppTest)."""
+    from streamlit.testing.v1 import AppTest
+
+    root, _, _ = busy
+    monkeypatch.chdir(root)
+    at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=60)
+    at.query_params["exp"] = "many"
+    at.switch_page("views/algorithms.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    drawn = next(m for m in at.multiselect if m.label == "Groups in the charts").value
+    assert len(drawn) == 6 and {"grpo · many-pairA", "grpo · many-pairB"} <= set(drawn), drawn

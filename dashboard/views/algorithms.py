@@ -69,9 +69,12 @@ if runs is not None:
                                for g in table["group"]]
             table = table.sort_values(f"_{objective}", ascending=objective in LOWER_IS_BETTER, na_position="last")
             n = groups.value_counts()
-            drawn = st.multiselect("Groups in the charts", list(table["group"]),
-                                   default=list(table["group"].head(CHARTED)),
-                                   help=f"The {CHARTED} best by the sort metric at first; the table lists every group.")
+            # Groups with more seeds first (a band over seeds is the point of this page: six single-run groups
+            # hid every multi-seed one), then by the sort metric; the table lists every group.
+            first = sorted(table["group"], key=lambda g: -int(n[g]))[:CHARTED]  # sorted() is stable: metric order kept
+            drawn = st.multiselect("Groups in the charts", list(table["group"]), default=first,
+                                   help=f"At first the {CHARTED} with the most seeds, best by the sort metric among "
+                                   "equals; the table lists every group.")
             # grid_above=0: a grid of steps shared by every seed (the bands here are across seeds, not min/max)
             h = common.history(uri, tuple(groups[groups.isin(drawn)].index), tuple(METRICS), POINTS, 0)
             b = band(h, groups)
