@@ -238,7 +238,7 @@ def shared_legend(domain: list[str]) -> str:
 
 def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: str = "", band: bool = True,
                lo: str = "vmin", hi: str = "vmax", domain: list[str] | None = None, metric: str = "",
-               log_y: bool = False) -> alt.Chart:
+               log_y: bool = False, raw: pd.DataFrame | None = None) -> alt.Chart:
     """One metric: a line per `color` value plus its band (min/max of the bucket, or mean +- std). `domain` fixes
     the color of each series across charts (a run keeps its color even in a chart where another run is missing).
     A catalogue `metric` (default: the title) gets its unit and formula as the subtitle and in the tooltip.
@@ -267,6 +267,10 @@ def line_chart(frame: pd.DataFrame, x: str = "step", color: str = "run", title: 
         line = line.transform_calculate(formula=alt.expr.toString(m.formula)).encode(
             tooltip=[*tips, alt.Tooltip("formula:N", title="formula")])
     layers = [line]
+    if raw is not None and len(raw):  # the unsmoothed points, faint, behind the smoothed line (a spike stays visible)
+        layers.insert(0, alt.Chart(raw).mark_line(opacity=0.25, strokeWidth=1).encode(
+            x=alt.X(f"{x}:Q"), y=alt.Y("value:Q", scale=yscale), color=alt.Color(f"{color}:N", scale=scale, legend=None),
+            detail=f"{color}:N"))
     if len(frame) and frame.groupby(color).size().min() <= 2:  # a line needs two points: perf/cpu_s has one
         layers.append(base.mark_circle(size=60, opacity=1).encode(y=alt.Y("value:Q", scale=yscale), tooltip=tips))
     if band and lo in frame and hi in frame:

@@ -476,3 +476,26 @@ def test_the_algorithms_page_draws_the_multi_seed_groups_first(busy, monkeypatch
     assert not at.exception, [e.message for e in at.exception]
     drawn = next(m for m in at.multiselect if m.label == "Groups in the charts").value
     assert len(drawn) == 6 and {"grpo · many-pairA", "grpo · many-pairB"} <= set(drawn), drawn
+
+
+def test_seeds_as_bands_and_the_raw_line_behind_smoothing(busy, page) -> None:
+    """Runs had no seed grouping (the band toggle drew nothing under 300 steps) and smoothing hid the raw points."""
+    _, url, ids = busy
+    page.goto(f"{url}/?runs={','.join(ids[20:24])}&seeds=1&m=reward/mean")
+    settled(page)
+    assert charts_drawn(page, 1) >= 1
+    page.wait_for_timeout(1500)
+    body = page.locator("body").inner_text()
+    assert "grpo · many-pairA (n=2)" in body and "grpo · many-pairB (n=2)" in body  # one line per 2-seed group
+    marks = page.evaluate("""() => { const el = document.querySelector('[data-testid="stVegaLiteChart"]');
+        return {lines: el.querySelectorAll('.mark-line.role-mark path').length,
+                areas: el.querySelectorAll('.mark-area.role-mark path').length} }""")
+    assert marks == {"lines": 2, "areas": 2}, marks  # two groups, each with its mean +- std band
+    page.goto(f"{url}/?runs={ids[0]},{ids[1]}&smooth=0.8&m=reward/mean")
+    settled(page)
+    assert charts_drawn(page, 1) >= 1
+    page.wait_for_timeout(1500)
+    lines = page.evaluate("""() => document.querySelector('[data-testid="stVegaLiteChart"]')
+        .querySelectorAll('.mark-line.role-mark path').length""")
+    assert lines == 4  # each run smoothed, and its raw line faint behind it
+    no_exception(page)

@@ -5,7 +5,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import common
-from dashboard.data import config_diff, merge_ticks, numeric_columns, search, smooth
+from dashboard.data import band as band_over
+from dashboard.data import config_diff, group_labels, merge_ticks, numeric_columns, search, smooth
 
 # The table's metric and config columns: what people sort and compare runs by.
 LAST = ["reward/mean", "eval/greedy_accuracy", "eval/sampled_reward", "kl/mean"]
@@ -94,7 +95,13 @@ if runs is not None:
             # min/max of each downsampled bucket: readable for a few runs, clutter (and ~0.1 s of browser time per
             # run and chart) for many, so on by default up to 3 runs
             band = c4.toggle("band", value=common.url_get("band", "1" if len(chosen) <= 3 else "0") == "1",
-                             help="Min/max of the raw points each drawn point stands for.")
+                             help=f"Min/max of the raw points each drawn point stands for: only a run of more than "
+                             f"{POINTS} logged steps is downsampled, so a shorter one has no band (every point is "
+                             "drawn). With 'seeds as bands' it is the mean ± std over the seeds.")
+            seeds = c3.toggle("seeds as bands", value=common.url_get("seeds") == "1", disabled=x != "step",
+                              help="One line per config (runs whose configs differ only by the seed: their "
+                              "rlcore.group), its mean ± std over the seeds at each step. By step only.")
+            common.url_set("seeds", "1" if seeds else "")
             common.url_set("m", picked if picked != [k for k in common.DEFAULT_METRICS if k in keys] else [])
             common.url_set("smooth", smoothing or "")
             common.url_set("x", "" if x == "step" else x)
@@ -105,15 +112,25 @@ if runs is not None:
 
             @st.fragment(run_every=5 if live else None)
             def charts() -> None:
-                h = common.history(uri, tuple(chosen), tuple(picked), POINTS)
+                # seeds as bands: one grid of steps for every run (the std is taken across runs at each step)
+                h = common.history(uri, tuple(chosen), tuple(picked), POINTS, 0 if seeds and x == "step" else None)
                 if h.empty:
                     st.info("No points for these metrics yet.")
                     return
+                raw = h.assign(run=h["run_id"].map(names)) if smoothing > 0 else None
                 h = smooth(h, smoothing)
                 h["run"] = h["run_id"].map(names)
                 if x == "tokens":  # cumulative generated tokens, summed over every raw step before downsampling
                     h = h.merge(common.tokens(uri, tuple(chosen)), on=["run_id", "step"], how="inner")
+                    raw = raw.merge(common.tokens(uri, tuple(chosen)), on=["run_id", "step"]) if raw is not None else None
                 domain = [names[r] for r in chosen]
+                lo, hi = "vmin", "vmax"
+                if seeds and x == "step":  # one line per seed group: mean and std across its runs at each step
+                    groups = group_labels(runs[runs["run_id"].isin(chosen)], pd.DataFrame())
+                    n = groups.value_counts()
+                    b = band_over(h, groups)
+                    h = b.assign(run=b["group"].map(lambda g: f"{g} (n={n[g]})")).rename(columns={"mean": "value"})
+                    domain, lo, hi, raw = sorted(h["run"].unique()), "lo", "hi", None
                 if len(domain) > common.LEGEND_MAX:  # one legend for all the charts, not one squeezing each plot
                     st.markdown(common.shared_legend(domain), unsafe_allow_html=True)
                 cols = st.columns(2)
@@ -121,8 +138,9 @@ if runs is not None:
                     part = h[h["key"] == key]
                     if part.empty:
                         continue
-                    cols[i % 2].altair_chart(common.line_chart(part, x=x, title=key, log_y=log_y, band=band,
-                                                               domain=[names[r] for r in chosen]), width="stretch")
+                    rpart = raw[raw["key"] == key] if raw is not None else None
+                    cols[i % 2].altair_chart(common.line_chart(part, x=x, title=key, log_y=log_y, band=band or seeds,
+                                                               lo=lo, hi=hi, domain=domain, raw=rpart), width="stretch")
                 if live:
                     st.caption("live: refreshing every 5 s while a ticked run is RUNNING")
 
