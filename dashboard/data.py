@@ -419,12 +419,19 @@ def merge_ticks(selected: list[str], shown: list[str], ticked: set[str]) -> list
 
 def lesson_runs(runs: pd.DataFrame, groups: dict[str, str],
                 statuses: tuple[str, ...] = ("FINISHED", "RUNNING")) -> pd.DataFrame:
-    """A lesson's own runs: those whose `rlcore.group` is in its plan (`rlcore.lessons.plan_groups`: group -> line
-    label) with one of `statuses`, the newest run per (group, seed) (the same config and seed give the same numbers:
+    """A lesson's own runs: those whose config (the hash of their `rlcore.group`) is in its plan
+    (`rlcore.lessons.plan_groups`: group -> line label) with one of `statuses`, in any experiment, the newest run per (group, seed) (the same config and seed give the same numbers:
     a rerun replaces its older copy, it is not another seed), oldest first, with the line label as column `line`."""
-    own = runs[runs["rlcore.group"].isin(groups) & runs["status"].isin(statuses)]
-    own = own.sort_values("start").drop_duplicates(["rlcore.group", "seed"], keep="last")
-    return own.assign(line=own["rlcore.group"].map(groups))
+    # By the config's hash alone (`rlcore.group` is experiment-HASH, and the hash leaves out logging.*): an identical
+    # config logged under another experiment name is the same run, and counts.
+    def config_of(g):
+        return g.str.rsplit("-", n=1).str[-1]
+
+    by_hash = {k.rsplit("-", 1)[-1]: v for k, v in groups.items()}
+    h = config_of(runs["rlcore.group"].fillna(""))
+    own = runs.assign(_config=h)[h.isin(by_hash) & runs["status"].isin(statuses)]
+    own = own.sort_values("start").drop_duplicates(["_config", "seed"], keep="last")
+    return own.assign(line=own["_config"].map(by_hash)).drop(columns="_config")
 
 
 def downsample(raw: pd.DataFrame, max_points: int) -> pd.DataFrame:

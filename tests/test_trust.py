@@ -226,3 +226,20 @@ def test_a_damaged_cached_reward_model_is_rebuilt_not_a_traceback_on_every_run(l
     again = rm_training.cached(cfg, lab)
     assert again == first and damage(again) is None
     assert "is damaged" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ lessons find their runs
+
+def test_a_lessons_runs_are_matched_by_config_not_experiment_name() -> None:
+    """An identical config logged under another experiment name is the same run (its rlcore.group is
+    experiment-HASH, the hash without logging.*); another config is not; the newest copy of a (config, seed) wins."""
+    import pandas as pd
+
+    from dashboard.data import lesson_runs
+
+    runs = pd.DataFrame({
+        "run_id": ["a", "b", "c", "d"], "seed": ["0", "1", "0", "0"], "status": ["FINISHED"] * 4,
+        "rlcore.group": ["lesson-03-abcd1234", "my-own-name-abcd1234", "lesson-03-ffff0000", "elsewhere-abcd1234"],
+        "start": pd.to_datetime([1, 2, 3, 4], unit="s")})
+    own = lesson_runs(runs, {"lesson-03-abcd1234": "beta=0.04"})
+    assert sorted(own["run_id"]) == ["b", "d"] and set(own["line"]) == {"beta=0.04"}  # d replaces a (same seed)
