@@ -74,6 +74,9 @@ else:
         st.error(f"error: {lesson.path.name}: {e}")
         body = lesson.body
     text.markdown(body, unsafe_allow_html=True)  # project files; <details> folds the answers away
+    text.caption("The figures this page quotes were measured on a 2-core AMD EPYC (AVX2). On another CPU an end "
+                 "figure moves by about the larger of one point and its spread over seeds (lesson 00: measured on "
+                 "three CPUs); the charts beside the text are your own runs.")
     with side:
         if m.id in CONTROLS:
             st.subheader("Try it")
