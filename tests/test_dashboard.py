@@ -399,11 +399,12 @@ def test_run_page_manages_a_run_through_mlflow(dash: Path, monkeypatch: pytest.M
         assert r.info.run_name == "rloo-renamed" and r.data.tags["reviewed"] == "yes"
         assert r.data.tags["mlflow.note.content"] == "baseline for the **RLOO** comparison"
         assert frame(at, "tag").set_index("tag").loc["reviewed", "value"] == "yes"  # the page re-read the store
-        at.checkbox[0].check().run()
+        next(t for t in at.text_input if t.label.startswith("To delete this run")).input("rloo-renamed").run()
         next(b for b in at.button if b.label == "Delete run").click().run()
         assert c.get_run(rid).info.lifecycle_stage == "deleted"
         assert rid not in set(Store.for_project(dash).runs()["run_id"])
-        next(b for b in at.button if b.label == "Restore run").click().run()
+        assert any("Deleted run **rloo-renamed**" in s.value for s in at.success)  # says what went
+        next(b for b in at.button if b.label == "Undo: restore rloo-renamed").click().run()
         assert c.get_run(rid).info.lifecycle_stage == "active"
     finally:
         c.restore_run(rid) if c.get_run(rid).info.lifecycle_stage == "deleted" else None
