@@ -243,3 +243,18 @@ def test_a_lessons_runs_are_matched_by_config_not_experiment_name() -> None:
         "start": pd.to_datetime([1, 2, 3, 4], unit="s")})
     own = lesson_runs(runs, {"lesson-03-abcd1234": "beta=0.04"})
     assert sorted(own["run_id"]) == ["b", "d"] and set(own["line"]) == {"beta=0.04"}  # d replaces a (same seed)
+
+
+def test_dpo_on_zero_pairs_is_refused_not_finished(lab: Path) -> None:
+    """Every pair a tie (an untrained model is always wrong) and skip_ties: 0 pairs. DPO used to 'finish' on them
+    and save the starting policy as if trained."""
+    from rlcore.dpo import train_dpo
+
+    (lab / "trust_ties.yaml").write_text("kind: preferences\ntask: {min_digits: 1, max_digits: 1, heldout_size: 16}\n"
+                                         "preferences: {prompts: 8, samples_per_prompt: 2, skip_ties: true}\n")
+    (lab / "trust_dpo.yaml").write_text("kind: dpo\ntask: {min_digits: 1, max_digits: 1, heldout_size: 16}\n"
+                                        "dpo: {pairs: trust_ties.yaml}\nlogging: {experiment: trust-dpo-empty}\n")
+    with pytest.raises(ConfigError, match="dpo.pairs: 'trust_ties.yaml' made 0 pairs"):
+        train_dpo(load_experiment(lab / "trust_dpo.yaml"), lab)
+    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
+    assert c.get_experiment_by_name("trust-dpo-empty") is None  # refused before any run
