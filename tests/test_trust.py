@@ -258,3 +258,15 @@ def test_dpo_on_zero_pairs_is_refused_not_finished(lab: Path) -> None:
         train_dpo(load_experiment(lab / "trust_dpo.yaml"), lab)
     c = MlflowClient(tracking_settings(lab)["tracking_uri"])
     assert c.get_experiment_by_name("trust-dpo-empty") is None  # refused before any run
+
+
+def test_a_pruned_sweep_trial_reads_pruned_not_finished() -> None:
+    import pandas as pd
+
+    from dashboard.data import _finish_runs
+
+    runs = pd.DataFrame({"run_id": ["a", "b"], "name": ["t0", "t1"], "experiment": ["s", "s"],
+                         "status": ["FINISHED", "FINISHED"], "start_time": [1000, 2000], "end_time": [1500, 2500]})
+    tags = pd.DataFrame({"run_id": ["a", "b"], "key": ["rlcore.trial_state"] * 2, "value": ["PRUNED", "COMPLETE"]})
+    out = _finish_runs(runs, tags).set_index("run_id")["status"]
+    assert out.to_dict() == {"a": "PRUNED", "b": "FINISHED"}
