@@ -82,23 +82,6 @@ def background(cwd: Path, command: list[str] | None = None, env: dict[str, str] 
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 
 
-class StcoreAtAnyDepth:
-    """ASGI middleware: `/run/_stcore/health` is `/_stcore/health`. On a deep link (/run?run=...) Streamlit's page
-    asks for its server routes below the page's path first, which answered 404 twice on every load before it fell
-    back to the root."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            path = scope.get("path", "")
-            i = path.find("/_stcore/")
-            if i > 0:
-                scope = {**scope, "path": path[i:], "raw_path": path[i:].encode()}
-        await self.app(scope, receive, send)
-
-
 def accept_only_local_hosts(argv: list[str]) -> None:
     """Refuse any request whose Host header is not this machine (400), HTTP and websocket alike: a page on another
     site that resolves its own name to 127.0.0.1 (DNS rebinding) must not reach the dashboard. A server bound to
@@ -112,7 +95,7 @@ def accept_only_local_hosts(argv: list[str]) -> None:
     inner = starlette_app.create_streamlit_middleware
 
     def middleware():
-        return [Middleware(TrustedHostMiddleware, allowed_hosts=allowed), Middleware(StcoreAtAnyDepth), *inner()]
+        return [Middleware(TrustedHostMiddleware, allowed_hosts=allowed), *inner()]
 
     starlette_app.create_streamlit_middleware = middleware
 

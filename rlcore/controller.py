@@ -330,7 +330,7 @@ def open_run(loop: Loop, tracker: Tracker | None, root: Path, extra_tags: dict[s
     # same. A name from the config is as stable and says what the run is.
     name = cfg.logging.run_name or f"{cfg.algorithm.name}-s{cfg.seed}-{cfg.training_hash()[:6]}"
     return tracker.run(name, tags, flatten(cfg.to_dict()), yaml.safe_dump(cfg.to_dict(), sort_keys=False),
-                       resume_id=ckpt and ckpt["run_id"])
+                       resume_id=ckpt and ckpt["run_id"], resume_step=ckpt and ckpt["step"])
 
 
 def check_finite(loop: Loop, batch: RolloutBatch, i: int) -> None:

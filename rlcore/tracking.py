@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -242,10 +242,39 @@ class Tracker:
         the outage must not lose them. Delivering one twice writes the same artifact or tag again."""
         return self.root / ".rlcore_cache" / "undelivered" / f"{self.run_id}.tables.jsonl"
 
-    def resume(self, run_id: str) -> str:
-        """Reopen an existing run (a resumed checkpoint): RUNNING again, and every (metric, step) already stored is
-        skipped by `log`, so the steps replayed since the checkpoint are not logged twice."""
+    def forget_after(self, run_id: str, step: int) -> bool:
+        """Remove the metric points a run logged after `step` (the checkpoint it resumes from): they belong to the
+        attempt that was abandoned (killed, or FAILED on non-finite weights), and the resumed run logs those steps
+        itself. Only the embedded SQLite store can do this (MLflow's client cannot delete a point); elsewhere they
+        stay and the replayed steps are skipped as before. True when done."""
+        import sqlite3
+
+        uri = self.settings["tracking_uri"]
+        if not uri.startswith("sqlite:///"):
+            return False
+        try:
+            with closing(sqlite3.connect(uri[len("sqlite:///"):], timeout=30)) as con, con:
+                con.execute("DELETE FROM metrics WHERE run_uuid = ? AND step > ?", (run_id, step))
+                con.execute("DELETE FROM latest_metrics WHERE run_uuid = ? AND step > ?", (run_id, step))
+                con.execute(  # each key whose latest point went: its latest remaining one
+                    "INSERT OR REPLACE INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid) "
+                    "SELECT m.key, m.value, m.timestamp, m.step, m.is_nan, m.run_uuid FROM metrics m "
+                    "WHERE m.run_uuid = ? AND m.key NOT IN (SELECT key FROM latest_metrics WHERE run_uuid = ?) "
+                    "AND NOT EXISTS (SELECT 1 FROM metrics n WHERE n.run_uuid = m.run_uuid AND n.key = m.key AND "
+                    "(n.step > m.step OR (n.step = m.step AND n.timestamp > m.timestamp)))", (run_id, run_id))
+            return True
+        except sqlite3.Error as e:  # another MLflow schema: keep the old points rather than fail the resume
+            print(f"warning: could not drop the abandoned attempt's points after step {step} ({e}); they stay in "
+                  "the history and the replayed steps are not logged again", file=sys.stderr)
+            return False
+
+    def resume(self, run_id: str, from_step: int | None = None) -> str:
+        """Reopen an existing run (a resumed checkpoint): RUNNING again. The points its abandoned attempt logged
+        after the checkpoint's step `from_step` are dropped (`forget_after`: the resumed run logs those steps
+        itself; an eval of weights that went non-finite does not stay in the history); every (metric, step) still
+        stored is skipped by `log`, so no step is logged twice."""
         self.run_id = run_id
+        forgot = from_step is not None and self.forget_after(run_id, from_step)
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, OWNER_TAG, owner())
         if "rlcore.failure" in self.client.get_run(run_id).data.tags:  # the failure it is resumed from is history
@@ -256,26 +285,32 @@ class Tracker:
         # timestamps, so a line sent twice is stored once). The steps replayed since the checkpoint must not be
         # logged again with new timestamps: count the spilled ones as logged.
         if self._spill.is_file():
+            kept = []
             for line in self._spill.read_text().splitlines():
                 try:
                     rows = json.loads(line)
                 except ValueError:  # a line cut by the kill: not delivered, so not counted
                     continue
+                if forgot and isinstance(rows, list):  # the abandoned attempt's steps: the resumed run logs them
+                    rows = [r for r in rows if int(r[3]) <= from_step]
+                kept.append(rows)
                 for key, _, _, step in rows if isinstance(rows, list) else ():
                     self._logged[key] = max(self._logged.get(key, -1), int(step))
+            if forgot:
+                self._spill.write_text("".join(json.dumps(r) + "\n" for r in kept if r))
         self._thread = threading.Thread(target=self._worker, name="mlflow-logger", daemon=True)
         self._thread.start()
         return run_id
 
     @contextmanager
     def run(self, run_name: str | None, tags: dict[str, str], params: dict[str, Any], config_yaml: str,
-            resume_id: str | None = None) -> Iterator[str]:
+            resume_id: str | None = None, resume_step: int | None = None) -> Iterator[str]:
         """Start (or with `resume_id`, reopen) a run and yield its id; close it FINISHED, KILLED (Ctrl-C, or SIGTERM
         turned into SystemExit by the CLI) or FAILED (any error, including one while starting), so no run is ever
         left RUNNING."""
         status = "FAILED"
         try:
-            yield self.resume(resume_id) if resume_id else self.start(run_name, tags, params, config_yaml)
+            yield self.resume(resume_id, resume_step) if resume_id else self.start(run_name, tags, params, config_yaml)
             status = "FINISHED"
         except (KeyboardInterrupt, SystemExit):
             status = "KILLED"

@@ -198,6 +198,30 @@ def test_outage_kill_resume_delivers_each_point_exactly_once(lab: Path, monkeypa
     assert not list((lab / ".rlcore_cache" / "undelivered").glob(f"{run_id}*"))
 
 
+def test_a_resumed_run_replaces_what_its_abandoned_attempt_logged_after_the_checkpoint(lab: Path) -> None:
+    """The attempt logged steps 0-5 (its eval at step 4 from weights about to go non-finite) and died; the run
+    resumes from its checkpoint at step 2. The history used to keep the abandoned eval point (the replay skipped
+    every step already stored); now it holds the resumed run's steps 3-6, each once."""
+    first = Tracker("faults-abandoned", lab)
+    run_id = first.start("abandoned", {}, {}, "x: 1\n")
+    for s in range(6):
+        first.log(s, {"reward/mean": s / 10, **({"eval/greedy_accuracy": float("nan")} if s == 4 else {})})
+    first.drain()
+    first._stop.set()  # killed: nothing finished
+    first._thread.join()
+    second = Tracker("faults-abandoned", lab)
+    second.resume(run_id, from_step=2)
+    for s in range(3, 7):
+        second.log(s, {"reward/mean": s / 100, **({"eval/greedy_accuracy": 0.5} if s == 4 else {})})
+    second.finish("FINISHED")
+    c = client(lab)
+    evals = [(m.step, m.value) for m in c.get_metric_history(run_id, "eval/greedy_accuracy")]
+    assert evals == [(4, 0.5)]  # the resumed run's, not the abandoned NaN
+    reward = sorted((m.step, m.value) for m in c.get_metric_history(run_id, "reward/mean"))
+    assert reward == [(0, 0.0), (1, 0.1), (2, 0.2), (3, 0.03), (4, 0.04), (5, 0.05), (6, 0.06)]
+    assert c.get_run(run_id).data.metrics["reward/mean"] == 0.06  # MLflow's latest value follows
+
+
 # ------------------------------------------------------------------------------------------------ sweeps
 
 def test_an_invalid_sweep_point_fails_with_its_reason_and_is_not_requeued(lab: Path) -> None:
