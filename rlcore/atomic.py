@@ -46,7 +46,8 @@ def plainly(path: Path, what: str) -> Iterator[None]:
 SEAL = ".sha256.json"  # every file of a built folder and its sha256, written last
 
 
-def _digest(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """The file's sha256 (hex), read in 1 MB chunks: a 540 MB model is not held in memory."""
     import hashlib
 
     h = hashlib.sha256()
@@ -60,7 +61,7 @@ def seal(folder: Path) -> None:
     """Record the sha256 of every file in `folder` (what `damage` checks later)."""
     import json
 
-    files = {str(p.relative_to(folder)): _digest(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != SEAL}
+    files = {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != SEAL}
     (folder / SEAL).write_text(json.dumps(files, indent=1))
 
 
@@ -76,7 +77,7 @@ def damage(folder: Path) -> str | None:
         p = folder / name
         if not p.is_file():
             return f"{name} is missing"
-        if _digest(p) != digest:
+        if sha256(p) != digest:
             return f"{name} changed since it was built"
     return None
 

@@ -6,7 +6,6 @@ its output is built on first use and cached under `.rlcore_cache/warm_start/<con
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -17,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 import rlcore
-from rlcore.atomic import SEAL, atomic_dir
+from rlcore.atomic import SEAL, atomic_dir, sha256
 from rlcore.config import ExperimentConfig
 from rlcore.evaluation import evaluate
 from rlcore.loading import load_experiment
@@ -83,10 +82,6 @@ def cache_dir(sft_cfg: ExperimentConfig, root: Path) -> Path:
 
 SHIPPED_DIR = "warm_starts"
 MANIFEST = "MANIFEST.json"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def find_shipped(sft_cfg: ExperimentConfig, root: Path, quiet: bool = False) -> Path | None:
