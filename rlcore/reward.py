@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlcore.batch import RolloutBatch
-from rlcore.config import PASSED  # noqa: F401 - what every reward call receives, named once
 
 if TYPE_CHECKING:
     from rlcore.config import AlgorithmConfig, RewardConfig

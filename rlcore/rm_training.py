@@ -168,9 +168,10 @@ def cached(cfg: ExperimentConfig, root: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
-        if out.exists() and (why := damage(out)) is not None:  # a damaged cache would fail every later run
+        why = damage(out) if out.exists() else "not built yet"
+        if out.exists() and why is not None:  # a damaged cache would fail every later run
             print(f"warning: the cached reward model {out} is damaged ({why}); training it again", file=sys.stderr)
-        if not (out / MARKER).is_file() or damage(out) is not None:
+        if not (out / MARKER).is_file() or why is not None:
             with atomic_dir(out) as tmp:
                 train_reward_model(cfg, root, tmp, distributed=False)
     return out

@@ -183,15 +183,13 @@ class ReasoningGymTask:
         self._heldout_questions = {p.prompt for p in self.heldout}
         # A generator's space may be small: the held-out draws repeat, and a held-out set that covers the whole space
         # leaves the training stream (which skips held-out questions) nothing to draw: refused here, not spun on.
-        unique: dict[str, Problem] = {}
-        for p in self.heldout:
-            unique.setdefault(p.prompt, p)
-        self.heldout_duplicates = len(self.heldout) - len(unique)
-        self.heldout = list(unique.values())
+        drawn = len(self.heldout)
+        self.heldout = distinct(self.heldout)
+        self.heldout_duplicates = drawn - len(self.heldout)
         try:
             next(self.stream(0))
         except RunFailed:
-            raise ConfigError(f"task.heldout_size: {cfg.dataset} made only {len(unique)} distinct questions in "
+            raise ConfigError(f"task.heldout_size: {cfg.dataset} made only {len(self.heldout)} distinct questions in "
                               f"{cfg.heldout_size} draws, and the training stream finds none outside them in "
                               f"{IndexStream.MAX_SKIPS} tries: the held-out set covers the generator's space (lower "
                               "heldout_size or widen task.config)") from None
@@ -303,6 +301,14 @@ def _key(problem: Problem) -> str:
     return problem.prompt.strip()
 
 
+def distinct(problems: list[Problem]) -> list[Problem]:
+    """The first of each prompt (`_key`), in order: a held-out set counts each question once."""
+    seen: dict[str, Problem] = {}
+    for p in problems:
+        seen.setdefault(_key(p), p)
+    return list(seen.values())
+
+
 class DatasetTask:
     """Training rows are visited epoch by epoch, each epoch a fresh seeded permutation (or file order); the
     held-out set is a file or a seeded fraction of the training file."""
@@ -332,11 +338,9 @@ class DatasetTask:
             held = [rows[i] for i in sorted(held_idx)]
             rows = [r for i, r in enumerate(rows) if i not in held_idx]
         # The held-out set counts each question once: a duplicate would weigh it twice in every eval figure.
-        unique: dict[str, Problem] = {}
-        for p in held:
-            unique.setdefault(_key(p), p)
+        unique = distinct(held)
         self.heldout_duplicates = len(held) - len(unique)
-        self.heldout = list(unique.values())[: cfg.heldout_size]
+        self.heldout = unique[: cfg.heldout_size]
         self.rows = rows
 
     def check_budget(self, steps: int, prompts_per_step: int) -> None:
