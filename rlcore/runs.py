@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -77,12 +76,11 @@ def replay(path: Path) -> tuple[str, int, str | None]:
         client.log_batch(footer["run_id"], metrics=rows[i : i + 1000], synchronous=True)
     tables = path.with_name(f"{footer['run_id']}.tables.jsonl")  # sample tables and tags of the same outage
     if tables.is_file():
-        from rlcore.tracking import Tracker
+        from rlcore.tracking import deliver
 
-        deliver = Tracker._deliver.__get__(SimpleNamespace(client=client, run_id=footer["run_id"]))
         for line in tables.read_text().splitlines():
             try:
-                deliver(json.loads(line))
+                deliver(client, footer["run_id"], json.loads(line))
             except ValueError:  # cut by a kill while it was written
                 continue
         tables.unlink()

@@ -415,18 +415,7 @@ class Tracker:
                 self._tables.clear()
 
     def _deliver(self, item) -> None:
-        """One queued tag or sample table, written to the store."""
-        if item[0] == "tag":
-            _, key, value = item
-            self.client.set_tag(self.run_id, key, value)
-            return
-        _, step, rows, name = item
-        # The table as a plain JSON artifact ({"columns", "data"}: what mlflow.log_table writes), not through
-        # log_table, which also appends each file to the run tag `mlflow.loggedArtifacts`: that tag has a size
-        # cap, so a long run's ~160th table failed (and looked like an outage forever).
-        columns = list(rows[0]) if rows else []
-        table = {"columns": columns, "data": [[r[c] for c in columns] for r in rows]}
-        self.client.log_text(self.run_id, json.dumps(table), f"{name}/step_{step:06d}.json")
+        deliver(self.client, self.run_id, item)
 
     def _send(self, metrics: list) -> None:
         for i in range(0, len(metrics), 1000):  # MLflow's per-request limit
@@ -462,3 +451,19 @@ class Tracker:
             print(f"MLflow at {self.where} is unreachable ({type(e).__name__}): the run's remaining metrics and its "
                   f"final status are kept in {self._spill}\n  deliver them later with: rlcore replay {self._spill}",
                   file=sys.stderr)
+
+
+def deliver(client, run_id: str, item) -> None:
+    """One queued tag or sample table (`("tag", key, value)` or `("table", step, rows, name)`), written to
+    the store: by the tracker, and by `rlcore replay` for what an outage left on disk."""
+    if item[0] == "tag":
+        _, key, value = item
+        client.set_tag(run_id, key, value)
+        return
+    _, step, rows, name = item
+    # The table as a plain JSON artifact ({"columns", "data"}: what mlflow.log_table writes), not through
+    # log_table, which also appends each file to the run tag `mlflow.loggedArtifacts`: that tag has a size
+    # cap, so a long run's ~160th table failed (and looked like an outage forever).
+    columns = list(rows[0]) if rows else []
+    table = {"columns": columns, "data": [[r[c] for c in columns] for r in rows]}
+    client.log_text(run_id, json.dumps(table), f"{name}/step_{step:06d}.json")
