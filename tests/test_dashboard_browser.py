@@ -388,10 +388,16 @@ def test_deleting_a_run_deletes_exactly_it_says_so_and_undo_brings_it_back(busy,
     no_exception(page)
 
 
-def test_the_run_page_shows_no_help_text_and_a_failed_runs_reason_first(busy, page) -> None:
-    root, url, _ = busy
+def broken_reward_run(root: Path):
+    """The busy lab's real run whose reward raised on every sample (FAILED by the lab)."""
     c = MlflowClient(tracking_settings(root)["tracking_uri"])
     (failed,) = c.search_runs([c.get_experiment_by_name("broken-reward").experiment_id])
+    return failed
+
+
+def test_the_run_page_shows_no_help_text_and_a_failed_runs_reason_first(busy, page) -> None:
+    root, url, _ = busy
+    failed = broken_reward_run(root)
     page.goto(f"{url}/run?run={failed.info.run_id}")
     settled(page)
     body = page.locator("body").inner_text()
@@ -403,8 +409,7 @@ def test_the_run_page_shows_no_help_text_and_a_failed_runs_reason_first(busy, pa
 def test_a_reward_that_always_raised_gets_a_finding_naming_reward_errors(busy, page) -> None:
     """Not advice to turn on dynamic sampling or drop the KL anchor, which read a broken reward as a policy."""
     root, url, _ = busy
-    c = MlflowClient(tracking_settings(root)["tracking_uri"])
-    (failed,) = c.search_runs([c.get_experiment_by_name("broken-reward").experiment_id])
+    failed = broken_reward_run(root)
     page.goto(f"{url}/bottlenecks?runs={failed.info.run_id}")
     settled(page)
     page.wait_for_selector("text=reward_errors", timeout=30_000)

@@ -63,6 +63,13 @@ def _hist(lab: Path, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+def _only_run(lab: Path, experiment: str):
+    """The one MLflow run of `experiment` in the lab's store."""
+    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
+    (r,) = c.search_runs([c.get_experiment_by_name(experiment).experiment_id])
+    return r
+
+
 def test_a_reward_that_fails_on_every_sample_stops_the_run_failed_with_its_first_error(lab: Path) -> None:
     """It passes the probe, then raises on every call: the run used to train on reward 0 to the end, FINISHED."""
     import trust_rewards
@@ -75,8 +82,7 @@ def test_a_reward_that_fails_on_every_sample_stops_the_run_failed_with_its_first
     with pytest.raises(RunFailed, match=r"reward component 'r' \(trust_rewards:broken_after_probe\) failed on every "
                                         r"sample for 3 steps in a row; first error: RuntimeError: the grader's service"):
         run(cfg, root=lab)
-    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
-    (r,) = c.search_runs([c.get_experiment_by_name("trust-broken-reward").experiment_id])
+    r = _only_run(lab, "trust-broken-reward")
     assert r.info.status == "FAILED" and "failed on every sample" in r.data.tags["rlcore.failure"]
     assert _hist(lab, r.info.run_id, "reward/errors") == [32.0, 32.0]  # steps 1-2 logged; step 3 stopped it
 
@@ -195,20 +201,26 @@ def test_a_full_disk_says_no_space_left_with_the_path(lab: Path, tiny_disk: Path
     with pytest.raises(RunFailed, match=rf"no space left on the device writing the checkpoint to {tiny_disk}/.*"
                                         r"\(0\.\d MB free\)"):
         run(cfg, root=lab)
-    c = MlflowClient(tracking_settings(lab)["tracking_uri"])
-    (r,) = c.search_runs([c.get_experiment_by_name("trust-disk-full").experiment_id])
+    r = _only_run(lab, "trust-disk-full")
     assert r.info.status == "FAILED" and "no space left" in r.data.tags["rlcore.failure"]
     assert not [p for p in tiny_disk.rglob(".tmp-*")]  # no half-written file left behind
 
 
 # ------------------------------------------------------------------------------------------------ damaged caches
 
-def test_a_damaged_cached_reward_model_is_rebuilt_not_a_traceback_on_every_run(lab: Path, capsys) -> None:
+def test_a_damaged_cached_reward_model_is_rebuilt_not_a_traceback_on_every_run(lab: Path, tmp_path: Path,
+                                                                              capsys) -> None:
     """A reward model trained on first use and cached: a byte of its weights flipped on disk made every later run
     fail with a traceback. Its folder is sealed (sha256 of every file): the damage is said and it is trained again."""
+    import shutil
+
     from rlcore import rm_training
     from rlcore.atomic import damage
+    from tests.conftest import write_lab
 
+    own = write_lab(tmp_path)  # a lab of its own: the shared one's reward-model cache is counted by other tests
+    shutil.copytree(lab / ".rlcore_cache" / "warm_start", own / ".rlcore_cache" / "warm_start")
+    lab = own
     (lab / "trust_prefs.yaml").write_text("kind: preferences\nmodel: {warm_start: sft.yaml}\n"
                                           "task: {min_digits: 1, max_digits: 1, heldout_size: 16}\n"
                                           "preferences: {prompts: 16, samples_per_prompt: 2}\n")
