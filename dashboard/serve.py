@@ -9,6 +9,7 @@ its own work. Importing them before the server starts moves that cost to start-u
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -82,6 +83,48 @@ def background(cwd: Path, command: list[str] | None = None, env: dict[str, str] 
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 
 
+class TellBasePath:
+    """Tell Streamlit's page where its server is, so that a deep link asks for nothing that is refused.
+
+    Without it the page finds its server by trying paths: `/runs` first asks `/runs/_stcore/health` and
+    `/runs/_stcore/host-config` (two 404s in every deep link's log), then `/`. Answering those two made the page take
+    `/runs` for the base and route wrongly; instead every HTML page carries `window.__streamlit.BACKEND_BASE_URL`
+    (the setting Streamlit's page reads for hosts that embed it), so the page tries only the real base."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "GET":
+            return await self.app(scope, receive, send)
+        from streamlit import config
+
+        base = json.dumps(("/" + (config.get_option("server.baseUrlPath") or "").strip("/")).rstrip("/") + "/")
+        script = f"<script>window.__streamlit={{BACKEND_BASE_URL:window.location.origin+{base}}}</script>".encode()
+        start: dict = {}
+        body: list[bytes] = []
+
+        async def rewrite(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                if not headers.get(b"content-type", b"").startswith(b"text/html"):
+                    start["pass"] = True
+                    return await send(message)
+                start.update(message)
+                return None
+            if start.get("pass"):
+                return await send(message)
+            body.append(message.get("body", b""))
+            if message.get("more_body"):
+                return None
+            html = b"".join(body).replace(b"<head>", b"<head>" + script, 1)
+            headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(html)).encode())]})
+            await send({"type": "http.response.body", "body": html})
+
+        await self.app(scope, receive, rewrite)
+
+
 def accept_only_local_hosts(argv: list[str]) -> None:
     """Refuse any request whose Host header is not this machine (400), HTTP and websocket alike: a page on another
     site that resolves its own name to 127.0.0.1 (DNS rebinding) must not reach the dashboard. A server bound to
@@ -94,8 +137,8 @@ def accept_only_local_hosts(argv: list[str]) -> None:
     allowed = [*LOCAL_HOSTS, *([bound] if bound and bound not in ("0.0.0.0", "::") else [])]
     inner = starlette_app.create_streamlit_middleware
 
-    def middleware():
-        return [Middleware(TrustedHostMiddleware, allowed_hosts=allowed), *inner()]
+    def middleware():  # TellBasePath innermost: it edits the HTML before the gzip middleware compresses it
+        return [Middleware(TrustedHostMiddleware, allowed_hosts=allowed), *inner(), Middleware(TellBasePath)]
 
     starlette_app.create_streamlit_middleware = middleware
 
