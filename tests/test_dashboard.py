@@ -631,3 +631,14 @@ def test_lesson_page_charts_dpo_and_reward_model_runs_too(tmp_path: Path, monkey
     assert "This lesson's runs: 2, 2 line(s)" in caption
     charts = [x for x in at.get("vega_lite_chart") if '"variant"' in x.proto.spec]
     assert set(chart_data(charts[0])["variant"]) == {"kl_coef=0", "kl_coef=0.2"}
+
+
+def test_numeric_params_become_numbers_and_other_params_stay_text() -> None:
+    """MLflow keeps params as text; the Runs table turns numeric ones into numbers (so they sort as numbers also
+    where no column type says so) and leaves the rest alone."""
+    from dashboard.data import numeric_columns
+
+    text = pd.DataFrame({"trainer.lr": ["0.0003", "3e-05", "0.001", None], "mode": ["a", "b", "c", "d"]})
+    num = numeric_columns(text, ["trainer.lr", "mode"])
+    assert list(num.sort_values("trainer.lr")["trainer.lr"].dropna()) == [3e-05, 0.0003, 0.001]  # text: 0.0003 first
+    assert num["mode"].tolist() == ["a", "b", "c", "d"]

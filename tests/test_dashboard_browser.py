@@ -9,7 +9,6 @@ import shutil
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -327,9 +326,26 @@ def test_twenty_ticked_runs_draw_readable_charts_in_distinct_styles(busy, page) 
     page.screenshot(path=str(SHOTS / "runs-20-ticked.png"), full_page=True)
 
 
-def test_numeric_params_show_as_numbers(busy, page, monkeypatch) -> None:
-    """trainer.lr is a number in the table (short, not 20 digits of a float's text) and sorts as one: as text
-    "0.0003" sorted after "3e-05"."""
+def column_header_x(page, grid, index: int) -> float:
+    """The x of the middle of column `index` (1-based) of a Streamlit table's header. Its header is drawn on a
+    canvas, so it is found as a person's mouse finds it: the resize cursor marks the edge between two columns."""
+    canvas = grid.locator("canvas").first.bounding_box()
+    y, edges, inside = canvas["y"] + 17, [canvas["x"]], False
+    x = canvas["x"] + 2
+    while len(edges) <= index and x < canvas["x"] + canvas["width"]:
+        page.mouse.move(x, y)
+        resize = grid.locator("canvas").first.evaluate("c => getComputedStyle(c).cursor") == "col-resize"
+        if resize and not inside:
+            edges.append(x)
+        inside = resize
+        x += 3
+    assert len(edges) > index, f"found {len(edges) - 1} column edges, wanted {index}"
+    return (edges[index - 1] + edges[index]) / 2
+
+
+def test_numeric_params_show_as_numbers_and_sort_as_numbers(busy, page) -> None:
+    """trainer.lr is a number in the table (short, not 20 digits of a float's text) and a click on its header sorts
+    it as one: as text "0.0001" < "0.0003" < "0.001" < "3e-05", so 3e-05 came last."""
     root, url, _ = busy
     page.set_viewport_size({"width": 3400, "height": 1000})  # every column of the table drawn (it virtualises)
     page.goto(url)
@@ -340,16 +356,21 @@ def test_numeric_params_show_as_numbers(busy, page, monkeypatch) -> None:
     headers = grid.locator('[role="columnheader"]')
     names = [headers.nth(i).inner_text() for i in range(headers.count())]
     assert "trainer.lr" in names, names
-    col = headers.nth(names.index("trainer.lr")).get_attribute("aria-colindex")
-    cells = grid.locator(f'[role="gridcell"][aria-colindex="{col}"]')
-    shown = {cells.nth(j).inner_text() for j in range(cells.count())}
-    assert shown and all(len(v) <= 8 and float(v) in (3e-4, 3e-5, 1e-3, 1e-4) for v in shown if v), shown
-    from dashboard.data import numeric_columns
+    col = int(headers.nth(names.index("trainer.lr")).get_attribute("aria-colindex"))
 
-    text = pd.DataFrame({"trainer.lr": ["0.0003", "3e-05", "0.001", None], "mode": ["a", "b", "c", "d"]})
-    num = numeric_columns(text, ["trainer.lr", "mode"])
-    assert list(num.sort_values("trainer.lr")["trainer.lr"].dropna()) == [3e-05, 0.0003, 0.001]  # text: 0.0003 first
-    assert num["mode"].tolist() == ["a", "b", "c", "d"]  # not numbers: left as they are
+    def column() -> list[str]:  # the lr cells top to bottom, as drawn
+        got = grid.evaluate("""(g, col) => [...g.querySelectorAll('[role="row"][aria-rowindex]')].map(r => [
+            +r.getAttribute('aria-rowindex'), r.querySelector(`[role="gridcell"][aria-colindex="${col}"]`)?.innerText])
+            .filter(([, v]) => v)""", col)
+        return [v for _, v in sorted(got)]
+
+    shown = column()
+    assert shown and all(len(v) <= 8 and float(v) in (3e-4, 3e-5, 1e-3, 1e-4) for v in shown), shown
+    page.mouse.click(column_header_x(page, grid, col), grid.locator("canvas").first.bounding_box()["y"] + 17)
+    page.wait_for_timeout(1000)
+    ascending = [float(v) for v in column()]
+    assert len(ascending) >= 8 and ascending == sorted(ascending) and ascending[0] == 3e-5, ascending
+    no_exception(page)
 
 
 def test_deleting_a_run_deletes_exactly_it_says_so_and_undo_brings_it_back(busy, page) -> None:
