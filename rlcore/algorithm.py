@@ -91,10 +91,13 @@ KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 KL_ESTIMATORS: dict[str, KLEstimator] = {}
 
 
-def register_kl(name: str) -> Callable[[KLEstimator], KLEstimator]:
+def register_kl(name: str, clamped: bool = False) -> Callable[[KLEstimator], KLEstimator]:
+    """`clamped`: `algorithm.kl_clamp` applies to it. Only k3 is (as verl's `low_var_kl`): its e^x can explode for
+    one token; k1 and k2 stay unclamped, so they keep pulling hardest on the tokens that drifted most."""
     def deco(fn: KLEstimator) -> KLEstimator:
         if name in KL_ESTIMATORS:
             raise ValueError(f"KL estimator {name!r} registered twice")
+        fn.clamped = clamped
         KL_ESTIMATORS[name] = fn
         return fn
 
@@ -113,7 +116,7 @@ def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return 0.5 * (logp - ref_logp) ** 2
 
 
-@register_kl("k3")
+@register_kl("k3", clamped=True)
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 = r - 1 - log r with r = pi_ref / pi_theta. Unbiased, low variance, >= 0 (GRPO, DeepSeekMath 2024).
 
@@ -125,9 +128,11 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def kl_estimate(name: str, logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float | None) -> torch.Tensor:
-    """The configured estimator's per-token KL, clamped to [-clamp, clamp] (`algorithm.kl_clamp`). [B, T] -> [B, T]"""
-    kl = KL_ESTIMATORS[name](logp, ref_logp)
-    return kl if clamp is None else kl.clamp(-clamp, clamp)
+    """The configured estimator's per-token KL; one registered `clamped` (k3) is clamped to [-clamp, clamp]
+    (`algorithm.kl_clamp`). [B, T] -> [B, T]"""
+    fn = KL_ESTIMATORS[name]
+    kl = fn(logp, ref_logp)  # [B, T]
+    return kl if clamp is None or not fn.clamped else kl.clamp(-clamp, clamp)
 
 
 
@@ -192,7 +197,7 @@ def token_rewards(batch: RolloutBatch, cfg: AlgorithmConfig) -> torch.Tensor:
     mask = batch.response_mask  # [B, T]
     last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # [B, T] the final counted token
     r = last.float() * batch.rewards[:, None]  # [B, T]
-    if cfg.kl_placement == "reward" and batch.ref_logp is not None:
+    if cfg.kl_placement == "reward" and cfg.kl_coef > 0:  # (ref_logp is also there when only logged)
         r = r - cfg.kl_coef * kl_estimate(cfg.kl_estimator, batch.old_logp, batch.ref_logp, cfg.kl_clamp) * mask
     return r
 

@@ -403,9 +403,10 @@ class AlgorithmConfig(_Section):
     is_low: float = Field(0.5, gt=0, description="Masked IS: tokens (or sequences) whose weight is below this get weight 0.")
     is_high: float = Field(2.0, gt=0, description="Masked IS: tokens (or sequences) whose weight is above this get weight 0.")
     kl_clamp: float | None = Field(
-        10.0, gt=0, description="The per-token KL estimate is clamped to [-c, c] (verl clamps k3 to 10; k3's log-ratio "
-        "is also held to [-20, 20] before exp): k3 = e^x - 1 - x overflows for one token with pi_ref >> pi. "
-        "The clamped value is what kl/mean shows. None = off.",
+        10.0, gt=0, description="k3's per-token value is clamped to [-c, c], as verl's low_var_kl (its log-ratio is "
+        "also held to [-20, 20] before exp): k3 = e^x - 1 - x overflows for one token with pi_ref >> pi. k1 and k2 "
+        "are not clamped (nothing overflows; a clamp would stop the anchor on the tokens that drifted most). The "
+        "clamped value is what kl/mean and kl/k3_mean show. None = off.",
     )
     kl_coef: float = Field(0.04, ge=0, description="beta of the KL anchor to the reference; 0 drops the reference model.")
     kl_estimator: str = Field("k3", description="KL estimator, a key of rlcore.reference.KL_ESTIMATORS (k1, k2, k3).")
@@ -599,6 +600,9 @@ class LoggingConfig(_Section):
     experiment: str = Field("rlcore", min_length=1, max_length=250, pattern=r"\S",
                             description="MLflow experiment name.")
     run_name: str | None = Field(None, min_length=1, max_length=250, pattern=r"\S", description="MLflow run name; None: <algorithm>-s<seed>-<config hash>.")
+    kl_to_reference: bool = Field(False, description="Log the KL to the reference (the initial policy: kl/mean, "
+                                  "kl/k3_mean, kl/k3_seq) also at kl_coef 0, as a measurement: one reference forward "
+                                  "a step, nothing in the loss. Above 0 the anchor logs it anyway.")
     eval_every: int = Field(20, gt=0, le=BIG, description="Held-out evaluation every N steps (and at step 0 and the end).")
     samples_every: int = Field(20, gt=0, le=BIG, description="Log a table of sample completions every N steps.")
     num_samples: int = Field(16, ge=0, le=10_000, description="Completions per sample table.")

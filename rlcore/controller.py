@@ -84,7 +84,8 @@ def build(cfg: ExperimentConfig, acc: Accelerator, warm_start: Path | None,
     longest = fmt.check(tokenizer, [p.prompt for p in task.heldout], "a held-out prompt")  # before any run exists
     check_positions(policy, longest, cfg)
     needs = requirements(cfg.algorithm)
-    reference = Reference(policy) if needs.reference else None  # beta = 0: no reference at all
+    # beta = 0: no reference at all, unless the KL to it is asked for as a measurement only
+    reference = Reference(policy) if needs.reference or cfg.logging.kl_to_reference else None
     critic = Critic(policy, cfg, acc) if needs.values else None
     trainer = Trainer(policy, cfg, acc, critic)
     engine = make_engine(cfg, trainer.unwrapped, tokenizer, seed=cfg.seed, fmt=fmt, tool=make_tool(cfg.task.tool),
@@ -166,7 +167,7 @@ def step(loop: Loop, problems: list[Problem],
         more = (lambda i: sample(loop, draw(), timer, scored, i)) if draw is not None else None
         batch, filtered = fill_groups(batch, r.samples_per_prompt, loop.group_filter, more,
                                       cfg.algorithm.max_sample_rounds, loop.tokenizer.pad_token_id)
-    if needs.reference:  # beta = 0: no reference model, no forward, timing/reference stays 0
+    if loop.reference is not None:  # beta = 0: no reference model, no forward, timing/reference stays 0
         with timer("reference"):
             batch.ref_logp = loop.reference.logprobs(batch, cfg.trainer.micro_batch_size)
     if needs.old_logp:  # otherwise the loss uses logp.detach(): on-policy ratio = 1

@@ -78,6 +78,9 @@ CATALOGUE: list[MetricDef] = [
     MetricDef("kl/mean", "nats", "token mean of the chosen estimator of KL(pi_theta || pi_ref)", "03"),
     MetricDef("kl/k3_mean", "nats", "token mean of k3 = rho - 1 - log rho, rho = pi_ref / pi_theta, whatever "
               "kl_estimator the loss uses: the KL figure to compare across estimators", "03"),
+    MetricDef("kl/k3_seq", "nats", "k3 summed over a completion's tokens, mean over completions: an estimate of the "
+              "sequence-level KL(pi_theta || pi_ref); over-optimisation is read against sqrt of it (Gao et al., 2022)",
+              "15"),
     # response
     MetricDef("response/length_mean", "tokens", "mean completion length (tokens up to and including EOS)", "14"),
     MetricDef("response/length_max", "tokens", "longest completion in the batch", "14"),

@@ -299,12 +299,14 @@ class Trainer:
         stats["actor/sampler_logp_gap"] = (float(((logp.detach() - sampler).abs() * mask).sum()), tok)
         if m.ref_logp is not None:
             kl = kl_estimate(a.kl_estimator, logp, m.ref_logp.to(dev), a.kl_clamp)  # [b, T]
-            if a.kl_placement == "loss":  # with `reward`, the anchor already shaped the advantages
+            if a.kl_placement == "loss" and a.kl_coef > 0:  # `reward`: the anchor shaped the advantages; 0: logged only
                 per_token = per_token + a.kl_coef * kl
             stats["kl/mean"] = (float((kl.detach() * mask).sum()), tok)
             # One yardstick whatever estimator the loss uses, so runs with k1, k2 and k3 can be compared (lesson 03).
             k3 = kl if a.kl_estimator == "k3" else kl_estimate("k3", logp.detach(), m.ref_logp.to(dev), a.kl_clamp)
             stats["kl/k3_mean"] = (float((k3.detach() * mask).sum()), tok)
+            # Per sequence (summed over its tokens): the KL Gao et al. (2022) put on the x axis as sqrt(KL).
+            stats["kl/k3_seq"] = (float((k3.detach() * mask).sum()), float((mask.sum(-1) > 0).sum()))
         loss = self.loss_agg(per_token, mask, norm)
         stats["_policy_loss"] = float(loss.detach())
         return loss, stats

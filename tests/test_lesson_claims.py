@@ -24,8 +24,9 @@ def _grad(f, logits: torch.Tensor) -> torch.Tensor:
 
 
 def test_kl_estimators_as_loss_terms_have_these_gradients() -> None:
-    """Lesson 03: as loss terms, k1's expected gradient is zero; k2's is the gradient of KL(pi || pi_ref); k3's is the
-    gradient of the other direction, KL(pi_ref || pi)."""
+    """Lesson 03: as loss terms, k1's expected gradient is zero; k2's is the gradient of the reverse KL, KL(pi || pi_ref)
+    (the learned policy first: mode-seeking, the KL RLHF's objective names); k3's is the gradient of the forward KL,
+    KL(pi_ref || pi) (mass-covering), although k3's *value* estimates the reverse one."""
     gen = torch.Generator().manual_seed(0)
     logits, ref_logp = torch.randn(6, generator=gen), torch.log_softmax(torch.randn(6, generator=gen), -1)
     ref = ref_logp.exp()
@@ -33,12 +34,38 @@ def test_kl_estimators_as_loss_terms_have_these_gradients() -> None:
     g1 = _expected_grad(kl_k1, logits, ref_logp)
     g2 = _expected_grad(kl_k2, logits, ref_logp)
     g3 = _expected_grad(kl_k3, logits, ref_logp)
-    forward = _grad(lambda lp: (lp.exp() * (lp - ref_logp)).sum(), logits)  # grad KL(pi || pi_ref)
-    reverse = _grad(lambda lp: (ref * (ref_logp - lp)).sum(), logits)  # grad KL(pi_ref || pi)
+    reverse = _grad(lambda lp: (lp.exp() * (lp - ref_logp)).sum(), logits)  # grad KL(pi || pi_ref)
+    forward = _grad(lambda lp: (ref * (ref_logp - lp)).sum(), logits)  # grad KL(pi_ref || pi)
     assert torch.allclose(g1, torch.zeros(6), atol=1e-7)
-    assert torch.allclose(g2, forward, atol=1e-6)
-    assert torch.allclose(g3, reverse, atol=1e-6)
+    assert torch.allclose(g2, reverse, atol=1e-6)
+    assert torch.allclose(g3, forward, atol=1e-6)
     assert not torch.allclose(forward, reverse, atol=1e-3)  # the two directions really differ here
+
+
+def test_k3_values_estimate_the_reverse_kl() -> None:
+    """Lesson 03: E_{y ~ pi}[k3(y)] = KL(pi || pi_ref) exactly (and k1's too): the value is the reverse KL."""
+    gen = torch.Generator().manual_seed(1)
+    logp, ref_logp = (torch.log_softmax(torch.randn(7, generator=gen), -1) for _ in range(2))
+    reverse = float((logp.exp() * (logp - ref_logp)).sum())
+    forward = float((ref_logp.exp() * (ref_logp - logp)).sum())
+    assert abs(float((logp.exp() * kl_k3(logp, ref_logp)).sum()) - reverse) < 1e-6
+    assert abs(float((logp.exp() * kl_k1(logp, ref_logp)).sum()) - reverse) < 1e-6
+    assert abs(reverse - forward) > 1e-2
+
+
+def test_kl_clamp_holds_k3_only_as_verl_does() -> None:
+    """`algorithm.kl_clamp` clamps k3 (verl's low_var_kl clamps only it); k1 and k2 keep their value on tokens that
+    drifted far, so the anchor still pulls hardest there (clamping k2 too gave a token mean of 0.543 where the
+    unclamped value is several nats)."""
+    from rlcore.algorithm import kl_estimate
+
+    logp = torch.tensor([[-9.0, -0.1, -2.0, -0.5]])  # [1, 4] one token far below the reference, one far above
+    ref = torch.tensor([[-0.2, -6.0, -2.1, -0.5]])
+    d = logp - ref
+    assert torch.equal(kl_estimate("k1", logp, ref, 10.0), d)
+    assert torch.equal(kl_estimate("k2", logp, ref, 1.0), 0.5 * d ** 2)  # 38.7 and 17.4 nats: not held to 1
+    k3 = kl_estimate("k3", logp, ref, 10.0)
+    assert float(k3.max()) == 10.0 and float(k3[0, 1]) < 10.0  # e^8.8 - 1 - 8.8 held to 10
 
 
 def test_adam_ignores_a_constant_gradient_scale() -> None:
@@ -138,3 +165,28 @@ def test_signal_density_matches_a_simulated_stream() -> None:
     assert abs(float(keep.float().mean()) - d["curation_kept"]) < 0.005
     assert abs(float(zero[keep].float().mean()) - d["curation_wasted"]) < 0.005
     assert d["curation_wasted"] < d["none_wasted"]
+
+
+def test_kl_to_the_reference_is_measured_at_beta_0_without_changing_the_run(lab) -> None:
+    """Lesson 15: `logging.kl_to_reference` logs the KL to the initial policy at beta = 0 (Gao et al.'s x axis) and
+    changes nothing else: rewards and losses equal the run without it to the bit."""
+    from mlflow.tracking import MlflowClient
+
+    from rlcore.controller import run
+    from rlcore.loading import load_experiment
+
+    curves = {}
+    for flag in ("false", "true"):
+        cfg = load_experiment(lab / "rl.yaml", ["algorithm.kl_coef=0", f"logging.kl_to_reference={flag}",
+                                                f"logging.experiment=kl-measured-{flag}"])
+        res = run(cfg, root=lab)
+        c = MlflowClient(res.tracking_uri)
+        curves[flag] = {k: [m.value for m in c.get_metric_history(res.run_id, k)]
+                        for k in ("reward/mean", "actor/pg_loss", "kl/k3_mean", "kl/k3_seq", "timing/reference")}
+    assert curves["false"]["kl/k3_seq"] == [] and curves["false"]["kl/k3_mean"] == []
+    assert curves["true"]["reward/mean"] == curves["false"]["reward/mean"]
+    assert curves["true"]["actor/pg_loss"] == curves["false"]["actor/pg_loss"]
+    seq, tok = curves["true"]["kl/k3_seq"], curves["true"]["kl/k3_mean"]
+    assert len(seq) == 3 and seq[0] < 1e-6 < seq[-1]  # 0 at the first step (policy = reference), then it drifts
+    assert all(s >= t for s, t in zip(seq, tok, strict=True))  # a sequence's sum over >= 1 token is at least the token mean
+    assert curves["true"]["timing/reference"][-1] > 0 == curves["false"]["timing/reference"][-1]
