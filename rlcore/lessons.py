@@ -33,6 +33,39 @@ PARTS = {"0": "Orientation", "I": "Part I — the framework", "II": "Part II —
          "IV": "Part IV — the engineer", "V": "Part V — synthesis"}
 
 
+def _known(value: list[str]) -> list[str]:
+    unknown = [m for m in value if m not in NAMED]  # a lesson names catalogue entries, not a family's members
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r} (not in rlcore.metrics.CATALOGUE)")
+    return value
+
+
+class Study(_Section):
+    """A second set of runs a page quotes (a table, a sweep) that the main plan's variants cannot make, because its
+    experiments or its overrides are of their own: its runs are in `rlcore lesson NN` and its charts on the page."""
+
+    name: str = Field(min_length=1, description="What it measures: the heading of its charts on the page.")
+    experiments: list[str] = Field(min_length=1, description="Experiment files, relative to experiments/.")
+    overrides: list[str] = Field(default_factory=list, description="`key=value` for every run of the study (the "
+                                 "lesson's own overrides do not apply: a study may use other kinds).")
+    variants: list[list[str]] = Field(default_factory=lambda: [[]], description="Override sets, as the lesson's.")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds per (experiment, variant).")
+    metrics: list[str] = Field(default_factory=list, description="Metrics to chart for it.")
+    versus: list[tuple[str, str]] = Field(default_factory=list, description="(y, x) metric pairs drawn against each "
+                                          "other, one point a step; `sqrt:` before x draws its square root.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str]) -> list[str]:
+        return _known(value)
+
+    @field_validator("versus")
+    @classmethod
+    def _known_pairs(cls, value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        _known([m for pair in value for m in (pair[0], pair[1].removeprefix("sqrt:"))])
+        return value
+
+
 class LessonMeta(_Section):
     id: str = Field(pattern=r"^\d\d[a-z]?$", description="Two digits (plus a letter for sub-lessons): 00, 11, 18a.")
     title: str = Field(min_length=1)
@@ -48,14 +81,28 @@ class LessonMeta(_Section):
                              "effect is small.")
     metrics: list[str] = Field(default_factory=list, description="Metrics to chart beside the text.")
     look_for: str = Field("", description="What the reader should see in the paired runs' charts.")
+    versus: list[tuple[str, str]] = Field(default_factory=list, description="(y, x) metric pairs drawn against each "
+                                          "other, one point a step; `sqrt:` before x draws its square root.")
+    studies: list[Study] = Field(default_factory=list, description="Further runs the page quotes, each with its own "
+                                 "experiments, overrides, variants and seeds.")
 
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, value: list[str]) -> list[str]:
-        unknown = [m for m in value if m not in NAMED]  # a lesson names catalogue entries, not a family's members
-        if unknown:
-            raise ValueError(f"unknown metric {unknown[0]!r} (not in rlcore.metrics.CATALOGUE)")
-        return value
+        return _known(value)
+
+    @field_validator("versus")
+    @classmethod
+    def _known_pairs(cls, value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return Study._known_pairs(value)
+
+    def blocks(self) -> list[Study]:
+        """The main plan (as a study named "") and every study: what `rlcore lesson` runs and the page draws."""
+        if not self.experiments:
+            return list(self.studies)
+        main = Study(name="paired runs", experiments=self.experiments, overrides=self.overrides,
+                     variants=self.variants, seeds=self.seeds, metrics=self.metrics, versus=self.versus)
+        return [main, *self.studies]
 
 
 @dataclass
@@ -135,7 +182,7 @@ def check(lesson: Lesson, root: Path) -> None:
             source_of(dotted)
         except ConfigError as e:
             raise ConfigError(f"{lesson.path}: {e}") from None
-    for f in lesson.meta.experiments:
+    for f in dict.fromkeys(f for b in lesson.meta.blocks() for f in b.experiments):
         path = root / "experiments" / f
         if not path.is_file():
             raise ConfigError(f"{lesson.path}: experiments: no such file experiments/{f}")
@@ -196,10 +243,10 @@ def select(lessons: list[Lesson], spec: str) -> list[Lesson]:
     return [x for x in lessons if x.meta.id in chosen]
 
 
-def variant_label(lesson: Lesson, file: str, variant: list[str]) -> str:
-    """What tells this line of the lesson's charts from the others: the experiment (when the lesson pairs several)
+def variant_label(block: Study, file: str, variant: list[str]) -> str:
+    """What tells this line of a block's charts from the others: the experiment (when the block pairs several)
     and the variant's overrides with their section dropped (`kl_coef=0.2`), e.g. `grpo · kl_coef=0.2`."""
-    m = lesson.meta
+    m = block
     parts = [Path(file).stem] if len(m.experiments) > 1 or len(m.variants) == 1 else []
     if len(m.variants) > 1:
         parts.append(", ".join(o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[1] for o in variant)
@@ -207,25 +254,31 @@ def variant_label(lesson: Lesson, file: str, variant: list[str]) -> str:
     return " · ".join(parts)
 
 
-def plan_groups(lesson: Lesson, root: Path) -> dict[str, str]:
+def plan_groups(lesson: Lesson, root: Path, block: Study | None = None) -> dict[str, str]:
     """MLflow `rlcore.group` (config without seed and logging) -> line label, for every (experiment, variant) of the
-    lesson's plan. The dashboard finds a lesson's runs by config, not by tag: a run made for another lesson, or by
-    hand, with the same config is the same run; a run of an older plan is not this lesson's any more."""
+    lesson's main plan, or of one of its blocks (`LessonMeta.blocks`). The dashboard finds a lesson's runs by config,
+    not by tag: a run made for another lesson, or by hand, with the same config is the same run; a run of an older
+    plan is not this lesson's any more."""
+    block = block or next(iter(lesson.meta.blocks()), None)
     out: dict[str, str] = {}
-    for f in lesson.meta.experiments:
-        for variant in lesson.meta.variants:
-            cfg = load_experiment(root / "experiments" / f, [*lesson.meta.overrides, *variant])
-            out.setdefault(cfg.seed_group(), variant_label(lesson, f, variant))
+    if block is None:
+        return out
+    for f in block.experiments:
+        for variant in block.variants:
+            cfg = load_experiment(root / "experiments" / f, [*block.overrides, *variant])
+            out.setdefault(cfg.seed_group(), variant_label(block, f, variant))
     return out
 
 
 def planned_runs(lesson: Lesson) -> list[tuple[str, list[str]]]:
-    """(experiment file, overrides) of every run `rlcore lesson NN` makes, tagged with the lesson and its variant."""
+    """(experiment file, overrides) of every run `rlcore lesson NN` makes, the main plan's and every study's, tagged
+    with the lesson and its variant."""
     out = []
-    for f in lesson.meta.experiments:
-        for variant in lesson.meta.variants:
-            label = variant_label(lesson, f, variant)
-            for seed in lesson.meta.seeds:
-                tags = [f"logging.tags.lesson='{lesson.meta.id}'", f"logging.tags.variant='{label}'"]
-                out.append((f, [*lesson.meta.overrides, *variant, f"seed={seed}", *tags]))
+    for block in lesson.meta.blocks():
+        for f in block.experiments:
+            for variant in block.variants:
+                label = variant_label(block, f, variant)
+                for seed in block.seeds:
+                    tags = [f"logging.tags.lesson='{lesson.meta.id}'", f"logging.tags.variant='{label}'"]
+                    out.append((f, [*block.overrides, *variant, f"seed={seed}", *tags]))
     return out
