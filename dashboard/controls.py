@@ -390,13 +390,15 @@ def canaries() -> None:
     """The infra engineer's canaries on a simulated batch: a sampler whose log-probs differ from the trainer's by a
     drift (staleness) and a noise (precision), read as rlcore reads them (mismatch KL, IS weights, ESS, rejections)."""
     from rlcore.algorithm import IS_CORRECTIONS, mismatch_stats
+    from rlcore.topology import mismatch_log_weights
 
-    drift = st.slider("Mean log pi_prox - log mu per token (a stale sampler drifts)", -0.5, 0.5, 0.0, 0.01,
-                      key="c24_drift")
-    noise = st.slider("Spread of the per-token gap (a lower-precision sampler)", 0.0, 1.0, 0.05, 0.01,
+    moved = st.slider("Share of tokens the missed updates moved (a stale sampler)", 0.0, 1.0, 0.1, 0.01,
+                      key="c24_moved")
+    size = st.slider("How far they moved: spread of log pi_prox - log mu on those tokens", 0.0, 2.0, 0.5, 0.01,
+                     key="c24_size")
+    noise = st.slider("Spread of the gap on every token (a lower-precision sampler)", 0.0, 1.0, 0.05, 0.01,
                       key="c24_noise")
-    g = torch.Generator().manual_seed(0)
-    log_w = drift + noise * torch.randn(256, 8, generator=g)  # [B, T] simulated log pi_prox - log mu
+    log_w = mismatch_log_weights(moved, size, noise)  # [B, T] log pi_prox - log mu at mu's own samples
     mask = torch.ones(256, 8)
     cfg = AlgorithmConfig()
     rows = []
@@ -406,10 +408,14 @@ def canaries() -> None:
         rows.append({"correction": name, "weight mean": s["is/weight_mean"], "weight max": float(w.max()),
                      "ESS": s["is/weight_mean"] ** 2 / s["is/weight_sq_mean"], "rejected": s["is/masked_frac"]})
     s = mismatch_stats(log_w, torch.ones_like(log_w), mask)
-    st.metric("mismatch KL (k3), nats per token", f"{float(s['mismatch/kl_k3'].mean()):.4f}")
+    c1, c2 = st.columns(2)
+    c1.metric("mismatch KL (k3), nats per token", f"{float(s['mismatch/kl_k3'].mean()):.4f}")
+    c2.metric("mismatch KL (k1)", f"{float(s['mismatch/kl_k1'].mean()):.4f}")
     st.dataframe(pd.DataFrame(rows).round(4), hide_index=True, key="c24_table")
-    st.caption("Healthy: k3 below ~1e-3, ESS near 1, nothing rejected. rlcore.algorithm.IS_CORRECTIONS and "
-               "mismatch_stats on 256 x 8 simulated tokens; the same functions run in the trainer.")
+    st.caption("Healthy: k3 below ~1e-3, ESS near 1, nothing rejected. The weights are ratios of two distributions "
+               "at the sampler's own tokens, so uncorrected they average exactly 1 (rlcore.topology."
+               "mismatch_log_weights); rlcore.algorithm.IS_CORRECTIONS and mismatch_stats on 256 x 8 simulated "
+               "tokens, the same functions the trainer runs.")
 
 
 @control("19")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class StepTime:
@@ -66,3 +68,20 @@ def gaussian_clip_fraction(kl_k3: float, eps_low: float = 0.2, eps_high: float |
         return 0.5 * math.erfc(z / math.sqrt(2.0))
 
     return 0.5 * tail(hi / sigma) + 0.5 * tail(-lo / sigma)
+
+
+def mismatch_log_weights(moved: float, size: float, noise: float, shape: tuple[int, int] = (256, 8),
+                         seed: int = 0) -> torch.Tensor:
+    """Simulated log w = log pi_prox(y) - log mu(y) at tokens y drawn from the sampler mu (lesson 24's control).
+
+    A share `moved` of the tokens had their probability moved by the updates the sampler missed (staleness), with a
+    spread `size`; every token also carries a precision gap of spread `noise`. Each part is log-normal with mean
+    -sigma^2 / 2, so E_mu[w] = 1 as it must be for a ratio of two distributions under mu's own samples; the batch is
+    then normalised so that its own mean weight is exactly 1. Hence KL(mu || pi_prox) = E_mu[-log w] >= 0 and
+    ESS <= 1 for any setting (a free drift gave mean weights of 1.35 and a negative KL). [*shape]"""
+    g = torch.Generator().manual_seed(seed)
+    precision = noise * torch.randn(shape, generator=g) - noise ** 2 / 2  # [B, T]
+    hit = (torch.rand(shape, generator=g) < moved).float()  # [B, T] tokens the missed updates moved
+    stale = hit * (size * torch.randn(shape, generator=g) - size ** 2 / 2)  # [B, T]
+    log_w = precision + stale  # [B, T]
+    return log_w - torch.logsumexp(log_w.flatten(), 0) + math.log(log_w.numel())  # [B, T] mean of e^log_w is 1

@@ -190,3 +190,36 @@ def test_kl_to_the_reference_is_measured_at_beta_0_without_changing_the_run(lab)
     assert len(seq) == 3 and seq[0] < 1e-6 < seq[-1]  # 0 at the first step (policy = reference), then it drifts
     assert all(s >= t for s, t in zip(seq, tok, strict=True))  # a sequence's sum over >= 1 token is at least the token mean
     assert curves["true"]["timing/reference"][-1] > 0 == curves["false"]["timing/reference"][-1]
+
+
+def test_simulated_mismatch_weights_are_ratios_of_two_distributions() -> None:
+    """Lesson 24's control: at the sampler's own tokens, w = pi_prox / mu averages 1, so KL(mu || pi_prox) >= 0 by
+    either estimator and ESS <= 1, for every setting (its drift slider gave mean weights of 1.35 and a negative k1)."""
+    from rlcore.algorithm import mismatch_stats
+    from rlcore.topology import mismatch_log_weights
+
+    for moved in (0.0, 0.1, 1.0):
+        for size in (0.0, 0.5, 2.0):
+            for noise in (0.0, 0.05, 1.0):
+                log_w = mismatch_log_weights(moved, size, noise)
+                w = log_w.exp()
+                s = {k: float(v.mean()) for k, v in mismatch_stats(log_w, w, torch.ones_like(w)).items()}
+                assert abs(s["is/weight_mean"] - 1) < 1e-5, (moved, size, noise, s)
+                assert s["mismatch/kl_k1"] >= -1e-6 and s["mismatch/kl_k3"] >= 0
+                assert s["is/weight_mean"] ** 2 / s["is/weight_sq_mean"] <= 1 + 1e-6
+    assert float(mismatch_log_weights(0.0, 1.0, 0.0).abs().max()) < 1e-6  # nothing moved: no gap at all
+    # the simulated KL grows with both causes (about moved * size^2 / 2 + noise^2 / 2 for small spreads)
+    kl = [float((-mismatch_log_weights(m, 0.5, 0.05)).mean()) for m in (0.1, 0.3, 0.9)]
+    assert kl == sorted(kl) and abs(kl[0] - (0.1 * 0.125 + 0.00125)) < 0.004, kl
+
+
+def test_control_24_shows_weights_that_average_one_at_its_extremes() -> None:
+    at = _control("24")
+    for moved, size, noise in ((1.0, 2.0, 1.0), (0.0, 0.0, 0.0), (0.3, 0.5, 0.0)):
+        at.slider(key="c24_moved").set_value(moved)
+        at.slider(key="c24_size").set_value(size)
+        at.slider(key="c24_noise").set_value(noise).run()
+        table = at.dataframe[0].value.set_index("correction")
+        assert abs(table.loc["none", "weight mean"] - 1) < 1e-3 and (table["ESS"] <= 1 + 1e-4).all(), table
+        shown = {m.label: float(m.value) for m in at.metric}
+        assert min(shown.values()) >= 0, shown
