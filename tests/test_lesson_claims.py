@@ -85,6 +85,35 @@ def test_adam_ignores_a_constant_gradient_scale() -> None:
     assert torch.allclose(out[0], out[1], atol=1e-6) and torch.allclose(out[0], out[2], atol=1e-6)
 
 
+def test_scaling_the_advantages_moves_the_step_once_a_kl_term_or_gradient_clipping_is_in_the_loss() -> None:
+    """Lessons 04, 12, 14: Adam cancels a constant scale on the *whole* gradient only. The loss is pg * s + beta * KL
+    and the gradient is clipped to norm 1 first: scaling the advantages by s changes the PG:KL balance, and a norm
+    above 1 (GRPO's 1.94 and 1.69) is clipped while a small one (Dr.GRPO's 0.28) is not."""
+    gen = torch.Generator().manual_seed(0)
+    pg_dirs = [torch.randn(5, generator=gen) for _ in range(10)]  # the policy-gradient part of each step's gradient
+    target = torch.randn(5, generator=gen)  # where the KL term pulls (the reference)
+
+    def train(scale: float, beta: float, clip: float | None) -> torch.Tensor:
+        p = torch.nn.Parameter(torch.zeros(5))
+        opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.0)
+        for d in pg_dirs:
+            opt.zero_grad()
+            loss = scale * (d * p).sum() + beta * 0.5 * ((p - target) ** 2).sum()
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_([p], clip)
+            opt.step()
+        return p.detach().clone()
+
+    assert torch.allclose(train(1.0, 0.0, None), train(0.25, 0.0, None), atol=1e-6)  # Adam alone: scale-free
+    assert not torch.allclose(train(1.0, 0.5, None), train(0.25, 0.5, None), atol=1e-3)  # + KL: the balance moves
+    # clipping alone: norms above 1 are divided by their own size, a factor that differs step to step, so Adam no
+    # longer sees one constant scale (all norms below 1 would leave it scale-free again)
+    assert not torch.allclose(train(1.0, 0.0, 1.0), train(0.1, 0.0, 1.0), atol=1e-3)
+    assert torch.allclose(train(0.1, 0.0, 1.0), train(0.05, 0.0, 1.0), atol=1e-5)
+    assert not torch.allclose(train(1.0, 0.5, 1.0), train(0.25, 0.5, 1.0), atol=1e-3)
+
+
 def test_dropping_the_critic_saves_about_half_of_the_trainable_state() -> None:
     """Lesson 11: PPO trains a policy and a critic of the same size (the critic is a copy of the trunk plus a scalar
     head); each has weights, gradients and two AdamW moments (4 copies). GRPO keeps the policy's 4 copies and the
