@@ -366,23 +366,31 @@ def leaky_group() -> None:
 @control("18a")
 def signal_density_control() -> None:
     """Policy strength, curation band and K -> prompts kept and rollouts wasted on zero-variance groups."""
-    from rlcore.tasks import signal_density
+    from rlcore.tasks import dapo_whole_rounds, signal_density
 
     strength = st.slider("Policy strength (logit of the pass rate on the middle bucket)", -4.0, 6.0, 1.0, 0.5,
                          key="c18a_strength")
     k = st.slider("K samples per prompt", 2, 16, 8, key="c18a_k")
     high = st.slider("Curation: skip buckets passing at least", 0.5, 1.0, 0.9, 0.05, key="c18a_high")
+    batch = st.slider("Prompts per step (DAPO rolls out whole batches of them per round)", 4, 64, 32, 4,
+                      key="c18a_batch")
     difficulty = torch.linspace(-3, 3, 7)  # seven buckets, easy to hard
     rates = torch.sigmoid(strength - difficulty).tolist()
     d = signal_density(rates, k, 0.05, high, 0.1)
+    rounds = dapo_whole_rounds(d["none_wasted"], batch, AlgorithmConfig().max_sample_rounds)
     st.dataframe(pd.DataFrame([
-        {"stream": "raw (GRPO)", "prompts kept": 1.0, "rollouts wasted": d["none_wasted"]},
-        {"stream": "curated", "prompts kept": d["curation_kept"], "rollouts wasted": d["curation_wasted"]},
-        {"stream": "DAPO filter", "prompts kept": 1.0, "rollouts wasted": d["none_wasted"]},
+        {"stream": "raw (GRPO)", "prompts kept": 1.0, "rollouts wasted": d["none_wasted"], "rounds": 1.0},
+        {"stream": "curated", "prompts kept": d["curation_kept"], "rollouts wasted": d["curation_wasted"],
+         "rounds": 1.0},
+        {"stream": "DAPO filter, ideal (one group at a time)", "prompts kept": 1.0,
+         "rollouts wasted": d["none_wasted"], "rounds": d["dapo_rollouts_per_group"]},
+        {"stream": "DAPO filter, whole-batch rounds (rlcore)", "prompts kept": 1.0,
+         "rollouts wasted": rounds["wasted"], "rounds": rounds["rounds"]},
     ]).round(3), hide_index=True, key="c18a_table")
-    st.caption("bucket pass rates " + ", ".join(f"{r:.2f}" for r in rates) + f". DAPO rolls out "
-               f"{d['dapo_rollouts_per_group']:.2f} groups per informative group and drops the rest; curation skips "
-               "before rolling out (rlcore.tasks.signal_density).")
+    st.caption("bucket pass rates " + ", ".join(f"{r:.2f}" for r in rates) + ". Ideally DAPO would roll out "
+               f"{d['dapo_rollouts_per_group']:.2f} groups per informative group and waste only the degenerate "
+               "ones; drawing a whole batch per extra round, as rlcore (and DAPO's own code) does, throws away the "
+               "surplus of the last round too (rlcore.tasks.signal_density, dapo_whole_rounds).")
 
 
 @control("24")

@@ -252,3 +252,15 @@ def test_control_24_shows_weights_that_average_one_at_its_extremes() -> None:
         assert abs(table.loc["none", "weight mean"] - 1) < 1e-3 and (table["ESS"] <= 1 + 1e-4).all(), table
         shown = {m.label: float(m.value) for m in at.metric}
         assert min(shown.values()) >= 0, shown
+
+
+def test_dapo_whole_batch_rounds_explain_lesson_18a_waste() -> None:
+    """Lesson 18a: DAPO's filter wasted 49.6 % of rollouts in 1.98 rounds where the ideal 1 / (1 - z) filter would
+    waste z = 10.5 %: each extra round is a whole batch of 32 prompts. The model from the raw run's z reproduces both."""
+    from rlcore.tasks import dapo_whole_rounds, signal_density
+
+    d = dapo_whole_rounds(0.105, 32, 3)
+    assert abs(d["rounds"] - 1.98) < 0.05 and abs(d["wasted"] - 0.496) < 0.02, d
+    assert dapo_whole_rounds(0.0, 32, 3) == {"rounds": 1.0, "wasted": 0.0, "short": 0.0}
+    ideal = signal_density([0.5], 8, 0.05, 0.95, 0.1)  # z = 2 / 256
+    assert dapo_whole_rounds(ideal["none_wasted"], 1, 50)["wasted"] < 2 * ideal["none_wasted"]  # one prompt a round
