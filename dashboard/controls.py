@@ -186,11 +186,15 @@ def loss_assembly() -> None:
 
 @control("06")
 def stale_policy() -> None:
-    """Clip fraction when pi_old lags the policy by n updates (each update moves log-probs by ~delta)."""
+    """Clip fraction when pi_old lags the policy by n updates, under the drift model of rlcore.topology (each update
+    moves a token's log-prob by a heavy-tailed delta, in the same direction every time: n updates move it n delta)."""
+    from rlcore.topology import stale_log_ratios
+
     interval = st.slider("Sync every n updates", 1, 16, 1, key="c06_n")
-    delta = st.slider("Per-update log-prob drift (std)", 0.01, 0.3, 0.08, 0.01, key="c06_d")
-    gen = torch.Generator().manual_seed(0)
-    log_ratio = torch.randn(4096, 1, generator=gen) * delta * interval ** 0.5  # drift accumulates like a random walk
+    delta = st.slider("Per-update log-prob move (scale of its heavy-tailed law)", 0.001, 0.1, 0.01, 0.001,
+                      format="%.3f", key="c06_d")
+    gen = torch.Generator().manual_seed(1)
+    log_ratio = stale_log_ratios(interval, delta)  # [4096, 1] log pi - log pi_old after n updates
     adv = torch.where(torch.rand(4096, 1, generator=gen) < 0.5, 1.0, -1.0)
     _, m = POLICY_LOSSES["ppo_clip"](log_ratio, LossInputs(torch.zeros_like(log_ratio), adv, torch.ones_like(adv)), AlgorithmConfig())
     frac = float((m["actor/clipfrac_low"] + m["actor/clipfrac_high"]).mean())
@@ -199,7 +203,8 @@ def stale_policy() -> None:
     st.metric("Outside the clip range", f"{outside:.1%}")
     st.metric("Clipped tokens", f"{frac:.1%}")
     st.caption("A token outside the range is clipped only when its advantage pushes it further out (about half of "
-               "them). Above ~30 % clipped, the update is mostly clipped: pi_old is too stale (lesson 28's canary).")
+               "them). Above ~30 % clipped, the update is mostly clipped: pi_old is too stale (lesson 28's canary). "
+               "The law's tail (rlcore.topology.STALE_TAIL = 1.30) is fitted on lesson 22c's runs.")
 
 
 @control("07")
@@ -451,18 +456,19 @@ def topology() -> None:
 def pipelining() -> None:
     """max_staleness and the roles' times -> step time and idle shares; the clip fraction at one update of staleness
     -> the share of tokens a PPO clip on pi/mu cuts at k (rlcore.topology.step_time, stale_clip_fraction)."""
-    from rlcore.topology import stale_clip_fraction, step_time
+    from rlcore.topology import stale_clip_fraction, stale_mismatch_kl, step_time
 
     roll = st.slider("Rollout seconds per step", 0.05, 10.0, 0.20, 0.05, key="c22c_roll")
     train = st.slider("Train + sync seconds per step", 0.05, 10.0, 0.40, 0.05, key="c22c_train")
     c1 = st.slider("Clip fraction of a ratio against a sampler one update stale", 0.0, 0.2, 0.008, 0.001,
                    format="%.3f", key="c22c_c1")
+    kl1 = st.slider("Mismatch KL one update stale", 0.0, 0.05, 0.0022, 0.0001, format="%.4f", key="c22c_kl1")
     rows = []
     for k in range(4):
         t = step_time("async", roll, train, staleness=k)
         rows.append({"max_staleness": k, "s/step": t.step_s, "steps/hour": t.steps_per_hour,
                      "trainer idle": t.trainer_idle, "engine idle": t.engine_idle,
-                     "clip fraction": stale_clip_fraction(c1, k)})
+                     "clip fraction": stale_clip_fraction(c1, k), "mismatch KL": stale_mismatch_kl(kl1, k)})
     st.dataframe(pd.DataFrame(rows).round(4), hide_index=True, key="c22c_table")
     st.caption("The first update of staleness buys all the overlap in this model; more only hides uneven rollouts "
                "(a long tail) and costs clipped tokens, about k times the one-update fraction (measured here: 0.0080 "

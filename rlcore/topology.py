@@ -45,12 +45,38 @@ def step_time(mode: str, rollout_s: float, train_s: float, sync_s: float = 0.0, 
     raise ValueError(f"rollout.mode: unknown {mode!r}, valid: async, colocated, separate")
 
 
-def stale_clip_fraction(clip_one: float, staleness: int) -> float:
-    """Predicted clip fraction of a PPO ratio taken against a sampler `staleness` updates old, from the fraction at
-    one update: each update moves the probabilities of the tokens it trained on, and a token is clipped if any of the
-    k updates since the sampler's weights moved it past the clip, so 1 - (1 - c1)^k (about k * c1). Measured here:
-    0.0080 at one update, 0.0197 at two, where this predicts 0.0160 (lesson 22c)."""
-    return 1.0 - (1.0 - clip_one) ** staleness
+# One model of what staleness does to a ratio taken against the sampler (lessons 06, 22c, 24), fitted on lesson 22c's
+# coupled runs (lr 3e-4, no KL anchor): clip fraction 0.0080 one update stale, 0.0197 two updates stale.
+STALE_TAIL = math.log2(0.0197 / 0.0080)  # 1.30
+
+
+def stale_clip_fraction(clip_one: float, staleness: int, tail: float = STALE_TAIL) -> float:
+    """Predicted clip fraction of a PPO ratio taken against a sampler `staleness` = k updates old, from the fraction
+    at one update.
+
+    Consecutive updates push the same tokens the same way (the same rewards keep favouring the same answers), so
+    after k updates a token's log(pi/mu) is k times its one-update move delta: a drift, not a random walk (whose
+    spread would grow like sqrt(k)). And delta is heavy-tailed: most tokens barely move, a few move a lot, with
+    P(|delta| > x) ~ x^-a in the tail the clip cuts. A token is clipped where |k delta| > log(1 + eps), so
+    clip(k) = clip(1) k^a, capped at 1; a = STALE_TAIL is fitted on lesson 22c's k = 1 and 2 runs. The model's
+    other prediction, `stale_mismatch_kl`, is not fitted (22c says how well both hold)."""
+    return 0.0 if staleness <= 0 else min(1.0, clip_one * staleness ** tail)
+
+
+def stale_mismatch_kl(kl_one: float, staleness: int) -> float:
+    """The same drift model's mismatch KL(mu || pi): for small moves KL ~ E[(k delta)^2] / 2 = k^2 KL(1) (a random
+    walk would give k KL(1))."""
+    return kl_one * max(staleness, 0) ** 2
+
+
+def stale_log_ratios(staleness: int, delta: float, n: int = 4096, tail: float = STALE_TAIL,
+                     seed: int = 0) -> torch.Tensor:
+    """Per-token log(pi/mu) under the drift model, for lesson 06's control: k times a symmetric heavy-tailed move of
+    scale delta, |move| = delta (U^(-1/a) - 1) (a Lomax law: P(|move| > x) = (1 + x / delta)^-a). [n, 1]"""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, 1, generator=g).clamp_min(1e-12)  # [n, 1]
+    sign = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)  # [n, 1]
+    return staleness * delta * sign * (u ** (-1.0 / tail) - 1.0)  # [n, 1]
 
 
 def gaussian_clip_fraction(kl_k3: float, eps_low: float = 0.2, eps_high: float | None = None) -> float:

@@ -3,7 +3,10 @@ the clip fraction of a ratio taken against a stale sampler."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from rlcore.topology import gaussian_clip_fraction, stale_clip_fraction, step_time
 
@@ -26,8 +29,20 @@ def test_step_time_by_hand() -> None:
 
 
 def test_clip_fraction_models() -> None:
+    from rlcore.topology import STALE_TAIL, stale_log_ratios, stale_mismatch_kl
+
     assert stale_clip_fraction(0.01, 0) == 0 and stale_clip_fraction(0.01, 1) == pytest.approx(0.01)
-    assert stale_clip_fraction(0.01, 2) == pytest.approx(1 - 0.99**2)  # clipped by either update
+    # the drift model, fitted on lesson 22c: 0.0080 at one update -> 0.0197 at two
+    assert stale_clip_fraction(0.0080, 2) == pytest.approx(0.0197, rel=1e-9) and STALE_TAIL == pytest.approx(1.30, abs=0.005)
+    assert stale_clip_fraction(0.5, 10) == 1.0  # a share, capped
+    assert stale_mismatch_kl(0.0022, 2) == pytest.approx(0.0088) and stale_mismatch_kl(0.0022, 0) == 0
+    # the simulated moves follow the same law: n updates multiply each token's move by n, and in the tail the
+    # share past the clip grows like n^a
+    one, two = stale_log_ratios(1, 0.001, n=200_000), stale_log_ratios(2, 0.001, n=200_000)
+    assert torch.equal(two, 2 * one)
+    c = math.log(1.2)
+    ratio = float((two.abs() > c).float().mean() / (one.abs() > c).float().mean())
+    assert ratio == pytest.approx(2 ** STALE_TAIL, rel=0.08), ratio
     assert gaussian_clip_fraction(0.0) == 0
     # sigma = sqrt(2 * 0.02) = 0.2: 1/2 P(Z > log 1.2 / 0.2) + 1/2 P(Z < log 0.8 / 0.2)
     assert gaussian_clip_fraction(0.02) == pytest.approx(0.5 * 0.1810 + 0.5 * 0.1323, abs=2e-4)
