@@ -79,7 +79,7 @@ def run(
 
     if ship_it and (cfg.kind != "sft" or seeds is not None or resume):
         raise ConfigError("--ship: only for a `kind: sft` experiment, without --seeds or --resume")
-    if resume and cfg.kind in ("sft", "dpo", "reward_model"):  # these write no checkpoints: a "resume" would start over
+    if resume and cfg.kind in ("sft", "dpo", "reward_model", "search"):  # no checkpoints: a "resume" would start over
         raise ConfigError(f"--resume: a `kind: {cfg.kind}` run keeps no checkpoint to continue from; run it again "
                           "without --resume")
     if resume and seeds is not None:
@@ -144,6 +144,14 @@ def run(
         typer.echo(f"reward model saved to {out}  (MLflow run {run_id}): held-out pair accuracy "
                    f"{metrics['rm/heldout_accuracy']:.3f} against the labels, {metrics['rm/heldout_true_accuracy']:.3f} "
                    "against the true reward")
+        return
+    if cfg.kind == "search":
+        from rlcore.search import run_search
+
+        run_id, last = run_search(cfg, root)
+        typer.echo(f"\n{file} finished. MLflow run id: {run_id}; held-out true accuracy at N = {cfg.search.n[-1]}:")
+        for key, value in last.items():
+            typer.echo(f"  {key.removeprefix('search/'):20} {value:.3f}")
         return
     if cfg.kind == "preferences":
         if resume:
@@ -261,7 +269,9 @@ def validate(file: Annotated[Path, typer.Argument(help="Experiment or sweep YAML
     from rlcore.tracking import project_root
 
     preflight([cfg], project_root())  # "will it run?" includes the store and the output directory
-    typer.echo(f"ok: {file} ({cfg.kind}, algorithm={cfg.algorithm.name}, steps={cfg.trainer.steps})")
+    what = {"rl": f"algorithm={cfg.algorithm.name}, steps={cfg.trainer.steps}", "sft": f"steps={cfg.trainer.steps}",
+            "search": f"n={cfg.search.n}"}.get(cfg.kind)
+    typer.echo(f"ok: {file} ({cfg.kind}{', ' + what if what else ''})")
 
 
 @app.command()
@@ -382,8 +392,14 @@ def run_any(cfg, root: Path):
 
         out, _, run_id = run_preferences(cfg, root)
         return RunResult(run_id, uri, {}, {}, out)
+    if cfg.kind == "search":
+        from rlcore.search import run_search
+
+        run_id, last = run_search(cfg, root)
+        return RunResult(run_id, uri, {}, last, None)
     if cfg.kind == "sft":
-        raise ConfigError("a lesson pairs RL, DPO, reward-model or preference runs; a warm start is built by `rlcore run`")
+        raise ConfigError("a lesson pairs RL, DPO, reward-model, search or preference runs; a warm start is built by "
+                          "`rlcore run`")
     return run_rl(cfg, root)
 
 

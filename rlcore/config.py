@@ -554,20 +554,45 @@ class RewardModelConfig(_Section):
     """`kind: reward_model`: an outcome reward model (Bradley-Terry, on a `kind: preferences` data set; lesson 15) or
     a process reward model (a score per answer token, on prefix labels the task checks exactly; lesson 17)."""
 
-    type: Literal["outcome", "process"] = Field("outcome", description="`outcome`: one score per completion, trained "
-                                                "on preference pairs. `process`: a score after every token, trained "
-                                                "on whether the answer so far can still be right (the task's "
-                                                "`prefix_right`: addition).")
+    type: Literal["outcome", "process", "pointwise"] = Field(
+        "outcome", description="`outcome`: one score per completion, trained on preference pairs. `process`: a score "
+        "after every token, trained on whether the answer so far can still be right (the task's `prefix_right`: "
+        "addition). `pointwise`: an outcome model trained on the process model's own answers, one label each "
+        "(is the whole answer right, read at its EOS): the control for process supervision (lesson 17).")
     pairs: str | None = Field(None, description="Path (relative to this YAML) of the `kind: preferences` experiment "
                               "whose pairs it trains on; built on first use and cached by its config hash (outcome).")
-    prompts: int = Field(512, gt=0, le=1_000_000, description="process: prompts drawn from the task's training "
+    prompts: int = Field(512, gt=0, le=1_000_000, description="process, pointwise: prompts drawn from the task's training "
                          "stream (seeded by `seed`), answered by the policy at rollout.temperature.")
-    samples_per_prompt: int = Field(4, ge=1, le=1024, description="process: completions per prompt, every token labelled.")
+    samples_per_prompt: int = Field(4, ge=1, le=1024, description="process, pointwise: completions per prompt, every "
+                                    "token labelled (pointwise: only the last).")
     heldout_frac: float = Field(0.2, gt=0, lt=1, description="Share of the prompts (with all their pairs) held out, seeded by `seed`.")
     epochs: int = Field(2, gt=0, le=1000, description="Passes over the training pairs.")
     batch_size: int = Field(32, gt=0, le=100_000, description="Pairs per optimizer step.")
     center_coef: float = Field(0.0, ge=0, description="Reward centring (Eisenstein et al., 2023): adds c * mean((r_c + r_r)^2) "
                                "so scores stay near 0 and are comparable across runs. 0 = off.")
+
+
+class SearchConfig(_Section):
+    """`kind: search`: search at evaluation on the task's held-out prompts (lesson 17), one MLflow run: each method's
+    true accuracy at each N as `search/<method>` at step N, and the tokens it generated as `search_tokens/<method>`."""
+
+    n: list[int] = Field(default_factory=lambda: [4, 16], min_length=1, description="Samples per prompt, in "
+                         "increasing order; N is the step its figures are logged at.")
+    reward_model: str | None = Field(None, description="Outcome reward model (a `kind: reward_model` experiment, "
+                                     "trained on first use, or its folder): best_of_n.")
+    process_model: str | None = Field(None, description="Process reward model (reward_model.type: process): "
+                                      "best_of_n_prm, prm_beam and prm_beam_dedup.")
+    pointwise_model: str | None = Field(None, description="Pointwise outcome model (reward_model.type: pointwise): "
+                                        "best_of_n_pointwise.")
+    policy: str | None = Field(None, description="A policy folder (relative to this YAML) to search over instead of "
+                               "the experiment's starting policy.")
+
+    @field_validator("n")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(n < 1 or n > 4096 for n in value) or value != sorted(set(value)):
+            raise ValueError(f"must be distinct sample counts from 1 to 4096 in increasing order, got {value}")
+        return value
 
 
 class DPOConfig(_Section):
@@ -642,10 +667,11 @@ class LoggingConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    kind: Literal["rl", "sft", "preferences", "reward_model", "dpo"] = Field(
+    kind: Literal["rl", "sft", "preferences", "reward_model", "dpo", "search"] = Field(
         "rl", description="`rl`: the RL loop. `sft`: supervised warm start. `preferences`: a labelled pairs data set "
         "sampled from the policy (rlcore.preferences). `reward_model`: a Bradley-Terry reward model on such pairs. "
-        "`dpo`: DPO/IPO of the policy on such pairs.")
+        "`dpo`: DPO/IPO of the policy on such pairs. `search`: search at evaluation (best-of-N, majority vote, "
+        "PRM beam search) against greedy, logged as a run.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seeds python, numpy, torch and the sampler; same seed + config = same numbers.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskSpec = Field(default_factory=TaskConfig, description="The task, chosen by task.name: addition (the "
@@ -656,11 +682,24 @@ class ExperimentConfig(_Section):
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _sections_of_its_kind(self) -> ExperimentConfig:
+        """A section that only one kind reads (`search:` in an RL experiment) would be keys with no effect."""
+        for kind in ("preferences", "reward_model", "dpo", "search"):
+            if kind != self.kind and getattr(self, kind).model_fields_set:
+                raise ValueError(f"{kind}: only `kind: {kind}` reads this section, and this experiment is `kind: "
+                                 f"{self.kind}` (remove it, or set kind: {kind})")
+        if self.logging.kl_to_reference and self.kind != "rl":
+            raise ValueError(f"logging.kl_to_reference: measures an RL run's drift from its reference; a `kind: "
+                             f"{self.kind}` run has none to measure (remove it)")
+        return self
 
     @model_validator(mode="after")
     def _one_source_of_staleness(self) -> ExperimentConfig:

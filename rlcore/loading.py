@@ -290,19 +290,31 @@ def check_workload(cfg: ExperimentConfig) -> None:
     from rlcore.tasks import make_task
 
     check_model_fit(cfg)
-    process = cfg.kind == "reward_model" and cfg.reward_model.type == "process"
+    process = cfg.kind == "reward_model" and cfg.reward_model.type in ("process", "pointwise")
     if process and cfg.reward_model.pairs is not None:
-        raise ConfigError("reward_model.pairs: a process reward model trains on prefix labels, not pairs (remove it, "
-                          "or set reward_model.type: outcome)")
+        raise ConfigError(f"reward_model.pairs: a {cfg.reward_model.type} reward model trains on labelled answers, not "
+                          "pairs (remove it, or set reward_model.type: outcome)")
     if process and not hasattr(make_task(cfg.task, cfg._base_dir), "prefix_right"):
-        raise ConfigError(f"reward_model.type: process needs a task that labels answer prefixes (prefix_right: "
-                          f"addition); task {cfg.task.name!r} has none")
+        raise ConfigError(f"reward_model.type: {cfg.reward_model.type} needs a task that labels answer prefixes "
+                          f"(prefix_right: addition); task {cfg.task.name!r} has none")
     if cfg.kind in ("reward_model", "dpo") and not process:
         key = f"{cfg.kind}.pairs"
         pairs = getattr(cfg, cfg.kind).pairs
         if pairs is None:
             raise ConfigError(f"{key}: required for `kind: {cfg.kind}` (a `kind: preferences` experiment)")
         named_experiment(cfg, key, pairs, "preferences")
+    if cfg.kind == "search":
+        s = cfg.search
+        for key, path, want in (("search.reward_model", s.reward_model, "outcome"),
+                                ("search.process_model", s.process_model, "process"),
+                                ("search.pointwise_model", s.pointwise_model, "pointwise")):
+            if path is not None:
+                check_reward_model_path(cfg, key, path, want)
+        if s.policy is not None:
+            p = cfg.resolve_path(s.policy)
+            check_inside("search.policy", p)
+            if not (p / "config.json").is_file():
+                raise ConfigError(f"search.policy: {s.policy!r} is not a model folder (no config.json)")
     if cfg.kind == "sft" and cfg.task.name != "addition":
         raise ConfigError(f"kind: sft trains the addition warm start; task.name {cfg.task.name!r} has no SFT path")
     for i, comp in enumerate(cfg.reward.components):

@@ -98,6 +98,20 @@ CATALOGUE: list[MetricDef] = [
               "when the reward is a learned reward model or reward.log_true is set", "15"),
     MetricDef("eval/proxy_reward", "reward", "the learned reward (the whole weighted reward) of the held-out greedy "
               "completions", "15"),
+    # search at evaluation (kind: search, lesson 17): logged at step N, the samples per prompt
+    MetricDef("search/greedy", "fraction", "held-out true accuracy of one greedy answer (budget 1, the same at every N)", "17"),
+    MetricDef("search/sample", "fraction", "held-out true accuracy of one sample at T = 1 (the mean over the N)", "17"),
+    MetricDef("search/majority", "fraction", "true accuracy of the answer most of the N samples give (self-consistency)", "17"),
+    MetricDef("search/best_of_n", "fraction", "true accuracy of the sample the outcome (Bradley-Terry) model scores "
+              "highest among N", "17"),
+    MetricDef("search/best_of_n_pointwise", "fraction", "true accuracy of the sample the pointwise outcome model scores "
+              "highest among N (trained on the process model's answers, one label each)", "17"),
+    MetricDef("search/best_of_n_prm", "fraction", "true accuracy of the sample whose weakest step the process model "
+              "scores highest among N", "17"),
+    MetricDef("search/prm_beam", "fraction", "true accuracy of PRM-guided beam search with N candidates a step", "17"),
+    MetricDef("search/prm_beam_dedup", "fraction", "prm_beam with each distinct candidate prefix ranked once", "17"),
+    MetricDef("search/oracle", "fraction", "pass@N: a right answer is among the N samples (a perfect ranker's ceiling)", "17"),
+    MetricDef("search_tokens/<method>", "tokens", "tokens the method generated for all held-out prompts at this N", "17"),
     # sft warm start
     MetricDef("sft/loss", "nats", "token mean cross-entropy on the completion tokens", "01"),
     # reward model (kind: reward_model)
@@ -257,7 +271,7 @@ CATALOGUE = [MetricDef(m.name, m.unit, m.formula, m.lesson, *HEALTH.get(m.name, 
 class _Catalogue(dict):
     """name -> MetricDef; a name of a family (`reward/<component>`) resolves to the family's entry."""
 
-    FAMILIES = {"reward/": "reward/<component>"}
+    FAMILIES = {"reward/": "reward/<component>", "search_tokens/": "search_tokens/<method>"}
 
     def _family(self, key: object) -> str | None:
         if isinstance(key, str) and "/" in key:

@@ -60,7 +60,7 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
     acc = process_group() if distributed else None
     main = acc is None or acc.is_main_process
     rm = cfg.reward_model
-    process = rm.type == "process"
+    process = rm.type in ("process", "pointwise")  # both train on the policy's own labelled answers
     with acc.main_process_first() if acc is not None else nullcontext():  # built once, on first use
         rows = None if process else load_pairs(cfg, root)
         ws = warm_start_dir(cfg, root, quiet=not main)
@@ -69,6 +69,8 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
     fmt = PromptFormat(cfg.prompt, cfg.model.use_chat_template)
     if process:  # every process samples the same answers (same seed): no data set to share
         rows = step_labels(cfg, policy, tokenizer, fmt)
+        if rm.type == "pointwise":  # the same answers, only the final label: is the whole answer right
+            rows = [{**r, "labels": [-1.0] * (len(r["labels"]) - 1) + r["labels"][-1:]} for r in rows]
     model = RewardModel(policy)
     del policy
     train, held = split_by_prompt(rows, rm.heldout_frac, cfg.seed)
@@ -101,7 +103,7 @@ def train_reward_model(cfg: ExperimentConfig, root: Path, out: Path | None = Non
                 if process:
                     ids, mask, labels = encode_steps(tokenizer, fmt, mine)  # [n, L] each
                     logits = learner(ids, mask, steps=True)  # [n, L]
-                    n = sum(len(r["labels"]) for r in part)  # labelled steps of the whole batch
+                    n = sum(sum(x >= 0 for x in r["labels"]) for r in part)  # labelled steps of the whole batch
                     loss = prm_loss(logits, labels, n) * w
                     on = labels >= 0
                     seen.update({"prm/loss": float(loss.detach()),

@@ -33,7 +33,7 @@ BAD = [
     ("model: {tiny: {hidden_size: 30, num_heads: 4}}", "model.tiny: num_heads must divide hidden_size"),
     ("model: {name_or_path: /x, warm_start: sft.yaml}", "model: set either name_or_path or warm_start, not both"),
     ("algorithm: {overlong_buffer: 8}", "algorithm.overlong_buffer must be < rollout.max_new_tokens, got 8 >= 8"),
-    ("kind: kto", "kind: must be one of 'rl', 'sft', 'preferences', 'reward_model' or 'dpo', got 'kto'"),
+    ("kind: kto", "kind: must be one of 'rl', 'sft', 'preferences', 'reward_model', 'dpo' or 'search', got 'kto'"),
     ("seed: [1, 2]", "seed: input should be a valid integer"),
     ("modle: {}", "modle: unknown key (valid: kind, seed, model"),
     ("- a\n- b", "must be a YAML mapping of sections, got list"),

@@ -120,3 +120,82 @@ def test_process_reward_model_trains_on_exact_step_labels_and_search_uses_it(lab
     assert prm["samples"] == beam["samples"] == 4 * 16 and prm["tokens"] == table["oracle"]["tokens"]
     assert prm["accuracy"] <= table["oracle"]["accuracy"]  # no ranker beats pass@N on the same samples
     assert 0 < beam["tokens"] <= 4 * 16 * search.rollout.max_new_tokens
+
+
+def test_prm_beam_dedup_ranks_each_distinct_prefix_once() -> None:
+    """Lesson 17: candidates are drawn with replacement, so without de-duplication one beam can fill with copies of
+    one prefix; `dedup` scores each distinct candidate once per prompt and step, on the same draws and budget."""
+    from rlcore.search import prm_beam
+
+    tok = _Tok()
+
+    def policy(input_ids, attention_mask, position_ids):  # two tokens and EOS: copies are the rule
+        logits = torch.full((*input_ids.shape, 14), -1e9)
+        logits[..., [1, 5, 10]] = 0.0
+        return SimpleNamespace(logits=logits)
+
+    scored: list[list[tuple[int, ...]]] = []
+
+    def prm(ids, mask, steps=True):
+        scored.append([tuple(r[: int(m.sum())]) for r, m in zip(ids.tolist(), mask, strict=True)])
+        return torch.zeros(ids.shape)
+
+    prompts = [[1, 2], [3, 4]]
+    budget = None
+    for dedup in (False, True):
+        scored.clear()
+        _, spent = prm_beam(policy, prm, tok, prompts, 16, 3, torch.Generator().manual_seed(0), dedup=dedup)
+        copies = sum(len(call) - len(set(call)) for call in scored)
+        assert (copies == 0) if dedup else (copies > 0), (dedup, copies)
+        assert spent >= 16 * 2  # every draw is paid for either way
+        budget = budget or spent
+    assert spent == budget  # the same budget
+
+
+def test_search_kind_logs_every_method_at_each_n_and_the_pointwise_model_sees_only_final_labels(
+        lab: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kind: search` makes lesson 17's table as an MLflow run (search/<method> at step N), with majority voting and
+    an outcome model trained pointwise on the process model's own answers beside the PRM."""
+    from mlflow.tracking import MlflowClient
+
+    from rlcore.cli import run_any
+    from rlcore.reward_model import load_reward_model  # noqa: F401 - the saved folders load as reward models
+
+    monkeypatch.chdir(lab)
+    for kind in ("process", "pointwise"):
+        (tmp_path / f"{kind}.yaml").write_text(dedent(f"""
+            kind: reward_model
+            model: {{warm_start: {lab / 'sft.yaml'}}}
+            task: {{min_digits: 1, max_digits: 1, heldout_size: 16}}
+            rollout: {{max_new_tokens: 4}}
+            reward_model: {{type: {kind}, prompts: 16, samples_per_prompt: 2, epochs: 1, batch_size: 8}}
+            logging: {{experiment: test-prm, eval_every: 5}}
+        """))
+    (tmp_path / "search.yaml").write_text(dedent(f"""
+        kind: search
+        model: {{warm_start: {lab / 'sft.yaml'}}}
+        task: {{min_digits: 1, max_digits: 1, heldout_size: 16}}
+        rollout: {{max_new_tokens: 4}}
+        search: {{n: [2, 4], process_model: process.yaml, pointwise_model: pointwise.yaml}}
+        logging: {{experiment: test-search}}
+    """))
+    res = run_any(load_experiment(tmp_path / "search.yaml"), lab)
+    c = MlflowClient(res.tracking_uri)
+    run = c.get_run(res.run_id)
+    assert run.data.tags["rlcore.kind"] == "search" and run.info.status == "FINISHED"
+    methods = ["greedy", "sample", "majority", "best_of_n_pointwise", "best_of_n_prm", "prm_beam", "prm_beam_dedup",
+               "oracle"]
+    hist = {m: {p.step: p.value for p in c.get_metric_history(res.run_id, f"search/{m}")} for m in methods}
+    assert all(set(h) == {2, 4} for h in hist.values()), hist
+    assert c.get_metric_history(res.run_id, "search/best_of_n") == []  # no outcome model named: no such row
+    assert hist["greedy"][2] == hist["greedy"][4]  # one greedy answer whatever N
+    for n in (2, 4):
+        ranked = ("majority", "best_of_n_pointwise", "best_of_n_prm", "sample")  # choose among the same N samples
+        assert all(hist[m][n] <= hist["oracle"][n] + 1e-9 for m in ranked), {m: hist[m][n] for m in methods}
+    assert hist["oracle"][4] >= hist["oracle"][2]  # pass@N cannot fall with N (the first samples are shared)
+    tokens = {p.step: p.value for p in c.get_metric_history(res.run_id, "search_tokens/oracle")}
+    assert tokens[4] > tokens[2] > 0
+    # the pointwise model trained on one label per answer: its logged step accuracy is its final accuracy
+    pw = [r for r in c.search_runs([c.get_experiment_by_name("test-prm").experiment_id])
+          if r.data.tags.get("rlcore.rm.type") == "pointwise"]
+    assert pw and pw[0].data.metrics["prm/heldout_step_accuracy"] == pw[0].data.metrics["prm/heldout_final_accuracy"]
