@@ -531,3 +531,75 @@ def test_seeds_as_bands_and_the_raw_line_behind_smoothing(busy, page) -> None:
         .querySelectorAll('.mark-line.role-mark path').length""")
     assert lines == 4  # each run smoothed, and its raw line faint behind it
     no_exception(page)
+
+
+# ------------------------------------------------------------------------------ lessons 15-24 (issue 29)
+
+QUOTING = ("15", "16", "17", "18", "18a", "19", "22c", "24")
+
+
+@pytest.fixture(scope="module")
+def quoted(tmp_path_factory):
+    """The curriculum's own lessons and experiments over a store holding two seeds of every run their plans make
+    (the main plan and every study), each logging the metrics its block charts: what a reader who ran
+    `rlcore lesson 15-24` sees. Yields (url, lessons)."""
+    from mlflow.entities import Metric
+
+    from rlcore.lessons import load_all
+    from rlcore.loading import load_experiment
+    from rlcore.tracking import experiment_id
+
+    root = tmp_path_factory.mktemp("quoted")
+    for d in ("lessons", "experiments", "warm_starts"):
+        (root / d).symlink_to(REPO / d)
+    (root / "mlflow.yml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\nartifact_location: mlruns/artifacts\n")
+    s = tracking_settings(root)
+    c = MlflowClient(s["tracking_uri"])
+    lessons = [x for x in load_all(root) if x.meta.id in QUOTING]
+    now = int(time.time() * 1000)
+    made = set()
+    for lesson in lessons:
+        for block in lesson.meta.blocks():
+            keys = {*block.metrics, *(k.removeprefix("sqrt:") for pair in block.versus for k in pair)}
+            for f in block.experiments:
+                for variant in block.variants:
+                    cfg = load_experiment(root / "experiments" / f, [*block.overrides, *variant])
+                    if (cfg.seed_group(), tuple(sorted(keys))) in made:
+                        continue
+                    made.add((cfg.seed_group(), tuple(sorted(keys))))
+                    eid = experiment_id(c, cfg.logging.experiment, s["artifact_location"])
+                    for seed in (0, 1):
+                        r = c.create_run(eid, run_name=f"{lesson.meta.id}-{seed}", tags={
+                            "rlcore.kind": cfg.kind, "rlcore.group": cfg.seed_group(), "seed": str(seed),
+                            "warm_start.sha256": "same"})
+                        c.log_batch(r.info.run_id, metrics=[Metric(k, 0.1 * t + seed, now + t, t)
+                                                            for t in (1, 2, 3) for k in keys])
+                        c.set_terminated(r.info.run_id)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with background(root, env=env) as url:
+        yield url, lessons
+
+
+def test_every_figure_lessons_15_to_24_quote_has_its_chart_on_the_page(quoted, page) -> None:
+    """Each page of Part III (and 24) draws a chart for every metric its plan and its studies name, from the runs
+    those plans make (17's search table, 16's lr/beta sweep, 24's staleness-0/1 and bfloat16 rows were quoted but
+    never made), and 15's true reward against sqrt(KL)."""
+    url, lessons = quoted
+    for lesson in lessons:
+        m = lesson.meta
+        want = [k for b in m.blocks() for k in b.metrics]
+        want += [f"{y} against {'sqrt(' + x[5:] + ')' if x.startswith('sqrt:') else x}"
+                 for b in m.blocks() for y, x in b.versus]
+        page.goto(f"{url}/lessons?lesson={m.id}")
+        page.wait_for_selector(f"h2:has-text('{m.id} · ')", timeout=30_000)
+        settled(page)
+        charts_drawn(page, len(want))
+        page.wait_for_timeout(500)
+        titles = page.evaluate("""() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')]
+            .map(el => el.querySelector('.role-title-text')?.textContent || '')""")
+        missing = [k for k in want if k not in titles]
+        assert not missing, (m.id, missing, titles)
+        for b in m.blocks()[1:]:  # each study under its own heading, with its runs counted
+            assert page.get_by_text(b.name, exact=True).count() >= 1, (m.id, b.name)
+        assert page.get_by_text("have not been made yet").count() == 0, m.id
+        no_exception(page)

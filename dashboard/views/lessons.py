@@ -122,7 +122,7 @@ else:
                     st.error(f"{f}: {e}")
             if runs is not None:
                 # runs that train something and log curves (preference data sets are artifacts, not curves)
-                rl = runs[runs["rlcore.kind"].isin(("rl", "dpo", "reward_model", "eval"))]
+                rl = runs[runs["rlcore.kind"].isin(("rl", "dpo", "reward_model", "search"))]
                 mine = []
                 for b, block in enumerate(m.blocks()):
                     if b:
