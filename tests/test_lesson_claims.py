@@ -266,3 +266,20 @@ def test_dapo_whole_batch_rounds_explain_lesson_18a_waste() -> None:
     assert dapo_whole_rounds(0.0, 32, 3) == {"rounds": 1.0, "wasted": 0.0, "short": 0.0}
     ideal = signal_density([0.5], 8, 0.05, 0.95, 0.1)  # z = 2 / 256
     assert dapo_whole_rounds(ideal["none_wasted"], 1, 50)["wasted"] < 2 * ideal["none_wasted"]  # one prompt a round
+
+
+def test_lesson_17_closed_form_cannot_fit_both_n_with_one_decoy_rate() -> None:
+    """Lesson 17: the control's best-of-N closed form, at the sampled accuracy of the table (0.555), needs a decoy
+    rate of about 0.23 for the outcome model's 0.641 at N = 4 and about 0.13 for its 0.393 at N = 16; no single rate
+    comes within 5 points of both."""
+    from rlcore.search import best_of_n_accuracy
+
+    def at(q: float, n: int) -> float:
+        return best_of_n_accuracy(0.555, q, n)["best_of_n"]
+
+    qs = [i / 1000 for i in range(1001)]
+    q4 = min(qs, key=lambda q: abs(at(q, 4) - 0.641))
+    q16 = min(qs, key=lambda q: abs(at(q, 16) - 0.393))
+    assert abs(q4 - 0.226) < 0.005 and abs(q16 - 0.127) < 0.005, (q4, q16)
+    worst = min(max(abs(at(q, 4) - 0.641), abs(at(q, 16) - 0.393)) for q in qs)
+    assert worst > 0.05, worst
