@@ -25,7 +25,8 @@ def test_lessons_in_order() -> None:
     for x in LESSONS:
         assert x.path.name.startswith(f"{x.meta.id}-")
         words = len(x.body.split())
-        assert 200 <= words <= 1600, (x.meta.id, words)  # target 600-1500: see the closing note of issue 7
+        # target 600-1500 (the closing note of issue 7); a page that reports studies of its own may run longer
+        assert 200 <= words <= 1600 + 250 * len(x.meta.studies), (x.meta.id, words)
         assert "## Try" in x.body and "## What the paired run" in x.body, x.meta.id
 
 
