@@ -1,7 +1,8 @@
 """Where the rollout engine runs (lessons 19 and 22c): measured seconds per step of colocated, separate and async
 runs set against the time model (rlcore.topology.step_time: the sum of the roles' times, or their max), with each
 role's idle share; and, for async runs at several max_staleness, the clip fraction of a ratio taken against the
-stale sampler, predicted from its value at one update (and, naively, from the mismatch KL).
+stale sampler and the mismatch KL, against the drift model of rlcore.topology (fitted on k = 1, 2), the "clipped by
+any of the k updates" model it replaced, and a Gaussian model from the KL.
 
     rlcore lesson 19,22c            # the paired runs, one at a time (timings need the machine to themselves)
     python bench/topology.py        # reads them from the MLflow store
@@ -20,7 +21,7 @@ from collections import defaultdict
 
 from mlflow.tracking import MlflowClient
 
-from rlcore.topology import gaussian_clip_fraction, stale_clip_fraction, step_time
+from rlcore.topology import gaussian_clip_fraction, stale_clip_fraction, stale_mismatch_kl, step_time
 from rlcore.tracking import project_root, tracking_settings
 
 
@@ -108,11 +109,13 @@ def pipelining(runs: Runs) -> None:
                                            strict=True)])
 
     c1 = mean([clip(r) for r in by.get(("async", "1"), [])])
+    kl1 = mean([mean(runs.steady(r, "mismatch/kl_k3")) for r in by.get(("async", "1"), [])])
     print(f"\nasync.yaml: roles at max_staleness 0 (steps > {runs.skip}): rollout {t_roll:.3f} s, train + sync "
           f"{t_train:.3f} s; clip fraction at max_staleness 1: {c1:.4f}\n")
     print("| max_staleness | runs | staleness | s/step | model | trainer idle | engine idle | mismatch KL | "
-          "clip fraction | predicted: 1-(1-c1)^k / Gaussian from KL | held-out sampled reward |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "drift model KL1 k^2 | clip fraction | drift model c1 k^a / any-update 1-(1-c1)^k / Gaussian from KL | "
+          "held-out sampled reward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k in ks:
         rs = by[("async", str(k))]
         ev = [[m.value for m in sorted(runs.c.get_metric_history(r.info.run_id, "eval/sampled_reward"),
@@ -123,8 +126,8 @@ def pipelining(runs: Runs) -> None:
               f"{ms([mean(runs.steady(r, 'timing/step')) for r in rs])} | {model.step_s:.3f} | "
               f"{ms([mean(runs.steady(r, 'idle/trainer')) for r in rs], 2)} ({model.trainer_idle:.2f}) | "
               f"{ms([mean(runs.steady(r, 'idle/engine')) for r in rs], 2)} ({model.engine_idle:.2f}) | "
-              f"{ms(kl, 5)} | {ms([clip(r) for r in rs], 4)} | "
-              f"{stale_clip_fraction(c1, k):.4f} / {gaussian_clip_fraction(mean(kl)):.4f} | "
+              f"{ms(kl, 5)} | {stale_mismatch_kl(kl1, k):.5f} | {ms([clip(r) for r in rs], 4)} | "
+              f"{stale_clip_fraction(c1, k):.4f} / {1 - (1 - c1) ** k:.4f} / {gaussian_clip_fraction(mean(kl)):.4f} | "
               f"{ms([e[0] for e in ev])} → {ms([e[-1] for e in ev])} |")
 
 

@@ -46,3 +46,22 @@ def test_clip_fraction_models() -> None:
     assert gaussian_clip_fraction(0.0) == 0
     # sigma = sqrt(2 * 0.02) = 0.2: 1/2 P(Z > log 1.2 / 0.2) + 1/2 P(Z < log 0.8 / 0.2)
     assert gaussian_clip_fraction(0.02) == pytest.approx(0.5 * 0.1810 + 0.5 * 0.1323, abs=2e-4)
+
+
+def test_the_drift_model_against_lesson_22c_runs() -> None:
+    """One staleness model (lessons 06, 22c, 24), checked against the runs it was not fitted on: fitted on the clip
+    fractions at k = 1 and 2, it predicts k = 3 within 8 % (the any-of-k-updates model it replaced: 24 % low), and
+    its KL1 k^2 is within 30 % of the measured KL (a random walk's KL1 k: 58 % low)."""
+    import json
+    from pathlib import Path
+
+    from rlcore.topology import stale_mismatch_kl
+
+    runs = json.loads((Path(__file__).parent / "golden" / "staleness_22c.json").read_text())
+    clip, kl = ({int(k): v for k, v in runs[key].items()} for key in ("clip_fraction", "mismatch_kl"))
+    assert stale_clip_fraction(clip[1], 2) == pytest.approx(clip[2], rel=0.01)  # the fit
+    assert stale_clip_fraction(clip[1], 3) == pytest.approx(clip[3], rel=0.08)  # the prediction
+    assert abs((1 - (1 - clip[1]) ** 3) - clip[3]) / clip[3] > 0.2  # the replaced model misses it
+    for k in (2, 3):
+        assert stale_mismatch_kl(kl[1], k) == pytest.approx(kl[k], rel=0.3)
+        assert abs(kl[1] * k - kl[k]) / kl[k] > 0.4  # a random walk's KL would grow like k
