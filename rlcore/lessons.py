@@ -40,17 +40,17 @@ def _known(value: list[str]) -> list[str]:
     return value
 
 
-class Study(_Section):
-    """A second set of runs a page quotes (a table, a sweep) that the main plan's variants cannot make, because its
-    experiments or its overrides are of their own: its runs are in `rlcore lesson NN` and its charts on the page."""
+class _Plan(_Section):
+    """What `rlcore lesson NN` runs and the page charts: experiments x variants x seeds, with their metrics."""
 
-    name: str = Field(min_length=1, description="What it measures: the heading of its charts on the page.")
-    experiments: list[str] = Field(min_length=1, description="Experiment files, relative to experiments/.")
-    overrides: list[str] = Field(default_factory=list, description="`key=value` for every run of the study (the "
-                                 "lesson's own overrides do not apply: a study may use other kinds).")
-    variants: list[list[str]] = Field(default_factory=lambda: [[]], description="Override sets, as the lesson's.")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds per (experiment, variant).")
-    metrics: list[str] = Field(default_factory=list, description="Metrics to chart for it.")
+    experiments: list[str] = Field(default_factory=list, description="Paired experiment files, relative to experiments/.")
+    overrides: list[str] = Field(default_factory=list, description="`key=value` applied to every paired run (the "
+                                 "lesson's budget: most lessons use 30 steps of 32 prompts; `rlcore lesson 01-14` prints the CPU time it took).")
+    variants: list[list[str]] = Field(default_factory=lambda: [[]], description="Override sets; each experiment runs "
+                                      "once per variant (e.g. beta = 0 / 0.04 / 0.2).")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds per (experiment, variant): >= 3 where the "
+                             "effect is small.")
+    metrics: list[str] = Field(default_factory=list, description="Metrics to chart beside the text.")
     versus: list[tuple[str, str]] = Field(default_factory=list, description="(y, x) metric pairs drawn against each "
                                           "other, one point a step; `sqrt:` before x draws its square root.")
 
@@ -66,38 +66,28 @@ class Study(_Section):
         return value
 
 
-class LessonMeta(_Section):
+class Study(_Plan):
+    """A second set of runs a page quotes (a table, a sweep) that the main plan's variants cannot make, because its
+    experiments or its overrides are of their own: its runs are in `rlcore lesson NN` and its charts on the page.
+    The lesson's own overrides do not apply to it (a study may use other kinds)."""
+
+    name: str = Field(min_length=1, description="What it measures: the heading of its charts on the page.")
+    experiments: list[str] = Field(min_length=1, description="Experiment files, relative to experiments/.")
+
+
+class LessonMeta(_Plan):
     id: str = Field(pattern=r"^\d\d[a-z]?$", description="Two digits (plus a letter for sub-lessons): 00, 11, 18a.")
     title: str = Field(min_length=1)
     part: Literal["0", "I", "II", "III", "IV", "V"]
     force: Literal["signal", "estimator", "cost", "all"] = Field(description="Which of the three forces it is about.")
     question: str = Field(min_length=1, description="The question the lesson answers.")
-    experiments: list[str] = Field(default_factory=list, description="Paired experiment files, relative to experiments/.")
-    overrides: list[str] = Field(default_factory=list, description="`key=value` applied to every paired run (the "
-                                 "lesson's budget: most lessons use 30 steps of 32 prompts; `rlcore lesson 01-14` prints the CPU time it took).")
-    variants: list[list[str]] = Field(default_factory=lambda: [[]], description="Override sets; each experiment runs "
-                                      "once per variant (e.g. beta = 0 / 0.04 / 0.2).")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds per (experiment, variant): >= 3 where the "
-                             "effect is small.")
-    metrics: list[str] = Field(default_factory=list, description="Metrics to chart beside the text.")
     look_for: str = Field("", description="What the reader should see in the paired runs' charts.")
-    versus: list[tuple[str, str]] = Field(default_factory=list, description="(y, x) metric pairs drawn against each "
-                                          "other, one point a step; `sqrt:` before x draws its square root.")
     studies: list[Study] = Field(default_factory=list, description="Further runs the page quotes, each with its own "
                                  "experiments, overrides, variants and seeds.")
 
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, value: list[str]) -> list[str]:
-        return _known(value)
-
-    @field_validator("versus")
-    @classmethod
-    def _known_pairs(cls, value: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        return Study._known_pairs(value)
-
     def blocks(self) -> list[Study]:
-        """The main plan (as a study named "") and every study: what `rlcore lesson` runs and the page draws."""
+        """The main plan (as a study named "paired runs") and every study: what `rlcore lesson` runs and the page
+        draws."""
         if not self.experiments:
             return list(self.studies)
         main = Study(name="paired runs", experiments=self.experiments, overrides=self.overrides,
