@@ -39,7 +39,10 @@ def main() -> None:
     for r in c.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"]):
         p = r.data.params
         corr = "coupled (ratio vs mu)" if p.get("algorithm.ratio_anchor") == "behaviour" else p["algorithm.behaviour_correction"]
-        key = (p["rollout.staleness"], corr)
+        # the sampler's precision and kernel are rows of their own (a bfloat16 run is not a staleness-0 seed)
+        sampler = ", ".join(x for x in (p.get("rollout.dtype", "float32"), p.get("rollout.attention", "same"))
+                            if x not in ("float32", "same")) or "-"
+        key = (p["rollout.staleness"], corr, sampler)
         if (key, p["seed"]) in seen:
             continue
         seen.add((key, p["seed"]))
@@ -55,13 +58,15 @@ def main() -> None:
         cell["clip"].append(statistics.mean(a + b for a, b in zip(low, high, strict=True)) if low else 0.0)
         if kl := hist("mismatch/kl_k3"):
             cell["kl"].append(statistics.mean(kl))
+            cell.setdefault("kl1", []).append(kl[0])
             cell["ess"].append(statistics.mean(hist("is/ess")))
         cell["seeds"].append(float(p["seed"]))
-    print("| staleness | correction | seeds | held-out sampled reward | mean clip fraction | mismatch KL (k3) | ESS |")
-    print("|---|---|---|---|---|---|---|")
-    for (s, corr), cell in sorted(rows.items()):
-        print(f"| {s} | {corr} | {len(cell['seeds'])} | {ms(cell['before'])} → {ms(cell['after'])} | "
-              f"{ms(cell['clip'], 4)} | {ms(cell['kl'], 5)} | {ms(cell['ess'], 4)} |")
+    print("| staleness | correction | sampler | seeds | held-out sampled reward | mean clip fraction | mismatch KL (k3) "
+          "| at step 1 | ESS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (s, corr, sampler), cell in sorted(rows.items()):
+        print(f"| {s} | {corr} | {sampler} | {len(cell['seeds'])} | {ms(cell['before'])} → {ms(cell['after'])} | "
+              f"{ms(cell['clip'], 4)} | {ms(cell['kl'], 5)} | {ms(cell.get('kl1', []), 9)} | {ms(cell['ess'], 4)} |")
 
 
 if __name__ == "__main__":
